@@ -1,0 +1,91 @@
+"""The policy boundary: the one protocol that search, critics and training use to drive a language model.
+
+Search code never imports a model class (mctx's `recurrent_fn` idea): it calls a `Policy`. Every token position
+a backend computes is counted at this boundary in `TokenCounters` (DESIGN.md, "Token accounting").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass
+class TokenCounters:
+    """Work done at the model boundary.
+
+    forward_tokens: real (non-padding) token positions computed, prefill and decode.
+    padded_positions: positions computed only because of batching (left padding, finished rows).
+    cache_hits / cache_misses: prefix KV-cache look-ups (a miss recomputes the prefix).
+    """
+
+    forward_tokens: int = 0
+    padded_positions: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+
+    def snapshot(self) -> TokenCounters:
+        return dataclasses.replace(self)
+
+    def since(self, before: TokenCounters) -> TokenCounters:
+        """Counts accumulated after `before` was taken."""
+        return TokenCounters(**{k: getattr(self, k) - getattr(before, k) for k in self.as_dict()})
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """When a continuation ends: EOS always; a newline too if `at_newline` (one reasoning step, an option)."""
+
+    at_newline: bool = False
+    max_new_tokens: int = 64
+
+
+@dataclass
+class Continuation:
+    """One sampled continuation.
+
+    token_ids: [T] generated ids, including the stop token (newline or EOS) when one was produced.
+    logprobs: [T] log pi(token | prefix) under the untempered policy.
+    finish: "newline" | "eos" | "length".
+    """
+
+    token_ids: list[int]
+    logprobs: np.ndarray
+    finish: str
+    text: str = ""
+
+
+class Policy(Protocol):
+    """A language model behind a fixed interface (HF transformers backend: `arbor.lm.hf.HFPolicy`)."""
+
+    counters: TokenCounters
+    eos_token_id: int
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without special tokens."""
+        ...
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a prompt (BOS where the model uses one, then `encode(text)`)."""
+        ...
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`, special tokens dropped."""
+        ...
+
+    def sample(self, prompts: Sequence[Sequence[int]], *, stop: StopRule, temperature: float, seed: int,
+               batch_size: int = 64) -> list[Continuation]:
+        """One continuation per prompt until `stop`; temperature 0 = greedy. Deterministic in `seed`."""
+        ...
+
+    def score(self, prefixes: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
+              batch_size: int = 64) -> list[np.ndarray]:
+        """Per-token log pi(continuation_t | prefix, continuation_<t); one [len(continuation)] array each."""
+        ...

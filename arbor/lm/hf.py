@@ -1,0 +1,179 @@
+"""HF transformers backend of the `Policy` protocol (CPU or CUDA), with batched KV-cached decoding.
+
+Loads `AutoModelForCausalLM` from a local directory (`trust_remote_code=False`, safetensors) or a GGUF file
+(`gguf_file=`, needs the `gguf` extra). Batches mix prompts of different lengths by left padding with explicit
+position ids (`cumsum(mask) - 1`), which is right for GPT-2- and Llama-style models. Rows that finish early are
+dropped from the batch (the KV cache is index-selected), so finished rows cost nothing further.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
+
+from arbor.lm.base import Continuation, StopRule, TokenCounters
+
+
+def load_model_and_tokenizer(path: str | Path, device: str = "cpu",
+                             dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, object]:
+    """Model and tokenizer from a local HF directory or a `.gguf` file; never from a hub."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: model not found (expected a local HF model directory or .gguf file)")
+    kw = {"trust_remote_code": False, "local_files_only": True}
+    if path.suffix == ".gguf":
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, **kw)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, **kw)
+    else:
+        tok = AutoTokenizer.from_pretrained(path, **kw)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **kw)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model.to(device).eval(), tok
+
+
+class HFPolicy:
+    """`Policy` over a causal LM and its tokenizer."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: object, device: str | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = torch.device(device) if device else next(model.parameters()).device
+        self.counters = TokenCounters()
+        self.eos_token_id: int = int(tokenizer.eos_token_id)  # type: ignore[attr-defined]
+        self.pad_token_id: int = int(tokenizer.pad_token_id)  # type: ignore[attr-defined]
+        self._newline_ids: torch.Tensor | None = None
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "cpu") -> HFPolicy:
+        model, tok = load_model_and_tokenizer(path, device)
+        return cls(model, tok, device)
+
+    # -- text ------------------------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))  # type: ignore[attr-defined]
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a prompt: BOS (when the tokenizer has one) + `encode(text)`."""
+        bos = self.tokenizer.bos_token_id  # type: ignore[attr-defined]
+        return ([int(bos)] if bos is not None else []) + self.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)  # type: ignore[attr-defined]
+
+    @property
+    def newline_ids(self) -> torch.Tensor:
+        """Ids of every vocabulary token whose text contains a newline (the step terminator)."""
+        if self._newline_ids is None:
+            vocab = self.tokenizer.get_vocab()  # type: ignore[attr-defined]
+            ids = [i for i in sorted(vocab.values()) if "\n" in self.tokenizer.decode([i])]  # type: ignore[attr-defined]
+            self._newline_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        return self._newline_ids
+
+    # -- model calls -----------------------------------------------------------------------------------------
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+                 cache: DynamicCache | None) -> tuple[torch.Tensor, DynamicCache]:
+        """One forward over `ids` [B, T] with full `mask` [B, past+T]; returns last logits [B, V] and cache."""
+        real = int(mask[:, -ids.shape[1]:].sum())
+        self.counters.forward_tokens += real
+        self.counters.padded_positions += ids.numel() - real
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                         cache=cache if cache is not None else DynamicCache(), use_cache=True)
+        return out.logits[:, -1, :].float(), out.cache
+
+    @torch.inference_mode()
+    def decode_loop(self, logits: torch.Tensor, cache: DynamicCache, mask: torch.Tensor, next_pos: torch.Tensor,
+                    *, stop: StopRule, temperature: float, generator: torch.Generator | None,
+                    ) -> list[Continuation]:
+        """Sample from `logits` [B, V] onward, feeding each sampled token back through the cached model.
+
+        `mask` [B, S] is the attention mask of what `cache` holds; `next_pos` [B] the position of the next token.
+        Rows stop at EOS, at a newline token if `stop.at_newline`, or after `stop.max_new_tokens`.
+        """
+        b = logits.shape[0]
+        tokens: list[list[int]] = [[] for _ in range(b)]
+        lps: list[list[float]] = [[] for _ in range(b)]
+        finish = ["length"] * b
+        rows = torch.arange(b, device=self.device)  # original row index of each live batch row
+        for step in range(stop.max_new_tokens):
+            logp = torch.log_softmax(logits, dim=-1)
+            if temperature <= 0:
+                nxt = logits.argmax(-1)
+            else:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            chosen = logp.gather(1, nxt[:, None]).squeeze(1)
+            done = nxt == self.eos_token_id
+            is_nl = torch.isin(nxt, self.newline_ids) if stop.at_newline else torch.zeros_like(done)
+            for j, (r, t, lp) in enumerate(zip(rows.tolist(), nxt.tolist(), chosen.tolist(), strict=True)):
+                tokens[r].append(t)
+                lps[r].append(lp)
+                if done[j]:
+                    finish[r] = "eos"
+                elif is_nl[j]:
+                    finish[r] = "newline"
+            done = done | is_nl
+            if step == stop.max_new_tokens - 1 or bool(done.all()):
+                break
+            if bool(done.any()):
+                keep = (~done).nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                rows, nxt, mask, next_pos = rows[keep], nxt[keep], mask[keep], next_pos[keep]
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            logits, cache = self._forward(nxt[:, None], mask, next_pos[:, None], cache)
+            next_pos = next_pos + 1
+        return [Continuation(t, np.asarray(lp, dtype=np.float32), f, self.decode(t))
+                for t, lp, f in zip(tokens, lps, finish, strict=True)]
+
+    def _left_pad(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Left-padded ids [B, T], attention mask [B, T] and position ids [B, T] (0 at each first real token)."""
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            if len(s) == 0:
+                raise ValueError("cannot continue an empty prompt: give at least one token (e.g. BOS)")
+            ids[i, width - len(s):] = torch.as_tensor(list(s))
+            mask[i, width - len(s):] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        return ids.to(self.device), mask.to(self.device), pos.to(self.device)
+
+    @torch.inference_mode()
+    def sample(self, prompts: Sequence[Sequence[int]], *, stop: StopRule, temperature: float, seed: int,
+               batch_size: int = 64) -> list[Continuation]:
+        """See `Policy.sample`. Prompts are processed in chunks of `batch_size` (prefill + decode each)."""
+        gen = torch.Generator(device=self.device).manual_seed(int(seed))
+        out: list[Continuation] = []
+        for i in range(0, len(prompts), batch_size):
+            ids, mask, pos = self._left_pad(prompts[i : i + batch_size])
+            logits, cache = self._forward(ids, mask, pos, None)
+            out += self.decode_loop(logits, cache, mask, pos[:, -1] + 1, stop=stop, temperature=temperature,
+                                    generator=gen)
+        return out
+
+    @torch.inference_mode()
+    def score(self, prefixes: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
+              batch_size: int = 64) -> list[np.ndarray]:
+        """See `Policy.score`."""
+        out: list[np.ndarray] = []
+        for i in range(0, len(prefixes), batch_size):
+            pre, cont = prefixes[i : i + batch_size], continuations[i : i + batch_size]
+            ids, mask, pos = self._left_pad([list(p) + list(c) for p, c in zip(pre, cont, strict=True)])
+            real = int(mask.sum())
+            self.counters.forward_tokens += real
+            self.counters.padded_positions += ids.numel() - real
+            logp = torch.log_softmax(self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float(), -1)
+            width = ids.shape[1]
+            for j, c in enumerate(cont):
+                n = len(c)
+                if n == 0:
+                    out.append(np.zeros(0, dtype=np.float32))
+                    continue
+                # token at position t is predicted by logits at t-1; continuation occupies the last n positions
+                pred = logp[j, width - n - 1 : width - 1]
+                out.append(pred.gather(1, ids[j, width - n :, None]).squeeze(1).cpu().numpy())
+        return out

@@ -1,0 +1,119 @@
+"""Stage `bootstrap`: the iteration-0 policy, written to `models/iter_0/policy` (safetensors).
+
+Default: a ~1M-parameter model trained from scratch with Lightning SFT on the task's training solutions, in
+which `bootstrap.error_rate` of the steps carry a plausible error (a slip carried forward). The result is an
+imperfect policy with room to improve: greedy decoding is often right, samples are right more often across k
+tries, so search has correct paths to find. With `bootstrap.from: <dir or .gguf>` a local pretrained model is
+copied into place instead (re-saved as safetensors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from arbor.pipeline.config import ArborConfig
+from arbor.pipeline.io import atomic_path
+from arbor.pipeline.seeds import derive_seed, seed_everything
+from arbor.pipeline.tracking import NullTracker, Tracker
+from arbor.tasks import build_task, read_problems
+
+log = logging.getLogger("arbor.bootstrap")
+
+
+def _lightning_logger(tracker: Tracker, experiment: str) -> Any:
+    if tracker.run_id is None:
+        return False
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    return MLFlowLogger(experiment_name=experiment, tracking_uri=tracker.tracking_uri, run_id=tracker.run_id)
+
+
+def train_from_scratch(cfg: ArborConfig, train_file: str | Path, tracker: Tracker) -> tuple[Any, Any, dict]:
+    """SFT a tiny model on noisy solutions of the train split; returns (model, tokenizer, metrics)."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from arbor.lm.tiny import build_tiny_model
+    from arbor.lm.tokenizer import char_tokenizer
+    from arbor.train.sft import SampleStream, SFTModule, collate_sft, lightning_accelerator
+
+    seed = derive_seed(cfg.seed, "bootstrap")
+    seed_everything(seed)
+    task = build_task(cfg.task)
+    problems = read_problems(train_file)
+    tok = char_tokenizer()
+    model = build_tiny_model(cfg.model, tok)
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    prompts = [[bos, *tok.encode(task.prompt(p), add_special_tokens=False)] for p in problems]
+    limit = cfg.model.max_positions
+
+    def draw(rng: np.random.Generator) -> tuple[list[int], list[int]]:
+        i = int(rng.integers(len(problems)))
+        sol = task.training_solution(problems[i], rng, cfg.bootstrap.error_rate)
+        completion = [*tok.encode(sol, add_special_tokens=False), eos]
+        return prompts[i][:limit], completion[: max(0, limit - len(prompts[i]))]
+
+    b = cfg.bootstrap
+    loader = DataLoader(SampleStream(draw, seed), batch_size=b.batch_size,
+                        collate_fn=lambda xs: collate_sft(xs, tok.pad_token_id))
+    module = SFTModule(model, lr=b.lr, warmup_steps=b.warmup_steps, max_steps=b.max_steps,
+                       weight_decay=b.weight_decay)
+    accelerator, devices = lightning_accelerator(cfg.device)
+    trainer = L.Trainer(max_steps=b.max_steps, accelerator=accelerator, devices=devices,
+                        logger=_lightning_logger(tracker, cfg.tracking.experiment), enable_checkpointing=False,
+                        gradient_clip_val=1.0, log_every_n_steps=25, enable_model_summary=False)
+    t0 = time.perf_counter()
+    trainer.fit(module, train_dataloaders=loader)
+    loss = trainer.callback_metrics.get("train_loss")
+    metrics = {"train_seconds": time.perf_counter() - t0, "final_train_loss": float(loss) if loss is not None
+               else float("nan"), "parameters": sum(p.numel() for p in model.parameters())}
+    return model.cpu().eval(), tok, metrics
+
+
+def run(cfg: ArborConfig, *, train_file: str | Path = "data/train.jsonl",
+        out: str | Path = "models/iter_0/policy", tracker: Tracker | None = None) -> dict[str, Any]:
+    """Train (or copy in) the iteration-0 policy and save it atomically to `out`."""
+    tracker = tracker or NullTracker()
+    t0 = time.perf_counter()
+    if cfg.bootstrap.from_:
+        from arbor.lm.hf import load_model_and_tokenizer
+
+        model, tok = load_model_and_tokenizer(cfg.bootstrap.from_, "cpu")
+        metrics: dict[str, Any] = {"parameters": sum(p.numel() for p in model.parameters())}
+    else:
+        model, tok, metrics = train_from_scratch(cfg, train_file, tracker)
+    with atomic_path(out, is_dir=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    metrics["wall_seconds"] = time.perf_counter() - t0
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    from arbor.pipeline.io import write_json
+    from arbor.stages.common import stage_cli
+
+    def paths(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--train", default="data/train.jsonl", help="Training problems (from `arbor prepare`).")
+        p.add_argument("--out", default="models/iter_0/policy", help="Output model directory.")
+        p.add_argument("--metrics", default="metrics/bootstrap.json", help="Metrics JSON to write.")
+
+    def go(cfg: ArborConfig, a: argparse.Namespace, tr: Tracker) -> dict[str, Any]:
+        m = run(cfg, train_file=a.train, out=a.out, tracker=tr)
+        write_json(a.metrics, m)
+        return m
+
+    return stage_cli("bootstrap", __doc__ or "", paths, go, argv)
+
+
+if __name__ == "__main__":
+    from arbor.stages.common import exit_main
+
+    exit_main(main)

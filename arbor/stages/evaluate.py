@@ -1,0 +1,115 @@
+"""Stage `evaluate`: greedy pass@1, pass@k and majority@k of a policy on the eval split.
+
+pass@k counts a problem solved if any of k samples (temperature `evaluate.temperature`) is correct; maj@k if
+the most frequent final answer among the k samples is correct (self-consistency, Wang et al. 2022). Forward
+tokens are counted at the policy boundary. Writes `metrics/iter_<k>.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from arbor.lm.base import Policy, StopRule
+from arbor.pipeline.config import ArborConfig
+from arbor.pipeline.seeds import derive_seed
+from arbor.pipeline.tracking import NullTracker, Tracker
+from arbor.tasks import Problem, Task, build_task, parse_number, read_problems
+from arbor.tasks.answers import final_answer_line
+
+
+def vote_key(completion: str) -> str | None:
+    """What majority voting compares: the parsed number of the answer line, else its stripped text."""
+    line = final_answer_line(completion)
+    if line is None:
+        return None
+    num = parse_number(line)
+    return str(num) if num is not None else line.strip()
+
+
+def majority_correct(task: Task, problem: Problem, completions: Sequence[str]) -> bool:
+    """Whether the most common final answer (ties: first seen) among `completions` is correct."""
+    keys = [vote_key(c) for c in completions]
+    counts = Counter(k for k in keys if k is not None)
+    if not counts:
+        return False
+    best = max(counts, key=lambda k: (counts[k], -keys.index(k)))
+    return task.reward(problem, completions[keys.index(best)]) > 0.5
+
+
+def evaluate_policy(policy: Policy, task: Task, problems: Sequence[Problem], *, k: int, temperature: float,
+                    max_new_tokens: int, batch_size: int, seed: int) -> dict[str, Any]:
+    """Greedy pass@1, pass@k, maj@k and token counts of `policy` on `problems`."""
+    stop = StopRule(at_newline=False, max_new_tokens=max_new_tokens)
+    prompts = [policy.encode_prompt(task.prompt(p)) for p in problems]
+    before = policy.counters.snapshot()
+    t0 = time.perf_counter()
+    greedy = policy.sample(prompts, stop=stop, temperature=0.0, seed=seed, batch_size=batch_size)
+    greedy_tokens = policy.counters.since(before).forward_tokens
+    samples = policy.sample([p for p in prompts for _ in range(k)], stop=stop, temperature=temperature,
+                            seed=seed + 1, batch_size=batch_size)
+    used = policy.counters.since(before)
+    n = len(problems)
+    g_ok = [task.reward(p, c.text) > 0.5 for p, c in zip(problems, greedy, strict=True)]
+    per = [[c.text for c in samples[i * k : (i + 1) * k]] for i in range(n)]
+    s_ok = [[task.reward(p, t) > 0.5 for t in texts] for p, texts in zip(problems, per, strict=True)]
+    return {
+        "greedy_pass1": sum(g_ok) / n,
+        "pass_at_k": sum(any(r) for r in s_ok) / n,
+        "maj_at_k": sum(majority_correct(task, p, t) for p, t in zip(problems, per, strict=True)) / n,
+        "sample_accuracy": sum(map(sum, s_ok)) / (n * k),
+        "k": k,
+        "temperature": temperature,
+        "eval_problems": n,
+        "forward_tokens": used.forward_tokens,
+        "padded_positions": used.padded_positions,
+        "greedy_forward_tokens": greedy_tokens,
+        "wall_seconds": time.perf_counter() - t0,
+        "examples": [{"question": p.question, "gold": p.answer, "greedy": c.text}
+                     for p, c in list(zip(problems, greedy, strict=True))[:5]],
+    }
+
+
+def run(cfg: ArborConfig, *, policy_dir: str | Path = "models/iter_0/policy",
+        eval_file: str | Path = "data/eval.jsonl", tracker: Tracker | None = None) -> dict[str, Any]:
+    """Load the policy and evaluate it; returns the metrics dict."""
+    from arbor.lm.hf import HFPolicy
+
+    tracker = tracker or NullTracker()
+    e = cfg.evaluate
+    problems = read_problems(eval_file)[: e.n_problems]
+    if not problems:
+        raise ValueError(f"{eval_file}: no evaluation problems")
+    policy = HFPolicy.from_pretrained(policy_dir, cfg.device)
+    return evaluate_policy(policy, build_task(cfg.task), problems, k=e.k, temperature=e.temperature,
+                           max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+                           seed=derive_seed(cfg.seed, "evaluate", str(policy_dir)))
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    from arbor.pipeline.io import write_json
+    from arbor.stages.common import stage_cli
+
+    def paths(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--iter", type=int, default=0, help="Iteration: evaluates models/iter_<k>/policy.")
+        p.add_argument("--policy", default=None, help="Policy dir (default models/iter_<iter>/policy).")
+        p.add_argument("--eval", default="data/eval.jsonl", help="Evaluation problems.")
+        p.add_argument("--out", default=None, help="Metrics JSON (default metrics/iter_<iter>.json).")
+
+    def go(cfg: ArborConfig, a: argparse.Namespace, tr: Tracker) -> dict[str, Any]:
+        m = run(cfg, policy_dir=a.policy or f"models/iter_{a.iter}/policy", eval_file=a.eval, tracker=tr)
+        m["iteration"] = a.iter
+        write_json(a.out or f"metrics/iter_{a.iter}.json", m)
+        return m
+
+    return stage_cli("evaluate", __doc__ or "", paths, go, argv)
+
+
+if __name__ == "__main__":
+    from arbor.stages.common import exit_main
+
+    exit_main(main)

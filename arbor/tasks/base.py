@@ -1,0 +1,97 @@
+"""The task abstraction: problems with verifiable answers, a prompt format and a reward.
+
+A `Problem` is one row of `data/{train,eval}.jsonl`. A `Task` turns it into a prompt, scores a completion
+(reward in [0, 1]) and, where it can, writes training solutions for the bootstrap policy. Solutions are one
+reasoning step per line, ending with a line `Answer: N`; a search node is one such line (DESIGN.md, "options").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from arbor.tasks.answers import answers_match, extract_answer
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem: `answer` is the gold final answer as a string; `solution` optional worked steps."""
+
+    id: str
+    question: str
+    answer: str
+    solution: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PROMPT_TEMPLATE = "Q: {question}\n"
+
+
+class Task(Protocol):
+    """What stages need from a task."""
+
+    name: str
+
+    def prompt(self, problem: Problem) -> str:
+        """The text the policy continues; its solution follows directly."""
+        ...
+
+    def reward(self, problem: Problem, completion: str) -> float:
+        """Outcome reward in [0, 1] of a complete solution (1 = correct final answer)."""
+        ...
+
+    def training_solution(self, problem: Problem, rng: np.random.Generator, error_rate: float) -> str:
+        """A solution to train the bootstrap policy on; `error_rate` of its steps carry a plausible error."""
+        ...
+
+
+class NumericTask:
+    """Shared behaviour of tasks whose answer is a number: prompt template and number-matching reward."""
+
+    name = "numeric"
+
+    def prompt(self, problem: Problem) -> str:
+        return PROMPT_TEMPLATE.format(question=problem.question)
+
+    def reward(self, problem: Problem, completion: str) -> float:
+        return float(answers_match(extract_answer(completion), problem.answer))
+
+    def training_solution(self, problem: Problem, rng: np.random.Generator, error_rate: float) -> str:
+        if error_rate > 0:
+            raise ValueError(
+                f"task {self.name!r} cannot inject step errors; set bootstrap.error_rate: 0 "
+                "or start from a pretrained model with bootstrap.from"
+            )
+        if not problem.solution:
+            raise ValueError(f"task {self.name!r}: problem {problem.id} has no solution to train on")
+        return problem.solution
+
+
+def read_problems(path: str | Path) -> list[Problem]:
+    """Read a `data/*.jsonl` split written by `arbor prepare`; errors name the file, row and field."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found (run `arbor prepare` first)")
+    out = []
+    with path.open() as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: row {i}: invalid JSON ({e})") from e
+            for key in ("id", "question", "answer"):
+                if not isinstance(row.get(key), str):
+                    raise ValueError(f"{path}: row {i}: field {key!r} missing or not a string")
+            out.append(Problem(row["id"], row["question"], row["answer"], row.get("solution"),
+                               row.get("meta") or {}))
+    return out

@@ -1,0 +1,89 @@
+"""Built-in synthetic multi-step arithmetic: the default task, runnable offline on any laptop.
+
+A problem is a start value and a chain of 2-6 operations applied left to right, e.g. question `7 +5 *3 -4`.
+Its solution has one step per line and a final answer line:
+
+    7+5=12
+    12*3=36
+    36-4=32
+    Answer: 32
+
+Operands come from 1..operand_max and every intermediate value stays in [0, value_max], so a tiny character
+model can learn the arithmetic. For the bootstrap policy, `training_solution` injects plausible slips (a result
+off by 1, 2 or 10) into a fraction of steps and carries the wrong value forward, as a careless solver would: the
+resulting policy is imperfect, with correct paths for search to find.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from arbor.tasks.base import NumericTask, Problem
+
+_APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+SLIPS = (-10, -2, -1, 1, 2, 10)
+
+
+class SyntheticArithmetic(NumericTask):
+    """Chains of `+ - *` over small integers (knobs: ops count, operand range, value range, operators)."""
+
+    name = "synthetic"
+
+    def __init__(self, *, min_ops: int = 2, max_ops: int = 6, operand_max: int = 9, value_max: int = 99,
+                 operators: str = "+-*") -> None:
+        self.min_ops, self.max_ops = min_ops, max_ops
+        self.operand_max, self.value_max = operand_max, value_max
+        self.operators = operators
+
+    def _one(self, rng: np.random.Generator) -> tuple[int, list[tuple[str, int]]]:
+        start = int(rng.integers(1, self.operand_max + 1))
+        value, ops = start, []
+        for _ in range(int(rng.integers(self.min_ops, self.max_ops + 1))):
+            choices = [
+                (op, b)
+                for op in self.operators
+                for b in range(1, self.operand_max + 1)
+                if 0 <= _APPLY[op](value, b) <= self.value_max and not (op == "*" and b == 1)
+            ]
+            if not choices:  # only possible with operators="*" and a large value; stop the chain early
+                break
+            op, b = choices[int(rng.integers(len(choices)))]
+            ops.append((op, b))
+            value = _APPLY[op](value, b)
+        return start, ops
+
+    @staticmethod
+    def render(start: int, ops: list[tuple[str, int]], slips: list[int] | None = None) -> tuple[str, int]:
+        """Solution text and final value; `slips[i]` is added to step i's result (0 = correct)."""
+        lines, value = [], start
+        for i, (op, b) in enumerate(ops):
+            result = _APPLY[op](value, b) + (slips[i] if slips else 0)
+            lines.append(f"{value}{op}{b}={result}")
+            value = result
+        lines.append(f"Answer: {value}")
+        return "\n".join(lines) + "\n", value
+
+    def problems(self, n: int, seed: int, split: str, exclude: set[str] | None = None) -> list[Problem]:
+        """`n` distinct problems, deterministic in `seed`; questions in `exclude` are skipped."""
+        rng = np.random.default_rng(seed)
+        seen = set(exclude or ())
+        out: list[Problem] = []
+        attempts = 0
+        while len(out) < n:
+            attempts += 1
+            if attempts > 50 * n + 1000:
+                raise ValueError(f"synthetic task: cannot draw {n} distinct problems with these knobs")
+            start, ops = self._one(rng)
+            question = f"{start} " + " ".join(f"{op}{b}" for op, b in ops)
+            if question in seen or len(ops) < self.min_ops:
+                continue
+            seen.add(question)
+            solution, answer = self.render(start, ops)
+            out.append(Problem(f"{split}-{len(out):06d}", question, str(answer), solution,
+                               {"start": start, "ops": [[op, b] for op, b in ops]}))
+        return out
+
+    def training_solution(self, problem: Problem, rng: np.random.Generator, error_rate: float) -> str:
+        ops = [(op, int(b)) for op, b in problem.meta["ops"]]
+        slips = [int(rng.choice(SLIPS)) if rng.random() < error_rate else 0 for _ in ops]
+        return self.render(int(problem.meta["start"]), ops, slips)[0]

@@ -1,0 +1,99 @@
+"""Supervised fine-tuning (NLL on completion tokens) as a Lightning module, and its data plumbing.
+
+Used by `bootstrap` (tiny policy from scratch on noisy synthetic solutions) and later by the SFT-best
+baseline (AlphaLLM's own policy update: NLL on the best leaf per problem). Loss is the mean token NLL of the
+completion only; prompt and padding positions carry label -100.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset
+
+IGNORE = -100
+
+
+def collate_sft(pairs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad (prompt, completion) id pairs into `input_ids`, `attention_mask`, `labels`, each [B, T].
+
+    labels = input ids on completion positions, -100 on prompt and padding (HF shifts them internally).
+    """
+    width = max(len(p) + len(c) for p, c in pairs)
+    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    labels = torch.full((len(pairs), width), IGNORE, dtype=torch.long)
+    for i, (p, c) in enumerate(pairs):
+        seq = torch.as_tensor(list(p) + list(c), dtype=torch.long)
+        ids[i, : len(seq)] = seq
+        mask[i, : len(seq)] = 1
+        labels[i, len(p) : len(seq)] = seq[len(p) :]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class SampleStream(IterableDataset):
+    """Endless (prompt_ids, completion_ids) samples from `draw(rng)`, seeded (Lightning's rollout-dataset idea)."""
+
+    def __init__(self, draw: Callable[[np.random.Generator], tuple[list[int], list[int]]], seed: int) -> None:
+        self.draw, self.seed = draw, seed
+
+    def __iter__(self) -> Iterator[tuple[list[int], list[int]]]:
+        rng = np.random.default_rng(self.seed)
+        while True:
+            yield self.draw(rng)
+
+
+def warmup_cosine(warmup: int, total: int, floor: float = 0.1) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up over `warmup` steps, cosine decay to `floor` at `total`."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+class SFTModule(L.LightningModule):
+    """Wraps an HF causal LM; `training_step` minimises completion NLL."""
+
+    def __init__(self, model: torch.nn.Module, *, lr: float = 1e-3, warmup_steps: int = 100,
+                 max_steps: int = 1000, weight_decay: float = 0.01) -> None:
+        super().__init__()
+        self.model = model
+        self.save_hyperparameters(ignore=["model"])
+
+    def _common_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        loss = self.model(**batch).loss
+        self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._common_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._common_step(batch, "val")
+
+    def configure_optimizers(self):  # noqa: ANN201 - Lightning's own return type
+        hp = self.hparams
+        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=(0.9, 0.95))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(hp.warmup_steps, hp.max_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def lightning_accelerator(device: str) -> tuple[str, list[int] | int]:
+    """Map a torch device string to Lightning's (accelerator, devices)."""
+    if device.startswith("cuda"):
+        idx = device.split(":")[1] if ":" in device else "0"
+        return "gpu", [int(idx)]
+    if device == "cpu":
+        return "cpu", 1
+    raise ValueError(f"device={device!r}: expected cpu, cuda or cuda:N")
