@@ -7,9 +7,9 @@ a backend computes is counted at this boundary in `TokenCounters` (DESIGN.md, "T
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -60,6 +60,8 @@ class Continuation:
     logprobs: np.ndarray
     finish: str
     text: str = ""
+    key: Hashable | None = None  # prefix-cache key of (prefix + this continuation), set by `expand`
+    state: Any = None  # backend-private prefix state while in flight; None once stored
 
 
 class Policy(Protocol):
@@ -83,6 +85,12 @@ class Policy(Protocol):
     def sample(self, prompts: Sequence[Sequence[int]], *, stop: StopRule, temperature: float, seed: int,
                batch_size: int = 64) -> list[Continuation]:
         """One continuation per prompt until `stop`; temperature 0 = greedy. Deterministic in `seed`."""
+        ...
+
+    def expand(self, parents: Sequence[tuple[Hashable, Sequence[int]]], num_samples: int | Sequence[int], *,
+               stop: StopRule, temperature: float, seed: int, store: Any) -> list[list[Continuation]]:
+        """Sample continuations of each `(cache_key, prefix_ids)` parent, reusing its cached prefix state in
+        `store`; continuations that can be continued carry a new `key` for their own cached state."""
         ...
 
     def score(self, prefixes: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],

@@ -4,11 +4,17 @@ Loads `AutoModelForCausalLM` from a local directory (`trust_remote_code=False`, 
 (`gguf_file=`, needs the `gguf` extra). Batches mix prompts of different lengths by left padding with explicit
 position ids (`cumsum(mask) - 1`), which is right for GPT-2- and Llama-style models. Rows that finish early are
 dropped from the batch (the KV cache is index-selected), so finished rows cost nothing further.
+
+`expand` is the tree engine's entry point: children of a node continue from the node's cached KV
+(`arbor.lm.kvcache.KVStore`), so a token already computed is never computed again (DESIGN.md, "Token
+accounting"). Parents of different lengths share a batch by left-padding their caches; padded cache slots are
+masked out and never computed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 
 from arbor.lm.base import Continuation, StopRule, TokenCounters
+from arbor.lm.kvcache import KVStore, PrefixState
 
 
 def load_model_and_tokenizer(path: str | Path, device: str = "cpu",
@@ -47,6 +54,7 @@ class HFPolicy:
         self.eos_token_id: int = int(tokenizer.eos_token_id)  # type: ignore[attr-defined]
         self.pad_token_id: int = int(tokenizer.pad_token_id)  # type: ignore[attr-defined]
         self._newline_ids: torch.Tensor | None = None
+        self._keys = itertools.count()
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu") -> HFPolicy:
@@ -88,16 +96,22 @@ class HFPolicy:
     @torch.inference_mode()
     def decode_loop(self, logits: torch.Tensor, cache: DynamicCache, mask: torch.Tensor, next_pos: torch.Tensor,
                     *, stop: StopRule, temperature: float, generator: torch.Generator | None,
-                    ) -> list[Continuation]:
+                    capture: bool = False) -> list[Continuation]:
         """Sample from `logits` [B, V] onward, feeding each sampled token back through the cached model.
 
         `mask` [B, S] is the attention mask of what `cache` holds; `next_pos` [B] the position of the next token.
-        Rows stop at EOS, at a newline token if `stop.at_newline`, or after `stop.max_new_tokens`.
+        Rows stop at EOS, at a newline token if `stop.at_newline`, or after `stop.max_new_tokens`. Finished
+        rows leave the batch (the cache is index-selected), so they cost nothing further.
+
+        With `capture`, a row that ends on a newline or the length limit has its last token fed too, and its
+        `PrefixState` (KV of prefix + continuation, next-token logits) is returned in `Continuation.state`,
+        ready for expanding its children. A row ending in EOS is terminal and gets no state (EOS is not fed).
         """
         b = logits.shape[0]
         tokens: list[list[int]] = [[] for _ in range(b)]
         lps: list[list[float]] = [[] for _ in range(b)]
         finish = ["length"] * b
+        states: list[PrefixState | None] = [None] * b
         rows = torch.arange(b, device=self.device)  # original row index of each live batch row
         for step in range(stop.max_new_tokens):
             logp = torch.log_softmax(logits, dim=-1)
@@ -107,27 +121,116 @@ class HFPolicy:
                 probs = torch.softmax(logits / temperature, dim=-1)
                 nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
             chosen = logp.gather(1, nxt[:, None]).squeeze(1)
-            done = nxt == self.eos_token_id
-            is_nl = torch.isin(nxt, self.newline_ids) if stop.at_newline else torch.zeros_like(done)
-            for j, (r, t, lp) in enumerate(zip(rows.tolist(), nxt.tolist(), chosen.tolist(), strict=True)):
+            eos = nxt == self.eos_token_id
+            closing = torch.isin(nxt, self.newline_ids) & ~eos if stop.at_newline else torch.zeros_like(eos)
+            if step == stop.max_new_tokens - 1:
+                closing = ~eos
+            for r, t, lp, e, c in zip(rows.tolist(), nxt.tolist(), chosen.tolist(), eos.tolist(),
+                                      closing.tolist(), strict=True):
                 tokens[r].append(t)
                 lps[r].append(lp)
-                if done[j]:
+                if e:
                     finish[r] = "eos"
-                elif is_nl[j]:
+                elif c and step < stop.max_new_tokens - 1:
                     finish[r] = "newline"
-            done = done | is_nl
-            if step == stop.max_new_tokens - 1 or bool(done.all()):
+            drop = eos if capture else eos | closing
+            if bool(drop.all()):
                 break
-            if bool(done.any()):
-                keep = (~done).nonzero().squeeze(-1)
+            if bool(drop.any()):
+                keep = (~drop).nonzero().squeeze(-1)
                 cache.batch_select_indices(keep)
-                rows, nxt, mask, next_pos = rows[keep], nxt[keep], mask[keep], next_pos[keep]
+                rows, nxt, mask, next_pos, closing = rows[keep], nxt[keep], mask[keep], next_pos[keep], closing[keep]
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             logits, cache = self._forward(nxt[:, None], mask, next_pos[:, None], cache)
             next_pos = next_pos + 1
-        return [Continuation(t, np.asarray(lp, dtype=np.float32), f, self.decode(t))
-                for t, lp, f in zip(tokens, lps, finish, strict=True)]
+            if capture and bool(closing.any()):
+                for j in closing.nonzero().squeeze(-1).tolist():
+                    states[int(rows[j])] = self._row_state(cache, mask, logits, j)
+                keep = (~closing).nonzero().squeeze(-1)
+                if keep.numel() == 0:
+                    break
+                cache.batch_select_indices(keep)
+                rows, mask, next_pos, logits = rows[keep], mask[keep], next_pos[keep], logits[keep]
+        return [Continuation(t, np.asarray(lp, dtype=np.float32), f, self.decode(t), state=st)
+                for t, lp, f, st in zip(tokens, lps, finish, states, strict=True)]
+
+    @staticmethod
+    def _row_state(cache: DynamicCache, mask: torch.Tensor, logits: torch.Tensor, j: int) -> PrefixState:
+        """Copy row `j`'s real (non-padding, hence rightmost) KV positions out of a batch cache."""
+        length = int(mask[j].sum())
+        kv = [(layer.keys[j, :, -length:, :].clone(), layer.values[j, :, -length:, :].clone())
+              for layer in cache.layers]
+        return PrefixState(kv, logits[j].clone(), length)
+
+    @torch.inference_mode()
+    def prefill_states(self, prefixes: Sequence[Sequence[int]]) -> list[PrefixState]:
+        """Compute `PrefixState`s of whole prefixes in one left-padded batch (a cache miss pays this)."""
+        ids, mask, pos = self._left_pad(prefixes)
+        logits, cache = self._forward(ids, mask, pos, None)
+        return [self._row_state(cache, mask, logits, j) for j in range(len(prefixes))]
+
+    def _batch_from_states(self, states: Sequence[PrefixState], repeats: Sequence[int],
+                           ) -> tuple[torch.Tensor, DynamicCache, torch.Tensor, torch.Tensor]:
+        """Left-pad parent states to one batch cache, each parent repeated `repeats[i]` times.
+
+        Returns first-token logits [R, V], the cache, its attention mask [R, S] and next positions [R].
+        """
+        width = max(st.length for st in states)
+        idx = torch.repeat_interleave(torch.arange(len(states)), torch.as_tensor(list(repeats))).to(self.device)
+        layers = []
+        for li in range(len(states[0].kv)):
+            k0 = states[0].kv[li][0]
+            keys = k0.new_zeros((len(states), k0.shape[0], width, k0.shape[2]))
+            values = torch.zeros_like(keys)
+            for i, st in enumerate(states):
+                keys[i, :, width - st.length :] = st.kv[li][0]
+                values[i, :, width - st.length :] = st.kv[li][1]
+            layers.append((keys.index_select(0, idx), values.index_select(0, idx)))
+        mask = torch.zeros((len(states), width), dtype=torch.long, device=self.device)
+        for i, st in enumerate(states):
+            mask[i, width - st.length :] = 1
+        lengths = torch.as_tensor([st.length for st in states], device=self.device)
+        logits = torch.stack([st.logits for st in states]).index_select(0, idx)
+        return logits, DynamicCache(ddp_cache_data=layers), mask.index_select(0, idx), lengths.index_select(0, idx)
+
+    @torch.inference_mode()
+    def expand(self, parents: Sequence[tuple[Hashable, Sequence[int]]], num_samples: int | Sequence[int], *,
+               stop: StopRule, temperature: float, seed: int, store: KVStore) -> list[list[Continuation]]:
+        """Sample `num_samples` continuations of each parent, reusing the parents' cached KV.
+
+        `parents` are `(key, prefix_ids)`; a key found in `store` costs no forward pass, a missing one is
+        recomputed from `prefix_ids` (batched) and stored. Each continuation that did not end in EOS gets a
+        fresh key (`Continuation.key`) under which its own state is stored for its children. Only new tokens
+        are computed: with no eviction, forward tokens = prompt + every generated (non-EOS) token, once.
+        """
+        counts = [num_samples] * len(parents) if isinstance(num_samples, int) else list(num_samples)
+        states: list[PrefixState | None] = [store.get(key) for key, _ in parents]
+        missing = [i for i, st in enumerate(states) if st is None]
+        self.counters.cache_hits += len(parents) - len(missing)
+        self.counters.cache_misses += len(missing)
+        if missing:
+            for i, st in zip(missing, self.prefill_states([parents[i][1] for i in missing]), strict=True):
+                states[i] = st
+                store.put(parents[i][0], st)
+        live = [i for i, n in enumerate(counts) if n > 0]
+        out: list[list[Continuation]] = [[] for _ in parents]
+        if not live:
+            return out
+        gen = torch.Generator(device=self.device).manual_seed(int(seed))
+        logits, cache, mask, next_pos = self._batch_from_states([states[i] for i in live],  # type: ignore[misc]
+                                                                [counts[i] for i in live])
+        conts = self.decode_loop(logits, cache, mask, next_pos, stop=stop, temperature=temperature,
+                                 generator=gen, capture=True)
+        it = iter(conts)
+        for i in live:
+            for _ in range(counts[i]):
+                c = next(it)
+                if c.state is not None:
+                    c.key = next(self._keys)
+                    store.put(c.key, c.state)
+                    c.state = None
+                out[i].append(c)
+        return out
 
     def _left_pad(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Left-padded ids [B, T], attention mask [B, T] and position ids [B, T] (0 at each first real token)."""
@@ -166,7 +269,8 @@ class HFPolicy:
             real = int(mask.sum())
             self.counters.forward_tokens += real
             self.counters.padded_positions += ids.numel() - real
-            logp = torch.log_softmax(self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float(), -1)
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+            logp = torch.log_softmax(logits.float(), -1)
             width = ids.shape[1]
             for j, c in enumerate(cont):
                 n = len(c)

@@ -106,16 +106,19 @@ class BootstrapConfig:
     """Stage `bootstrap`: the iteration-0 policy."""
 
     from_: str | None = _f(None, "Local HF model dir or .gguf file to start from instead of training.")
-    error_rate: float = _f(0.2, "Fraction of solution steps that carry a plausible arithmetic error.")
-    max_steps: int = _f(1500, "Optimizer steps of SFT from scratch.")
+    error_rate: float = _f(0.1, "Fraction of solution steps that carry a random slip (result off by 1, 2, 10).")
+    misconception_rate: float = _f(0.7, "synthetic: fraction of borrow subtractions done without borrowing "
+                                        "(42-7=45); above 0.5 greedy decoding repeats the error.")
+    max_steps: int = _f(800, "Optimizer steps of SFT from scratch.")
     batch_size: int = _f(64, "Sequences per batch.")
     lr: float = _f(3e-3, "Peak learning rate (AdamW, linear warm-up then cosine decay).")
     warmup_steps: int = _f(100, "Warm-up steps.")
     weight_decay: float = _f(0.01, "AdamW weight decay.")
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.error_rate < 1.0:
-            raise ConfigError(f"bootstrap.error_rate={self.error_rate}: expected a value in [0, 1)")
+        for name in ("error_rate", "misconception_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"bootstrap.{name}={getattr(self, name)}: expected a value in [0, 1]")
         if self.max_steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError("bootstrap.max_steps and batch_size must be >= 1 and lr > 0")
 
@@ -124,7 +127,7 @@ class BootstrapConfig:
 class EvaluateConfig:
     """Stage `evaluate`: greedy pass@1, pass@k and majority@k on the eval split."""
 
-    k: int = _f(8, "Samples per problem for pass@k and maj@k.")
+    k: int = _f(16, "Samples per problem for pass@k and maj@k.")
     temperature: float = _f(1.0, "Sampling temperature for the k samples.")
     max_new_tokens: int = _f(96, "Longest generated solution, in tokens.")
     batch_size: int = _f(128, "Sequences per generation batch.")

@@ -54,13 +54,14 @@ def train_from_scratch(cfg: ArborConfig, train_file: str | Path, tracker: Tracke
     prompts = [[bos, *tok.encode(task.prompt(p), add_special_tokens=False)] for p in problems]
     limit = cfg.model.max_positions
 
+    b = cfg.bootstrap
+
     def draw(rng: np.random.Generator) -> tuple[list[int], list[int]]:
         i = int(rng.integers(len(problems)))
-        sol = task.training_solution(problems[i], rng, cfg.bootstrap.error_rate)
+        sol = task.training_solution(problems[i], rng, b.error_rate, b.misconception_rate)
         completion = [*tok.encode(sol, add_special_tokens=False), eos]
         return prompts[i][:limit], completion[: max(0, limit - len(prompts[i]))]
 
-    b = cfg.bootstrap
     loader = DataLoader(SampleStream(draw, seed), batch_size=b.batch_size,
                         collate_fn=lambda xs: collate_sft(xs, tok.pad_token_id))
     module = SFTModule(model, lr=b.lr, warmup_steps=b.warmup_steps, max_steps=b.max_steps,

@@ -13,7 +13,14 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from arbor.pipeline.config import ArborConfig, ConfigError, add_arguments, load_config, overrides_from_args, to_dict
+from arbor.pipeline.config import (
+    ArborConfig,
+    ConfigError,
+    add_arguments,
+    load_config,
+    overrides_from_args,
+    to_dict,
+)
 from arbor.pipeline.tracking import Tracker, make_tracker
 
 log = logging.getLogger("arbor")

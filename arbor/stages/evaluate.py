@@ -69,8 +69,6 @@ def evaluate_policy(policy: Policy, task: Task, problems: Sequence[Problem], *, 
         "padded_positions": used.padded_positions,
         "greedy_forward_tokens": greedy_tokens,
         "wall_seconds": time.perf_counter() - t0,
-        "examples": [{"question": p.question, "gold": p.answer, "greedy": c.text}
-                     for p, c in list(zip(problems, greedy, strict=True))[:5]],
     }
 
 

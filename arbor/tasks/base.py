@@ -48,8 +48,10 @@ class Task(Protocol):
         """Outcome reward in [0, 1] of a complete solution (1 = correct final answer)."""
         ...
 
-    def training_solution(self, problem: Problem, rng: np.random.Generator, error_rate: float) -> str:
-        """A solution to train the bootstrap policy on; `error_rate` of its steps carry a plausible error."""
+    def training_solution(self, problem: Problem, rng: np.random.Generator, error_rate: float,
+                          misconception_rate: float = 0.0) -> str:
+        """A solution to train the bootstrap policy on, with random slips (`error_rate` of steps) and, where
+        the task defines one, a systematic misconception (applied at `misconception_rate`)."""
         ...
 
 
@@ -64,10 +66,12 @@ class NumericTask:
     def reward(self, problem: Problem, completion: str) -> float:
         return float(answers_match(extract_answer(completion), problem.answer))
 
-    def training_solution(self, problem: Problem, rng: np.random.Generator, error_rate: float) -> str:
-        if error_rate > 0:
+    def training_solution(self, problem: Problem, rng: np.random.Generator, error_rate: float,
+                          misconception_rate: float = 0.0) -> str:
+        if error_rate > 0 or misconception_rate > 0:
             raise ValueError(
-                f"task {self.name!r} cannot inject step errors; set bootstrap.error_rate: 0 "
+                f"task {self.name!r} cannot inject step errors; set bootstrap.error_rate and "
+                "bootstrap.misconception_rate to 0 "
                 "or start from a pretrained model with bootstrap.from"
             )
         if not problem.solution:

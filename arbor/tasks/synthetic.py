@@ -9,9 +9,15 @@ Its solution has one step per line and a final answer line:
     Answer: 32
 
 Operands come from 1..operand_max and every intermediate value stays in [0, value_max], so a tiny character
-model can learn the arithmetic. For the bootstrap policy, `training_solution` injects plausible slips (a result
-off by 1, 2 or 10) into a fraction of steps and carries the wrong value forward, as a careless solver would: the
-resulting policy is imperfect, with correct paths for search to find.
+model can learn the arithmetic. For the bootstrap policy, `training_solution` writes imperfect solutions, with
+two kinds of error, each carried forward to the final answer as a careless solver would:
+
+- random slips: a fraction `error_rate` of steps have a result off by 1, 2 or 10. These are noise; the most
+  likely next step is still the correct one, so they hurt sampling but not greedy decoding.
+- a misconception: a fraction `misconception_rate` of subtractions that need a borrow are done without it,
+  digit by digit, smaller from larger (`42-7=45`). Above 0.5 this is the policy's *preferred* answer, so greedy
+  decoding repeats it, while sampling still finds the correct step. This is the room to improve that search
+  and preference training can recover.
 """
 
 from __future__ import annotations
@@ -53,11 +59,11 @@ class SyntheticArithmetic(NumericTask):
         return start, ops
 
     @staticmethod
-    def render(start: int, ops: list[tuple[str, int]], slips: list[int] | None = None) -> tuple[str, int]:
-        """Solution text and final value; `slips[i]` is added to step i's result (0 = correct)."""
+    def render(start: int, ops: list[tuple[str, int]]) -> tuple[str, int]:
+        """Correct solution text and final value."""
         lines, value = [], start
-        for i, (op, b) in enumerate(ops):
-            result = _APPLY[op](value, b) + (slips[i] if slips else 0)
+        for op, b in ops:
+            result = _APPLY[op](value, b)
             lines.append(f"{value}{op}{b}={result}")
             value = result
         lines.append(f"Answer: {value}")
@@ -83,7 +89,43 @@ class SyntheticArithmetic(NumericTask):
                                {"start": start, "ops": [[op, b] for op, b in ops]}))
         return out
 
-    def training_solution(self, problem: Problem, rng: np.random.Generator, error_rate: float) -> str:
+    def training_solution(self, problem: Problem, rng: np.random.Generator, error_rate: float,
+                          misconception_rate: float = 0.0) -> str:
         ops = [(op, int(b)) for op, b in problem.meta["ops"]]
-        slips = [int(rng.choice(SLIPS)) if rng.random() < error_rate else 0 for _ in ops]
-        return self.render(int(problem.meta["start"]), ops, slips)[0]
+        lines, value = [], int(problem.meta["start"])
+        for op, b in ops:
+            if op == "-" and 0 <= b <= value and needs_borrow(value, b) and rng.random() < misconception_rate:
+                result = subtract_without_borrow(value, b)
+            else:
+                result = _APPLY[op](value, b)
+            if rng.random() < error_rate:
+                result += int(rng.choice(SLIPS))
+            lines.append(f"{value}{op}{b}={result}")
+            value = result
+        return "\n".join([*lines, f"Answer: {value}"]) + "\n"
+
+
+def needs_borrow(a: int, b: int) -> bool:
+    """Whether column subtraction a - b (a >= b >= 0) borrows in some digit."""
+    if not 0 <= b <= a:
+        raise ValueError(f"needs_borrow({a}, {b}): defined for a >= b >= 0")
+    while b:
+        if a % 10 < b % 10:
+            return True
+        a, b = a // 10, b // 10
+    return False
+
+
+def subtract_without_borrow(a: int, b: int) -> int:
+    """The classic error: subtract digit by digit, smaller from larger (42-7 -> 45).
+
+    >>> subtract_without_borrow(42, 7), subtract_without_borrow(53, 28), subtract_without_borrow(40, 3)
+    (45, 35, 43)
+    """
+    if not 0 <= b <= a:
+        raise ValueError(f"subtract_without_borrow({a}, {b}): defined for a >= b >= 0")
+    out, place = 0, 1
+    while a or b:
+        out += abs(a % 10 - b % 10) * place
+        a, b, place = a // 10, b // 10, place * 10
+    return out

@@ -65,7 +65,7 @@ class SFTModule(L.LightningModule):
     def __init__(self, model: torch.nn.Module, *, lr: float = 1e-3, warmup_steps: int = 100,
                  max_steps: int = 1000, weight_decay: float = 0.01) -> None:
         super().__init__()
-        self.model = model
+        self.model = model.train()
         self.save_hyperparameters(ignore=["model"])
 
     def _common_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
@@ -79,7 +79,7 @@ class SFTModule(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._common_step(batch, "val")
 
-    def configure_optimizers(self):  # noqa: ANN201 - Lightning's own return type
+    def configure_optimizers(self):
         hp = self.hparams
         decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]

@@ -1,0 +1,166 @@
+"""Numba kernels over `Tree` arrays: batched selection with virtual loss, backup, sibling stats, read-outs.
+
+Selection scores (DESIGN.md, eta-MCTS; AlphaLLM arXiv 2404.12253 §4.3):
+  UCT:  Q(s,a) + c * sqrt(ln N(s) / N(s,a))                   (unvisited children first, in creation order)
+  PUCT: Q(s,a) + c * P(s,a) * sqrt(N(s)) / (1 + N(s,a))       (unvisited children have Q = 0)
+with N and Q including pending virtual losses: N' = N + v, W' = W - v * vl_value. Ties go to the earlier child.
+All kernels are deterministic and `cache=True`.
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+from arbor.mcts.tree import Tree
+
+UCT = 0
+PUCT = 1
+
+
+@nb.njit(cache=True)
+def _child_score(child, n_parent, visits, value_sum, virtual, prior, c, rule, vl_value):  # pragma: no cover
+    n = visits[child] + virtual[child]
+    if rule == UCT:
+        if n == 0:
+            return np.inf
+        q = (value_sum[child] - virtual[child] * vl_value) / n
+        return q + c * np.sqrt(np.log(max(n_parent, 1)) / n)
+    q = 0.0 if n == 0 else (value_sum[child] - virtual[child] * vl_value) / n
+    return q + c * prior[child] * np.sqrt(n_parent) / (1.0 + n)
+
+
+@nb.njit(cache=True)
+def select_leaves(parent, first_child, next_sibling, visits, value_sum, virtual, prior, expanded, terminal,
+                  num_select, c, rule, vl_value):  # pragma: no cover - numba
+    """Select `num_select` leaves, one after another, adding a virtual loss along each path.
+
+    A node is a leaf if it is terminal, not yet `expanded`, or has no children. Returns int32[num_select]
+    (a leaf may repeat when the tree is too small to spread the batch; callers de-duplicate).
+    """
+    out = np.empty(num_select, np.int32)
+    for b in range(num_select):
+        node = 0
+        while expanded[node] and not terminal[node] and first_child[node] != -1:
+            n_parent = visits[node] + virtual[node]
+            best, best_score = -1, -np.inf
+            ch = first_child[node]
+            while ch != -1:
+                s = _child_score(ch, n_parent, visits, value_sum, virtual, prior, c, rule, vl_value)
+                if s > best_score:
+                    best, best_score = ch, s
+                ch = next_sibling[ch]
+            node = best
+        out[b] = node
+        x = node
+        while x != -1:
+            virtual[x] += 1
+            x = parent[x]
+    return out
+
+
+@nb.njit(cache=True)
+def backup(parent, visits, value_sum, virtual, leaves, values):  # pragma: no cover - numba
+    """Add `values[i]` to every node from `leaves[i]` to the root; undo the virtual loss of that path."""
+    for i in range(leaves.shape[0]):
+        x = leaves[i]
+        while x != -1:
+            visits[x] += 1
+            value_sum[x] += values[i]
+            virtual[x] -= 1
+            x = parent[x]
+
+
+@nb.njit(cache=True)
+def revert_virtual_loss(parent, virtual, leaves):  # pragma: no cover - numba
+    """Undo the virtual loss of selections that will not be backed up (e.g. duplicates in a batch)."""
+    for i in range(leaves.shape[0]):
+        x = leaves[i]
+        while x != -1:
+            virtual[x] -= 1
+            x = parent[x]
+
+
+@nb.njit(cache=True)
+def sibling_stats(first_child, next_sibling, num_nodes, v):  # pragma: no cover - numba
+    """Per node s with children: mean over children of v, and the importance I(s) = max_o |v(s,o) - v(s)|.
+
+    `v` [N] is the value estimate per node (Q or critic score; NaN = unknown, skipped). Returns
+    (mean_child_v [N], importance [N]); NaN where a node has no child with a known value.
+    """
+    mean = np.full(num_nodes, np.nan)
+    imp = np.full(num_nodes, np.nan)
+    for s in range(num_nodes):
+        total, k, best = 0.0, 0, -1.0
+        ch = first_child[s]
+        while ch != -1:
+            if not np.isnan(v[ch]):
+                total += v[ch]
+                k += 1
+                if not np.isnan(v[s]):
+                    best = max(best, abs(v[ch] - v[s]))
+            ch = next_sibling[ch]
+        if k > 0:
+            mean[s] = total / k
+            if best >= 0:
+                imp[s] = best
+    return mean, imp
+
+
+@nb.njit(cache=True)
+def greedy_path(first_child, next_sibling, visits, value_sum):  # pragma: no cover - numba
+    """Root-to-leaf path following the visited child of highest Q (ties: more visits, then earlier)."""
+    out = np.empty(first_child.shape[0], np.int32)
+    k, node = 0, 0
+    while True:
+        out[k] = node
+        k += 1
+        best, best_q, best_n = -1, -np.inf, -1
+        ch = first_child[node]
+        while ch != -1:
+            if visits[ch] > 0:
+                q = value_sum[ch] / visits[ch]
+                if q > best_q or (q == best_q and visits[ch] > best_n):
+                    best, best_q, best_n = ch, q, visits[ch]
+            ch = next_sibling[ch]
+        if best == -1:
+            return out[:k]
+        node = best
+
+
+@nb.njit(cache=True)
+def best_leaf(first_child, visits, value_sum, terminal, num_nodes, terminals_only):  # pragma: no cover
+    """The visited leaf (or terminal, if `terminals_only`) with the highest Q; -1 if none."""
+    best, best_q = -1, -np.inf
+    for s in range(num_nodes):
+        if visits[s] == 0:
+            continue
+        if terminals_only and not terminal[s]:
+            continue
+        if not terminals_only and first_child[s] != -1:
+            continue
+        q = value_sum[s] / visits[s]
+        if q > best_q:
+            best, best_q = s, q
+    return best
+
+
+# -- thin typed wrappers -------------------------------------------------------------------------------------
+
+def select(tree: Tree, expanded: np.ndarray, num_select: int, *, c: float = 1.0, rule: int = UCT,
+           vl_value: float = 1.0) -> np.ndarray:
+    """`select_leaves` on a `Tree`; `expanded` [N] bool marks nodes whose children have been generated."""
+    return select_leaves(tree.parent, tree.first_child, tree.next_sibling, tree.visits, tree.value_sum,
+                         tree.virtual, tree.prior, expanded, tree.terminal, num_select, float(c), rule,
+                         float(vl_value))
+
+
+def backup_values(tree: Tree, leaves: np.ndarray, values: np.ndarray) -> None:
+    """`backup` on a `Tree`."""
+    backup(tree.parent, tree.visits, tree.value_sum, tree.virtual, np.asarray(leaves, np.int32),
+           np.asarray(values, np.float64))
+
+
+def terminal_nodes(tree: Tree) -> np.ndarray:
+    """Indices of terminal nodes (each defines one complete trajectory: its root path)."""
+    return np.flatnonzero(tree.terminal[: tree.num_nodes]).astype(np.int32)

@@ -1,0 +1,91 @@
+"""A straightforward pure-Python object tree with the same semantics as the numba kernels.
+
+Two uses: the reference that the kernels are tested against (golden trees, hypothesis), and the baseline of
+`bench/kernels.py`. Not used by search.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+UCT, PUCT = 0, 1
+
+
+@dataclass(eq=False)
+class PyNode:
+    index: int
+    parent: PyNode | None
+    prior: float = 1.0
+    terminal: bool = False
+    expanded: bool = False
+    visits: int = 0
+    value_sum: float = 0.0
+    virtual: int = 0
+    children: list[PyNode] = field(default_factory=list)
+
+
+class PyTree:
+    """Nodes in creation order; root = index 0."""
+
+    def __init__(self) -> None:
+        self.nodes = [PyNode(0, None)]
+
+    def add_child(self, parent: int, prior: float = 1.0, terminal: bool = False) -> int:
+        p = self.nodes[parent]
+        node = PyNode(len(self.nodes), p, prior, terminal)
+        p.children.append(node)
+        self.nodes.append(node)
+        return node.index
+
+    @staticmethod
+    def _score(ch: PyNode, n_parent: int, c: float, rule: int, vl_value: float) -> float:
+        n = ch.visits + ch.virtual
+        if rule == UCT:
+            if n == 0:
+                return math.inf
+            return (ch.value_sum - ch.virtual * vl_value) / n + c * math.sqrt(math.log(max(n_parent, 1)) / n)
+        q = 0.0 if n == 0 else (ch.value_sum - ch.virtual * vl_value) / n
+        return q + c * ch.prior * math.sqrt(n_parent) / (1.0 + n)
+
+    def select(self, num_select: int, c: float = 1.0, rule: int = UCT, vl_value: float = 1.0) -> list[int]:
+        out = []
+        for _ in range(num_select):
+            node = self.nodes[0]
+            while node.expanded and not node.terminal and node.children:
+                n_parent = node.visits + node.virtual
+                best, best_score = None, -math.inf
+                for ch in node.children:
+                    s = self._score(ch, n_parent, c, rule, vl_value)
+                    if s > best_score:
+                        best, best_score = ch, s
+                node = best  # type: ignore[assignment]
+            out.append(node.index)
+            x: PyNode | None = node
+            while x is not None:
+                x.virtual += 1
+                x = x.parent
+        return out
+
+    def backup(self, leaves: list[int], values: list[float]) -> None:
+        for leaf, v in zip(leaves, values, strict=True):
+            x: PyNode | None = self.nodes[leaf]
+            while x is not None:
+                x.visits += 1
+                x.value_sum += v
+                x.virtual -= 1
+                x = x.parent
+
+    def greedy_path(self) -> list[int]:
+        node, out = self.nodes[0], [0]
+        while True:
+            best, key = None, None
+            for ch in node.children:
+                if ch.visits > 0:
+                    k = (ch.value_sum / ch.visits, ch.visits)
+                    if key is None or k > key:
+                        best, key = ch, k
+            if best is None:
+                return out
+            node = best
+            out.append(node.index)

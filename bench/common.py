@@ -1,0 +1,41 @@
+"""Shared helpers of the benchmarks: JSON results under bench/results/ and a printed table."""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def save(name: str, result: dict[str, Any]) -> Path:
+    """Write `bench/results/<name>.json` (atomically) and return its path."""
+    from arbor.pipeline.io import write_json
+
+    result = {**result, "machine": machine(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    path = RESULTS / f"{name}.json"
+    write_json(path, result)
+    return path
+
+
+def table(rows: list[dict[str, Any]], cols: list[str]) -> str:
+    """A plain-text table of `rows` restricted to `cols`."""
+    def fmt(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)

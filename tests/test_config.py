@@ -1,0 +1,59 @@
+import subprocess
+import sys
+
+import pytest
+
+from arbor.pipeline.config import ArborConfig, ConfigError, load_config, to_dict
+
+
+def test_defaults_and_overrides(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("seed: 5\nbootstrap:\n  from: /models/x\n  lr: 0.01\ntask:\n  max_ops: 3\n")
+    cfg = load_config(p, {"evaluate.k": "4", "bootstrap.lr": "0.02"})
+    assert cfg.seed == 5 and cfg.bootstrap.from_ == "/models/x"
+    assert cfg.bootstrap.lr == 0.02 and cfg.evaluate.k == 4 and cfg.task.max_ops == 3
+    assert to_dict(cfg)["bootstrap"]["from"] == "/models/x"
+    assert load_config(None) == ArborConfig()
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "fragment"),
+    [
+        ("bootstrap:\n  lrr: 1\n", "unknown key(s) bootstrap.lrr"),
+        ("evaluate:\n  k: many\n", "evaluate.k: expected an integer, got 'many'"),
+        ("tracking:\n  enabled: maybe\n", "tracking.enabled: expected true/false"),
+        ("task: 3\n", "task: expected a section"),
+        ("bootstrap:\n  error_rate: 1.5\n", "bootstrap.error_rate=1.5"),
+        ("task:\n  min_ops: 5\n  max_ops: 2\n", "task.min_ops=5"),
+        ("task:\n  name: chess\n", "task.name='chess'"),
+        ("- a\n- b\n", "expected a mapping at the top level"),
+        ("a: [\n", "invalid YAML"),
+    ],
+)
+def test_bad_params_name_file_key_and_expectation(tmp_path, yaml_text, fragment):
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml_text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert fragment in str(e.value) and "params.yaml" in str(e.value)
+
+
+def test_missing_params_file():
+    with pytest.raises(ConfigError, match="nope.yaml: params file not found"):
+        load_config("nope.yaml")
+
+
+def test_cli_help_documents_every_option():
+    out = subprocess.run([sys.executable, "-m", "arbor.stages.bootstrap", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for opt in ("--bootstrap.from", "--bootstrap.error_rate", "--task.operators", "--evaluate.k", "--seed",
+                "--device", "--train", "--out"):
+        assert opt in out
+    assert "Fraction of solution steps" in out  # help text comes from the dataclass metadata
+
+
+def test_cli_bad_value_exits_with_clear_message(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "arbor.cli", "prepare", "--params", "", "--prepare.n_train", "x"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2
+    assert "prepare.n_train: expected an integer, got 'x'" in r.stderr

@@ -1,0 +1,67 @@
+import json
+
+import pytest
+
+from arbor.pipeline.config import ArborConfig, TaskConfig
+from arbor.stages.evaluate import evaluate_policy, majority_correct, vote_key
+from arbor.tasks import Problem, build_task
+
+from .conftest import ScriptedPolicy
+
+TASK = build_task(TaskConfig())
+
+
+def _p(i, q, a):
+    return Problem(f"eval-{i}", q, a)
+
+
+def test_metrics_on_a_scripted_policy_are_exact():
+    problems = [_p(0, "1 +1", "2"), _p(1, "2 +2", "4"), _p(2, "3 +3", "6"), _p(3, "4 +4", "8")]
+    script = {
+        # greedy = first entry; samples cycle through the list (k = 4)
+        "Q: 1 +1\n": ["Answer: 2\n", "Answer: 3\n", "Answer: 2\n", "Answer: 2\n"],  # greedy ok, maj ok
+        "Q: 2 +2\n": ["Answer: 5\n", "Answer: 4\n", "Answer: 5\n", "Answer: 5\n"],  # greedy wrong, pass@k ok
+        "Q: 3 +3\n": ["Answer: 7\n", "nothing", "Answer: 6\n", "Answer: 6\n"],  # maj ok despite greedy wrong
+        "Q: 4 +4\n": ["Answer: 1\n", "Answer: 2\n", "Answer: 3\n", "no"],  # nothing right
+    }
+    m = evaluate_policy(ScriptedPolicy(script), TASK, problems, k=4, temperature=1.0, max_new_tokens=20,
+                        batch_size=8, seed=0)
+    assert m["greedy_pass1"] == 0.25
+    assert m["pass_at_k"] == 0.75
+    assert m["maj_at_k"] == 0.5
+    assert m["sample_accuracy"] == pytest.approx((3 + 1 + 2 + 0) / 16)
+    assert m["k"] == 4 and m["eval_problems"] == 4
+    assert m["forward_tokens"] > m["greedy_forward_tokens"] > 0
+
+
+def test_vote_key_and_ties():
+    assert vote_key("x\nAnswer: 1,000\n") == vote_key("Answer: 1000") == "1000"
+    assert vote_key("no answer") is None
+    p = _p(0, "q", "5")
+    assert majority_correct(TASK, p, ["Answer: 5", "Answer: 6"])  # tie: first seen wins
+    assert not majority_correct(TASK, p, ["Answer: 6", "Answer: 5"])
+    assert not majority_correct(TASK, p, ["none", "none"])
+
+
+def test_evaluate_stage_on_a_fixed_tiny_model(char_tok, tmp_path):
+    from arbor.pipeline.io import write_jsonl
+    from arbor.stages import evaluate
+
+    from .conftest import tiny_model
+
+    model = tiny_model(char_tok, seed=1)
+    model.save_pretrained(tmp_path / "policy")
+    char_tok.save_pretrained(tmp_path / "policy")
+    write_jsonl(tmp_path / "eval.jsonl", [_p(i, f"{i} +1", str(i + 1)).to_dict() for i in range(5)])
+    argv = ["--params", "", "--tracking.enabled", "false", "--evaluate.k", "3", "--evaluate.max_new_tokens",
+            "8", "--policy", str(tmp_path / "policy"), "--eval", str(tmp_path / "eval.jsonl"),
+            "--out", str(tmp_path / "m.json")]
+    first = evaluate.main(argv)
+    saved = json.loads((tmp_path / "m.json").read_text())
+    for key in ("greedy_pass1", "pass_at_k", "maj_at_k", "k", "forward_tokens", "eval_problems"):
+        assert key in saved
+    assert saved["k"] == 3 and saved["eval_problems"] == 5
+    # an untrained model: the prefill alone is 5 * (1 + 6) + 15 * 7 tokens, decode adds at least one per row
+    assert saved["forward_tokens"] >= 5 * 7 + 15 * 7
+    assert evaluate.main(argv)["forward_tokens"] == first["forward_tokens"]  # same seed, same work
+    assert isinstance(ArborConfig().evaluate.k, int)

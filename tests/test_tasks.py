@@ -1,0 +1,193 @@
+import json
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from arbor.pipeline.config import TaskConfig
+from arbor.tasks import Problem, build_task, extract_answer, make_splits, parse_number, read_problems
+from arbor.tasks.answers import answers_match, is_terminal_step
+from arbor.tasks.gsm8k import load_gsm8k_file
+from arbor.tasks.synthetic import SyntheticArithmetic
+
+
+def test_synthetic_is_deterministic_under_seed_and_seed_matters():
+    a = make_splits(TaskConfig(), 50, 10, seed=7)
+    b = make_splits(TaskConfig(), 50, 10, seed=7)
+    c = make_splits(TaskConfig(), 50, 10, seed=8)
+    assert a == b
+    assert [p.question for p in a[0]] != [p.question for p in c[0]]
+
+
+def test_synthetic_respects_knobs_and_solutions_are_correct():
+    cfg = TaskConfig(min_ops=3, max_ops=4, operand_max=5, value_max=40, operators="+-")
+    train, evals = make_splits(cfg, 200, 30, seed=1)
+    task = build_task(cfg)
+    assert not {p.question for p in train} & {p.question for p in evals}
+    for p in train:
+        ops = p.meta["ops"]
+        assert 3 <= len(ops) <= 4
+        assert all(op in "+-" and 1 <= b <= 5 for op, b in ops)
+        lines = p.solution.strip().split("\n")
+        assert len(lines) == len(ops) + 1 and lines[-1] == f"Answer: {p.answer}"
+        for line in lines[:-1]:  # every intermediate value within [0, value_max]
+            assert 0 <= int(line.split("=")[1]) <= 40
+        assert task.reward(p, p.solution) == 1.0
+
+
+def test_training_solution_injects_errors_at_the_configured_rate():
+    task = SyntheticArithmetic()
+    (train, _) = make_splits(TaskConfig(), 400, 1, seed=3)
+    rng = np.random.default_rng(0)
+    assert all(task.training_solution(p, rng, 0.0) == p.solution for p in train[:50])
+    wrong_steps = total = 0
+    for p in train:
+        noisy = task.training_solution(p, rng, 0.3)
+        for line in noisy.strip().split("\n")[:-1]:  # check each step's arithmetic on its own operands
+            lhs, rhs = line.split("=")
+            op = next(c for c in "+-*" if c in lhs[1:])
+            a, b = lhs[: lhs.index(op, 1)], lhs[lhs.index(op, 1) + 1 :]
+            value = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+            wrong_steps += value != int(rhs)
+            total += 1
+    assert 0.25 < wrong_steps / total < 0.35
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Answer: 42", Fraction(42)),
+        ("Answer: -7\n", Fraction(-7)),
+        ("Answer: 1,234 apples and 5 pears", Fraction(1234)),
+        ("step\n#### 3.5", Fraction(7, 2)),
+        ("Answer: $ 12", Fraction(12)),
+        ("Answer: 3/4", Fraction(3, 4)),
+        ("Answer: −5", Fraction(-5)),
+        ("12+3=15\n", None),  # no answer line
+        ("Answer: none", None),  # answer line without a number
+        ("The Answer: 5", None),  # marker not at line start
+        ("x\n  Answer: 9 because 2+7", Fraction(9)),
+        ("Answer: 2\nAnswer: 3", Fraction(2)),  # the first answer line counts
+    ],
+)
+def test_extract_answer_tricky_strings(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_parse_and_match_never_evaluate_code():
+    assert parse_number("__import__('os').system('x')") is None
+    assert answers_match(parse_number("2+2"), "2")  # reads the first number, does not compute 2+2
+    assert not answers_match(None, "4")
+    assert answers_match(Fraction(1, 3), "0.3333333333")
+    assert is_terminal_step("Answer: 4\n") and not is_terminal_step("2+2=4\n")
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_gsm8k_jsonl_and_parquet(tmp_path):
+    rows = [
+        {"question": "Tom has 3 apples and buys 4. How many?", "answer": "3+4=<<3+4=7>>7\n#### 7"},
+        {"question": "Half of 1,000?", "answer": "1000/2=<<1000/2=500>>500\n#### 500"},
+    ]
+    _write_jsonl(tmp_path / "g.jsonl", rows)
+    probs = load_gsm8k_file(tmp_path / "g.jsonl", "train")
+    assert [p.answer for p in probs] == ["7", "500"]
+    assert probs[0].solution == "3+4=7\nAnswer: 7\n"
+    task = build_task(TaskConfig(name="gsm8k", train_file=str(tmp_path / "g.jsonl")))
+    assert task.reward(probs[1], probs[1].solution) == 1.0
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "g.parquet")
+    assert load_gsm8k_file(tmp_path / "g.parquet", "train") == probs
+
+
+def test_gsm8k_splits_from_one_file(tmp_path):
+    rows = [{"question": f"q{i}?", "answer": f"#### {i}"} for i in range(10)]
+    _write_jsonl(tmp_path / "g.jsonl", rows)
+    train, evals = make_splits(TaskConfig(name="gsm8k", train_file=str(tmp_path / "g.jsonl")), 100, 3, seed=0)
+    assert len(evals) == 3 and len(train) == 7
+    assert not {p.question for p in train} & {p.question for p in evals}
+
+
+@pytest.mark.parametrize(
+    ("row", "field", "fragment"),
+    [
+        ({"question": "q", "answer": "no marker"}, "answer", "#### <number>"),
+        ({"question": "q", "answer": "#### many"}, "answer", "#### <number>"),
+        ({"question": "", "answer": "#### 1"}, "question", "question"),
+        ({"answer": "#### 1"}, "question", "question"),
+    ],
+)
+def test_gsm8k_malformed_row_names_file_row_field(tmp_path, row, field, fragment):
+    good = {"question": "q", "answer": "#### 1", "extra": 1}
+    _write_jsonl(tmp_path / "bad.jsonl", [good, good, {**{"extra": 1}, **row}])
+    with pytest.raises(ValueError) as e:
+        load_gsm8k_file(tmp_path / "bad.jsonl", "train")
+    msg = str(e.value)
+    assert "bad.jsonl" in msg and "row 3" in msg and fragment in msg
+
+
+def test_gsm8k_missing_file_and_bad_suffix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        load_gsm8k_file(tmp_path / "nope.jsonl", "train")
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(ValueError, match="x.csv.*unsupported"):
+        load_gsm8k_file(tmp_path / "x.csv", "train")
+
+
+def test_read_problems_errors_name_file_and_row(tmp_path):
+    f = tmp_path / "train.jsonl"
+    f.write_text('{"id": "a", "question": "q", "answer": "1"}\n{"id": "b", "question": "q"}\n')
+    with pytest.raises(ValueError, match=r"train.jsonl: row 2: field 'answer'"):
+        read_problems(f)
+    f.write_text('{"id": "a", "question": "q", "answer": "1"}\n{not json\n')
+    with pytest.raises(ValueError, match=r"train.jsonl: row 2: invalid JSON"):
+        read_problems(f)
+
+
+def test_reasoning_gym_adapter_uses_its_verifier():
+    cfg = TaskConfig(name="reasoning_gym", rg_dataset="chain_sum")
+    train, evals = make_splits(cfg, 5, 3, seed=0)
+    task = build_task(cfg)
+    assert len(train) == 5 and len(evals) == 3
+    p = train[0]
+    assert task.reward(p, f"some work\nAnswer: {p.answer}\n") == 1.0
+    assert task.reward(p, f"Answer: {int(p.answer) + 1}\n") < 1.0
+    assert task.reward(p, "no answer line") == 0.0
+    again, _ = make_splits(cfg, 5, 3, seed=0)
+    assert [q.question for q in again] == [q.question for q in train]
+
+
+def test_reasoning_gym_unknown_dataset_is_a_clear_error():
+    with pytest.raises(ValueError, match="not_a_dataset"):
+        build_task(TaskConfig(name="reasoning_gym", rg_dataset="not_a_dataset"))
+
+
+def test_misconception_is_systematic_on_borrow_steps_only():
+    from arbor.tasks.synthetic import needs_borrow, subtract_without_borrow
+
+    assert needs_borrow(42, 7) and not needs_borrow(47, 2) and needs_borrow(50, 1)
+    assert subtract_without_borrow(42, 7) == 45 and subtract_without_borrow(31, 9) == 38
+    task = SyntheticArithmetic(operators="-", min_ops=1, max_ops=1, operand_max=9, value_max=99)
+    p = Problem("x", "42 -7", "35", None, {"start": 42, "ops": [["-", 7]]})
+    rng = np.random.default_rng(0)
+    outs = [task.training_solution(p, rng, 0.0, misconception_rate=0.7) for _ in range(2000)]
+    share = sum(o.startswith("42-7=45\n") for o in outs) / len(outs)
+    assert 0.66 < share < 0.74 and all(o.startswith(("42-7=45\n", "42-7=35\n")) for o in outs)
+    q = Problem("y", "47 -2", "45", None, {"start": 47, "ops": [["-", 2]]})
+    assert all(task.training_solution(q, rng, 0.0, 1.0) == "47-2=45\nAnswer: 45\n" for _ in range(50))
+
+
+def test_noisy_solutions_terminate_even_when_slips_go_negative():
+    task = SyntheticArithmetic()
+    p = Problem("z", "1 -1 -5", "-5", None, {"start": 1, "ops": [["-", 1], ["-", 5], ["-", 7]]})
+    rng = np.random.default_rng(0)
+    for _ in range(300):  # slips can make a value negative; the borrow rule must not loop on it
+        assert task.training_solution(p, rng, 0.9, 1.0).endswith("\n")
+    with pytest.raises(ValueError, match="a >= b >= 0"):
+        from arbor.tasks.synthetic import subtract_without_borrow
+
+        subtract_without_borrow(-15, 7)
