@@ -57,3 +57,14 @@ def test_cli_bad_value_exits_with_clear_message(tmp_path):
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2
     assert "prepare.n_train: expected an integer, got 'x'" in r.stderr
+
+
+def test_every_preset_and_params_yaml_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = [root / "params.yaml", *sorted((root / "configs").glob("*.yaml"))]
+    assert len(files) >= 3
+    for f in files:
+        load_config(f)
+    assert (root / "params.yaml").read_text() == (root / "configs/tiny.yaml").read_text()
