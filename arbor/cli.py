@@ -9,7 +9,9 @@ from collections.abc import Sequence
 STAGES = {
     "prepare": "Write the task's train/eval problems to data/.",
     "bootstrap": "Train (or copy in) the iteration-0 policy.",
-    "evaluate": "Greedy pass@1, pass@k, maj@k of a policy on the eval split.",
+    "search": "Tree search (eta-MCTS, Tree-GRPO, chains) over the train split; trees as parquet.",
+    "evaluate": "Greedy pass@1, pass@k, maj@k (and search decoding) of a policy on the eval split.",
+    "show-tree": "Render one problem's search tree as a self-contained HTML page.",
 }
 
 
@@ -23,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for name, text in STAGES.items():
             print(f"  {name:<12} {text}")
         sys.exit(0 if not argv or argv[0] in ("-h", "--help") else 2)
-    module = importlib.import_module(f"arbor.stages.{argv[0]}")
+    module = importlib.import_module(f"arbor.stages.{argv[0].replace('-', '_')}")
     exit_main(lambda _: module.main(argv[1:]))
 
 

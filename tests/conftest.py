@@ -63,3 +63,52 @@ class ScriptedPolicy:
 
     def score(self, prefixes, continuations, batch_size: int = 64):
         return [np.zeros(len(c), np.float32) for c in continuations]
+
+
+class StepWorld:
+    """A fake step-level `Policy`: the next step after a solution prefix is drawn from `options(prefix)`.
+
+    Tokens are character codes; `expand` samples each child's step uniformly (seeded) from the options and
+    counts one forward token per generated character (the cache is trivially perfect).
+    """
+
+    eos_token_id = 0
+
+    def __init__(self, options, prompt: str = "Q\n") -> None:
+        self.options = options
+        self.prompt = prompt
+        self.counters = TokenCounters()
+        self._key = itertools.count()
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+    def encode_prompt(self, text):
+        return self.encode(text)
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+    def expand(self, parents, num_samples, *, stop, temperature, seed, store):
+        counts = [num_samples] * len(parents) if isinstance(num_samples, int) else list(num_samples)
+        rng = np.random.default_rng(seed)
+        out = []
+        for (_, prefix), n in zip(parents, counts, strict=True):
+            solution = self.decode(prefix)[len(self.prompt):]
+            conts = []
+            for _ in range(n):
+                opts = self.options(solution)
+                if stop.at_newline:
+                    text = opts[int(rng.integers(len(opts)))]
+                else:  # a full rollout: keep taking steps until an answer line
+                    text, sol = "", solution
+                    while True:
+                        step = self.options(sol)[int(rng.integers(len(self.options(sol))))]
+                        text, sol = text + step, sol + step
+                        if step.startswith("Answer:"):
+                            break
+                self.counters.forward_tokens += len(text)
+                conts.append(Continuation(self.encode(text), np.full(len(text), -0.1, np.float32), "newline", text,
+                                          key=next(self._key)))
+            out.append(conts)
+        return out

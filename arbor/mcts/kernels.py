@@ -60,14 +60,19 @@ def select_leaves(parent, first_child, next_sibling, visits, value_sum, virtual,
 
 
 @nb.njit(cache=True)
-def backup(parent, visits, value_sum, virtual, leaves, values):  # pragma: no cover - numba
-    """Add `values[i]` to every node from `leaves[i]` to the root; undo the virtual loss of that path."""
+def backup(parent, visits, value_sum, virtual, leaves, values, undo_virtual=True):  # pragma: no cover - numba
+    """Add `values[i]` to every node from `leaves[i]` to the root; undo the virtual loss of that path.
+
+    With `undo_virtual=False` no virtual loss is touched (backing up new children of a selected leaf whose own
+    virtual loss was reverted separately).
+    """
     for i in range(leaves.shape[0]):
         x = leaves[i]
         while x != -1:
             visits[x] += 1
             value_sum[x] += values[i]
-            virtual[x] -= 1
+            if undo_virtual:
+                virtual[x] -= 1
             x = parent[x]
 
 
@@ -155,10 +160,25 @@ def select(tree: Tree, expanded: np.ndarray, num_select: int, *, c: float = 1.0,
                          float(vl_value))
 
 
-def backup_values(tree: Tree, leaves: np.ndarray, values: np.ndarray) -> None:
+def backup_values(tree: Tree, leaves: np.ndarray, values: np.ndarray, *, undo_virtual: bool = True) -> None:
     """`backup` on a `Tree`."""
     backup(tree.parent, tree.visits, tree.value_sum, tree.virtual, np.asarray(leaves, np.int32),
-           np.asarray(values, np.float64))
+           np.asarray(values, np.float64), undo_virtual)
+
+
+@nb.njit(cache=True)
+def edit_distance(a, b):  # pragma: no cover - numba
+    """Levenshtein distance between two int arrays (token or character codes); O(len(a) * len(b))."""
+    n, m = a.shape[0], b.shape[0]
+    prev = np.arange(m + 1)
+    cur = np.empty(m + 1, np.int64)
+    for i in range(1, n + 1):
+        cur[0] = i
+        for j in range(1, m + 1):
+            cost = 0 if a[i - 1] == b[j - 1] else 1
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
+        prev, cur = cur, prev
+    return prev[m]
 
 
 def terminal_nodes(tree: Tree) -> np.ndarray:

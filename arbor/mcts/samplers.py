@@ -1,99 +1,98 @@
-"""Samplers over the tree engine: plain k-ary tree expansion and independent chains (the baselines).
+"""Samplers over the tree engine: plain tree expansion, Tree-GRPO tree sampling, and independent chains.
 
-These are the measuring sticks of the token economics (DESIGN.md, "Token accounting"): every sampler drives
-the model only through the `Policy` protocol (`expand`, `sample`), so the counts it reports are the model
-boundary's. The tree sampler expands every open node of a level in one batched `expand` call, children
-continuing from their parent's cached KV.
+All grow trees through `TreeBuilder` (arbor/mcts/grow.py), so every count is the model boundary's.
 
 - `expand_tree`: every non-terminal node gets `branching` samples for the first `branch_depth` levels, then
-  one per level until it terminates (so every leaf becomes a complete trajectory) or `max_depth`. A sample
-  whose step repeats a sibling's exactly is dropped (`dedup=True`): its subtree would only repeat the
-  sibling's, so every root-to-terminal path is a distinct trajectory. (Near-duplicate merging by edit
-  distance is eta-MCTS's state merge.)
-- `sample_chains(prompt_cached=False)`: G independent samples, each recomputing the prompt (naive).
-- `sample_chains(prompt_cached=True)`: the prompt computed once, each chain decoded on its own (what
-  vLLM-style prefix caching gives chains; the strong baseline).
+  one per level until it terminates. Exact sibling repeats are dropped (their subtrees would only repeat the
+  sibling's), so every root-to-terminal path is a distinct trajectory.
+- `tree_grpo`: Tree-GRPO (arXiv 2509.21240 §3): M trees per prompt, each started from one chain; then L rounds
+  in which N non-leaf nodes per tree are picked at random and each expanded by a new branch to a terminal.
+  Rollouts per prompt: G = M * (L*N + 1). Expected tokens for trajectory length B: M*B + M*L*N*B/2.
+- `chain_tree`: G independent chains in the same engine (the baseline at the same counters).
+- `sample_chains`: G complete solutions without a tree, naive (each recomputes the prompt) or prompt-cached.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from arbor.lm.base import Continuation, Policy, StopRule
-from arbor.mcts.tree import ROOT, Tree, add_child, new_tree
+from arbor.mcts.grow import Timing, TreeBuilder
+from arbor.mcts.tree import ROOT
 
-
-@dataclass
-class Timing:
-    """Wall seconds spent in the model boundary vs in tree bookkeeping."""
-
-    model: float = 0.0
-    tree: float = 0.0
-    calls: int = 0
-
-
-@dataclass
-class TreeSample:
-    """A sampled tree plus the per-node prefix-cache keys and timing."""
-
-    tree: Tree
-    cache_keys: dict[int, object] = field(default_factory=dict)
-    timing: Timing = field(default_factory=Timing)
-
-
-def _step_tokens(c: Continuation, eos_id: int) -> list[int]:
-    """A step's tokens as stored in the tree: EOS is a finish marker, not content."""
-    return c.token_ids[:-1] if c.finish == "eos" else c.token_ids
+__all__ = ["Timing", "chain_tree", "expand_tree", "sample_chains", "tree_grpo"]
 
 
 def expand_tree(policy: Policy, prompt_ids: Sequence[int], *, branching: int, branch_depth: int,
                 max_depth: int, step_tokens: int, is_terminal: Callable[[str], bool], temperature: float,
                 seed: int, store: object, max_nodes: int = 100_000, max_tokens: int = 2_000_000,
-                batch_size: int = 256, dedup: bool = True) -> TreeSample:
-    """Plain tree expansion (see module docstring). Node = one step ended by a newline (or EOS/length)."""
-    out = TreeSample(new_tree(max_nodes, max_tokens, prompt_ids))
-    tree, timing = out.tree, out.timing
-    stop = StopRule(at_newline=True, max_new_tokens=step_tokens)
+                batch_size: int = 256, dedup: bool = True) -> TreeBuilder:
+    """Plain level-by-level tree expansion (see module docstring)."""
+    b = TreeBuilder.start(policy, prompt_ids, store=store, seed=seed, max_nodes=max_nodes, max_tokens=max_tokens,
+                          is_terminal=is_terminal, step_tokens=step_tokens, max_depth=max_depth,
+                          temperature=temperature, merge_distance=0 if dedup else -1, batch_size=batch_size)
     frontier = [ROOT]
-    out.cache_keys[ROOT] = ("prompt", seed)
     for level in range(max_depth):
-        open_nodes = [n for n in frontier if not tree.terminal[n]]
+        open_nodes = [n for n in frontier if not b.tree.terminal[n]]
         if not open_nodes:
             break
-        k = branching if level < branch_depth else 1
-        nxt: list[int] = []
-        for i in range(0, len(open_nodes), max(1, batch_size // k)):
-            chunk = open_nodes[i : i + max(1, batch_size // k)]
-            t0 = time.perf_counter()
-            parents = [(out.cache_keys[n], tree.path_tokens(n).tolist()) for n in chunk]
-            t1 = time.perf_counter()
-            results = policy.expand(parents, k, stop=stop, temperature=temperature,
-                                    seed=seed * 1_000_003 + level * 7919 + i, store=store)
-            t2 = time.perf_counter()
-            for node, conts in zip(chunk, results, strict=True):
-                seen: set[tuple[int, ...]] = set()
-                for c in conts:
-                    if dedup:
-                        if tuple(c.token_ids) in seen:
-                            continue
-                        seen.add(tuple(c.token_ids))
-                    done = c.finish == "eos" or is_terminal(c.text)
-                    prior = float(np.exp(c.logprobs.sum()))
-                    child = add_child(tree, node, _step_tokens(c, policy.eos_token_id), prior=prior,
-                                      terminal=done)
-                    if c.key is not None:
-                        out.cache_keys[child] = c.key
-                    nxt.append(child)
-            t3 = time.perf_counter()
-            timing.model += t2 - t1
-            timing.tree += (t1 - t0) + (t3 - t2)
-            timing.calls += 1
-        frontier = nxt
-    return out
+        kids = b.expand(open_nodes, branching if level < branch_depth else 1, seed=seed + 104_729 * level)
+        frontier = [k for ks in kids for k in ks]
+    return b
+
+
+def tree_grpo(policy: Policy, prompt_ids: Sequence[int], *, m: int, l_rounds: int, n: int, step_tokens: int,
+              max_depth: int, is_terminal: Callable[[str], bool], temperature: float, seed: int, store: object,
+              max_nodes: int = 100_000) -> tuple[TreeBuilder, np.ndarray]:
+    """Tree-GRPO sampling; returns the builder and `tree_of[node]` (which of the M trees a node belongs to).
+
+    The M trees share the prompt node (index 0) but are otherwise independent: a branch from the prompt in
+    tree j stays in tree j. Leaves = the M*(L*N+1) rollouts.
+    """
+    b = TreeBuilder.start(policy, prompt_ids, store=store, seed=seed, max_nodes=max_nodes,
+                          is_terminal=is_terminal, step_tokens=step_tokens, max_depth=max_depth,
+                          temperature=temperature, merge_distance=-1)
+    rng = np.random.default_rng(seed)
+    tree_of = np.full(max_nodes, -1, np.int32)
+    firsts = b.expand([ROOT], m, seed=seed)[0]
+    tree_of[firsts] = np.arange(m)
+    b.complete(firsts, seed=seed + 1)
+    _inherit(b, tree_of)
+    for r in range(l_rounds):
+        picks: list[int] = []
+        owners: list[int] = []
+        for j in range(m):
+            members = np.flatnonzero(tree_of[: b.tree.num_nodes] == j)
+            candidates = [ROOT] + [int(x) for x in members if b.tree.first_child[x] != -1 and not b.tree.terminal[x]]
+            chosen = rng.choice(len(candidates), size=min(n, len(candidates)), replace=False)
+            picks += [candidates[c] for c in sorted(chosen)]
+            owners += [j] * len(chosen)
+        kids = b.expand(picks, 1, seed=seed + 31 * (r + 1))
+        starts = [k[0] for k in kids]
+        tree_of[starts] = owners
+        b.complete(starts, seed=seed + 37 * (r + 1))
+        _inherit(b, tree_of)
+    return b, tree_of[: b.tree.num_nodes].copy()
+
+
+def _inherit(b: TreeBuilder, tree_of: np.ndarray) -> None:
+    """Nodes created by `complete` belong to their parent's tree (creation order: parents come first)."""
+    for x in range(1, b.tree.num_nodes):
+        if tree_of[x] == -1:
+            tree_of[x] = tree_of[b.tree.parent[x]]
+
+
+def chain_tree(policy: Policy, prompt_ids: Sequence[int], *, g: int, step_tokens: int, max_depth: int,
+               is_terminal: Callable[[str], bool], temperature: float, seed: int, store: object,
+               max_nodes: int = 100_000) -> TreeBuilder:
+    """G independent step-by-step chains from the prompt (a tree that branches only at the root)."""
+    b = TreeBuilder.start(policy, prompt_ids, store=store, seed=seed, max_nodes=max_nodes,
+                          is_terminal=is_terminal, step_tokens=step_tokens, max_depth=max_depth,
+                          temperature=temperature, merge_distance=-1)
+    b.complete(b.expand([ROOT], g, seed=seed)[0], seed=seed + 1)
+    return b
 
 
 def sample_chains(policy: Policy, prompt_ids: Sequence[int], num_chains: int, *, max_new_tokens: int,
@@ -106,7 +105,7 @@ def sample_chains(policy: Policy, prompt_ids: Sequence[int], num_chains: int, *,
                              batch_size=batch_size)
     out: list[Continuation] = []
     for i in range(0, num_chains, batch_size):
-        n = min(batch_size, num_chains - i)
-        out += policy.expand([(("chain-prompt", seed), list(prompt_ids))], n, stop=stop,
+        k = min(batch_size, num_chains - i)
+        out += policy.expand([(("chain-prompt", seed), list(prompt_ids))], k, stop=stop,
                              temperature=temperature, seed=seed + i, store=store)[0]
     return out

@@ -132,10 +132,60 @@ class EvaluateConfig:
     max_new_tokens: int = _f(96, "Longest generated solution, in tokens.")
     batch_size: int = _f(128, "Sequences per generation batch.")
     n_problems: int | None = _f(None, "Evaluate only the first n eval problems (default: all).")
+    search: bool = _f(False, "Also decode each eval problem with eta-MCTS (likelihood scorer, no oracle).")
+    search_simulations: int = _f(32, "eta-MCTS simulations per eval problem when evaluate.search is on.")
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.temperature <= 0 or self.max_new_tokens < 1:
             raise ConfigError("evaluate.k and max_new_tokens must be >= 1 and temperature > 0")
+
+
+@dataclass
+class EtaMCTSConfig:
+    """eta-MCTS hyperparameters (AlphaLLM §4.3-4.4; defaults sized for the tiny policy on 2 CPU cores)."""
+
+    num_simulations: int = _f(64, "Selected leaves to expand, in total.")
+    max_forward_tokens: int | None = _f(None, "Stop once this many tokens were computed.")
+    batch_leaves: int = _f(4, "Leaves selected per step (virtual loss), one model call.")
+    rule: str = _f("uct", "Selection rule: uct | puct.")
+    c: float = _f(1.0, "Exploration constant.")
+    alpha: float = _f(4.0, "Adaptive branching: n(s) grows with alpha * I(s).")
+    c_min: int = _f(2, "Fewest children of a node (t > 0).")
+    c_max: int = _f(4, "Most children of a node (t > 0).")
+    c_max_root: int = _f(6, "Most children of the root (paper: 60).")
+    merge_distance: int = _f(0, "State merge: edit distance (tokens); -1 = off.")
+    step_tokens: int = _f(32, "Longest step, in tokens.")
+    max_depth: int = _f(12, "Steps after which a path is cut (terminal).")
+    temperature: float = _f(1.0, "Sampling temperature of expansions.")
+
+    def __post_init__(self) -> None:
+        if self.rule not in ("uct", "puct"):
+            raise ConfigError(f"search.eta.rule={self.rule!r}: expected uct or puct")
+        if not 1 <= self.c_min <= self.c_max or self.c_max_root < self.c_min:
+            raise ConfigError("search.eta: need 1 <= c_min <= c_max and c_max_root >= c_min")
+
+
+@dataclass
+class SearchConfig:
+    """Stage `search`: tree search over the train split with the iteration's policy."""
+
+    algorithm: str = _f("eta_mcts", "eta_mcts | tree_grpo | chains.")
+    n_problems: int | None = _f(64, "Search the first n train problems (default 64; null = all).")
+    n_rollouts: int = _f(2, "eta_mcts: fast rollouts per new non-terminal node (0 = none).")
+    rollout_tokens: int = _f(96, "Longest fast rollout, in tokens.")
+    grpo_m: int = _f(4, "tree_grpo: trees per prompt (M).")
+    grpo_l: int = _f(2, "tree_grpo: expansion rounds (L).")
+    grpo_n: int = _f(2, "tree_grpo: nodes expanded per tree per round (N).")
+    chains: int = _f(16, "chains: independent samples per prompt (G).")
+    kv_budget_mb: float = _f(512.0, "Prefix KV-cache memory budget (MB, LRU eviction).")
+    shard_size: int = _f(16, "Problems per parquet shard (the unit of resume).")
+    eta: EtaMCTSConfig = _sub(EtaMCTSConfig)
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ("eta_mcts", "tree_grpo", "chains"):
+            raise ConfigError(f"search.algorithm={self.algorithm!r}: expected eta_mcts, tree_grpo or chains")
+        if min(self.grpo_m, self.grpo_l + 1, self.grpo_n, self.chains, self.shard_size) < 1:
+            raise ConfigError("search.grpo_m, grpo_n, chains, shard_size must be >= 1 and grpo_l >= 0")
 
 
 @dataclass
@@ -150,6 +200,7 @@ class ArborConfig:
     model: ModelConfig = _sub(ModelConfig)
     bootstrap: BootstrapConfig = _sub(BootstrapConfig)
     evaluate: EvaluateConfig = _sub(EvaluateConfig)
+    search: SearchConfig = _sub(SearchConfig)
 
 
 # ---------------------------------------------------------------------------------------------------------------

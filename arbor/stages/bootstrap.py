@@ -62,6 +62,7 @@ def train_from_scratch(cfg: ArborConfig, train_file: str | Path, tracker: Tracke
         completion = [*tok.encode(sol, add_special_tokens=False), eos]
         return prompts[i][:limit], completion[: max(0, limit - len(prompts[i]))]
 
+    draw(np.random.default_rng(0))  # fail fast (e.g. a task that cannot inject errors), before Lightning starts
     loader = DataLoader(SampleStream(draw, seed), batch_size=b.batch_size,
                         collate_fn=lambda xs: collate_sft(xs, tok.pad_token_id))
     module = SFTModule(model, lr=b.lr, warmup_steps=b.warmup_steps, max_steps=b.max_steps,

@@ -8,6 +8,7 @@ tokens are counted at the policy boundary. Writes `metrics/iter_<k>.json`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -15,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from arbor.lm.base import Policy, StopRule
-from arbor.pipeline.config import ArborConfig
+from arbor.pipeline.config import ArborConfig, EtaMCTSConfig
 from arbor.pipeline.seeds import derive_seed
 from arbor.pipeline.tracking import NullTracker, Tracker
-from arbor.tasks import Problem, Task, build_task, parse_number, read_problems
+from arbor.tasks import Problem, Task, build_task, is_terminal_step, parse_number, read_problems
 from arbor.tasks.answers import final_answer_line
 
 
@@ -72,6 +73,29 @@ def evaluate_policy(policy: Policy, task: Task, problems: Sequence[Problem], *, 
     }
 
 
+def search_decode(policy: Policy, task: Task, problems: Sequence[Problem], *, eta: EtaMCTSConfig,
+                  simulations: int, seed: int) -> dict[str, Any]:
+    """Decode each problem with eta-MCTS under the likelihood scorer (no oracle); answer = weighted vote.
+
+    The search never sees the gold answer: the scorer is the policy's own confidence. Correctness is checked
+    afterwards, here, against the gold answer.
+    """
+    from arbor.lm.kvcache import KVStore
+    from arbor.mcts.scoring import LikelihoodScorer
+    from arbor.mcts.search import eta_mcts
+
+    eta = dataclasses.replace(eta, num_simulations=simulations)
+    before = policy.counters.snapshot()
+    t0 = time.perf_counter()
+    ok = 0
+    for i, p in enumerate(problems):
+        res = eta_mcts(policy, policy.encode_prompt(task.prompt(p)), scorer=LikelihoodScorer(policy),
+                       is_terminal=is_terminal_step, cfg=eta, seed=seed + i, store=KVStore())
+        ok += res.vote_answer is not None and task.reward(p, f"Answer: {res.vote_answer}\n") > 0.5
+    return {"search_pass1": ok / len(problems), "search_forward_tokens": policy.counters.since(before).forward_tokens,
+            "search_simulations": simulations, "search_wall_seconds": time.perf_counter() - t0}
+
+
 def run(cfg: ArborConfig, *, policy_dir: str | Path = "models/iter_0/policy",
         eval_file: str | Path = "data/eval.jsonl", tracker: Tracker | None = None) -> dict[str, Any]:
     """Load the policy and evaluate it; returns the metrics dict."""
@@ -83,9 +107,14 @@ def run(cfg: ArborConfig, *, policy_dir: str | Path = "models/iter_0/policy",
     if not problems:
         raise ValueError(f"{eval_file}: no evaluation problems")
     policy = HFPolicy.from_pretrained(policy_dir, cfg.device)
-    return evaluate_policy(policy, build_task(cfg.task), problems, k=e.k, temperature=e.temperature,
-                           max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-                           seed=derive_seed(cfg.seed, "evaluate", str(policy_dir)))
+    task = build_task(cfg.task)
+    seed = derive_seed(cfg.seed, "evaluate", str(policy_dir))
+    metrics = evaluate_policy(policy, task, problems, k=e.k, temperature=e.temperature,
+                              max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, seed=seed)
+    if e.search:
+        metrics |= search_decode(policy, task, problems, eta=cfg.search.eta, simulations=e.search_simulations,
+                                 seed=seed + 2)
+    return metrics
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

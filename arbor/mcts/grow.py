@@ -1,0 +1,132 @@
+"""Growing a tree through the policy: the one place where search asks the model for new steps.
+
+`TreeBuilder` owns a `Tree`, the prefix-cache key of every node and the step stop rule. `expand(nodes,
+counts)` samples `counts[i]` next steps of each node in one batched `Policy.expand` call (children continue
+from the parent's cached KV) and adds them as children; `complete(nodes)` extends each node one step at a time
+until a terminal (a branch, a rollout kept in the tree). Sibling de-duplication and state merge
+(AlphaLLM §4.4: a new step within edit distance `merge_distance` of a sibling's is merged into it) happen here,
+so every algorithm gets them the same way. The builder knows nothing about which model it drives.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from arbor.lm.base import Continuation, Policy, StopRule
+from arbor.mcts.kernels import edit_distance
+from arbor.mcts.tree import ROOT, Tree, add_child, new_tree
+
+
+@dataclass
+class Timing:
+    """Wall seconds spent in the model boundary vs in tree bookkeeping."""
+
+    model: float = 0.0
+    tree: float = 0.0
+    calls: int = 0
+
+
+@dataclass
+class TreeBuilder:
+    """A tree under construction: the arrays, per-node cache keys, and how to grow it."""
+
+    policy: Policy
+    store: object
+    tree: Tree
+    is_terminal: Callable[[str], bool]
+    step_tokens: int = 64
+    max_depth: int = 16
+    temperature: float = 1.0
+    merge_distance: int = -1  # -1: keep duplicates; 0: drop exact repeats; d > 0: merge within edit distance d
+    batch_size: int = 256
+    keys: dict[int, Hashable] = field(default_factory=dict)
+    timing: Timing = field(default_factory=Timing)
+    merged: int = 0
+
+    @classmethod
+    def start(cls, policy: Policy, prompt_ids: Sequence[int], *, store: object, seed: int,
+              max_nodes: int = 100_000, max_tokens: int = 2_000_000, **kw: object) -> TreeBuilder:
+        b = cls(policy, store, new_tree(max_nodes, max_tokens, prompt_ids), **kw)  # type: ignore[arg-type]
+        b.keys[ROOT] = ("prompt", seed, id(b))
+        return b
+
+    def text(self, node: int) -> str:
+        """The solution text from the first step through `node` (prompt excluded)."""
+        path = self.tree.path(node)[1:]
+        return self.policy.decode(np.concatenate([self.tree.step_tokens(int(n)) for n in path]).tolist()
+                                  if len(path) else [])
+
+    def _is_duplicate(self, node: int, toks: np.ndarray, new: list[np.ndarray]) -> bool:
+        if self.merge_distance < 0:
+            return False
+        for other in [*(self.tree.step_tokens(int(c)) for c in self.tree.children(node)), *new]:
+            if self.merge_distance == 0:
+                if len(other) == len(toks) and np.array_equal(other, toks):
+                    return True
+            elif abs(len(other) - len(toks)) <= self.merge_distance and \
+                    edit_distance(other, toks) <= self.merge_distance:
+                return True
+        return False
+
+    def expand(self, nodes: Sequence[int], counts: int | Sequence[int], *, seed: int) -> list[list[int]]:
+        """Sample `counts[i]` next steps of `nodes[i]`; returns the ids of the children actually added."""
+        counts = [counts] * len(nodes) if isinstance(counts, int) else list(counts)
+        out: list[list[int]] = []
+        stop = StopRule(at_newline=True, max_new_tokens=self.step_tokens)
+        per_call = max(1, self.batch_size // max(1, max(counts, default=1)))
+        for i in range(0, len(nodes), per_call):
+            chunk, chunk_counts = list(nodes[i : i + per_call]), counts[i : i + per_call]
+            t0 = time.perf_counter()
+            parents = [(self.keys[n], self.tree.path_tokens(n).tolist()) for n in chunk]
+            t1 = time.perf_counter()
+            results = self.policy.expand(parents, chunk_counts, stop=stop, temperature=self.temperature,
+                                         seed=seed * 1_000_003 + i, store=self.store)
+            t2 = time.perf_counter()
+            for node, conts in zip(chunk, results, strict=True):
+                out.append(self._add(node, conts))
+            t3 = time.perf_counter()
+            self.timing.model += t2 - t1
+            self.timing.tree += (t1 - t0) + (t3 - t2)
+            self.timing.calls += 1
+        return out
+
+    def _add(self, node: int, conts: list[Continuation]) -> list[int]:
+        added: list[int] = []
+        new_toks: list[np.ndarray] = []
+        for c in conts:
+            toks = np.asarray(c.token_ids[:-1] if c.finish == "eos" else c.token_ids, np.int32)
+            if self._is_duplicate(node, toks, new_toks):
+                self.merged += 1
+                continue
+            depth = int(self.tree.depth[node]) + 1
+            done = c.finish == "eos" or self.is_terminal(c.text) or depth >= self.max_depth
+            child = add_child(self.tree, node, toks, prior=float(np.exp(c.logprobs.sum())), terminal=done)
+            if c.key is not None:
+                self.keys[child] = c.key
+            added.append(child)
+            new_toks.append(toks)
+        return added
+
+    def complete(self, nodes: Sequence[int], *, seed: int) -> list[int]:
+        """Extend each node one step at a time (one sample per step) until terminal; returns the leaves.
+
+        De-duplication does not apply along a branch: each branch is one new trajectory.
+        """
+        leaves = list(nodes)
+        open_idx = [i for i, n in enumerate(leaves) if not self.tree.terminal[n]]
+        saved, self.merge_distance = self.merge_distance, -1
+        try:
+            step = 0
+            while open_idx:
+                kids = self.expand([leaves[i] for i in open_idx], 1, seed=seed * 7919 + step)
+                for i, k in zip(open_idx, kids, strict=True):
+                    leaves[i] = k[0]
+                open_idx = [i for i in open_idx if not self.tree.terminal[leaves[i]]]
+                step += 1
+        finally:
+            self.merge_distance = saved
+        return leaves

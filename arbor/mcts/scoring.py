@@ -1,0 +1,77 @@
+"""Node scorers: the callback through which search values a node (mctx's `recurrent_fn` value head).
+
+A scorer maps new nodes to values in [0, 1]; the search backs them up. AlphaLLM's node score is
+`b_v * V(s) + b_prm * PRM(s) + b_orm * mean_i ORM(rollout_i)` (§4.3); until the critics exist (issue #5) two
+scorers stand in, both without a learned model:
+
+- `RewardScorer` (training-time search, gold answer known): terminals get the task's outcome reward; other
+  nodes get the mean reward of `n_rollouts` fast rollouts from the node (0.5 if `n_rollouts` = 0).
+- `LikelihoodScorer` (decoding at evaluation, no gold answer): the policy's own confidence, the geometric
+  mean token probability of the path, exp(mean log pi). Never sees the answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from arbor.lm.base import Policy, StopRule
+from arbor.mcts.grow import TreeBuilder
+
+
+class NodeScorer(Protocol):
+    """values[i] in [0, 1] for `nodes[i]` of the builder's tree (called once per batch of new nodes)."""
+
+    uses_oracle: bool
+
+    def __call__(self, builder: TreeBuilder, nodes: Sequence[int], *, seed: int) -> np.ndarray: ...
+
+
+class RewardScorer:
+    """Outcome reward at terminals, mean rollout reward elsewhere (needs the gold answer)."""
+
+    uses_oracle = True
+
+    def __init__(self, reward: Callable[[str], float], *, n_rollouts: int = 0, rollout_tokens: int = 128) -> None:
+        self.reward, self.n_rollouts, self.rollout_tokens = reward, n_rollouts, rollout_tokens
+
+    def __call__(self, builder: TreeBuilder, nodes: Sequence[int], *, seed: int) -> np.ndarray:
+        tree = builder.tree
+        values = np.full(len(nodes), 0.5)
+        inner = []
+        for i, n in enumerate(nodes):
+            if tree.terminal[n]:
+                values[i] = tree.reward[n] = self.reward(builder.text(n))
+            else:
+                inner.append(i)
+        if inner and self.n_rollouts > 0:
+            parents = [(builder.keys[nodes[i]], tree.path_tokens(nodes[i]).tolist()) for i in inner]
+            outs = builder.policy.expand(parents, self.n_rollouts, temperature=builder.temperature, seed=seed,
+                                         stop=StopRule(at_newline=False, max_new_tokens=self.rollout_tokens),
+                                         store=builder.store)
+            for i, conts in zip(inner, outs, strict=True):
+                prefix = builder.text(nodes[i])
+                values[i] = float(np.mean([self.reward(prefix + c.text) for c in conts]))
+        return values
+
+
+class LikelihoodScorer:
+    """exp(mean token log-prob) of the path from the prompt: the policy's confidence, no oracle."""
+
+    uses_oracle = False
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+
+    def __call__(self, builder: TreeBuilder, nodes: Sequence[int], *, seed: int) -> np.ndarray:
+        tree = builder.tree
+        out = np.empty(len(nodes))
+        for i, n in enumerate(nodes):
+            path = tree.path(n)[1:]
+            # prior[n] = product of the step's token probabilities; tok_len gives the token count
+            logp = float(np.sum(np.log(np.maximum(tree.prior[path], 1e-30))))
+            length = max(1, int(tree.tok_len[path].sum()))
+            out[i] = float(np.exp(logp / length))
+        return out

@@ -1,0 +1,139 @@
+"""eta-MCTS over reasoning steps (AlphaLLM, arXiv 2404.12253 §4.3-4.4), on the numba tree.
+
+One iteration reads like the algorithm: select B leaves with virtual loss (kernel) -> expand them in one
+batched policy call -> score the new nodes (scorer callback) -> back up (kernel). The search never imports a
+model: it grows the tree through `TreeBuilder` (the `Policy` protocol) and values nodes through a `NodeScorer`.
+
+- Options: a node is one step, ended by a newline (or EOS / the length limit).
+- Selection: UCT `Q + c sqrt(ln N(s) / N(s,a))` (c = 1.0) or PUCT with the step's probability as prior.
+- Importance-weighted adaptive branching: after a node's children are scored,
+  `I(s) = max_o |v(s,o) - v(s)|` and `n(s) = max(c_min(t), min(floor(alpha I(s)) + 1, c_max(t)))`; a node
+  with fewer than n(s) children is a leaf again, so selection widens it (progressive widening). Our values lie
+  in [0, 1], so the default alpha (4) is larger than the paper's 1 (Table 5), whose values had a wider range.
+- State merge: a new step within edit distance `merge_distance` of a sibling's is merged into it.
+- Fast rollouts and the terminal reward live in the scorer (arbor/mcts/scoring.py).
+- Budget: simulations and/or forward tokens, whichever ends first.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from arbor.lm.base import Policy
+from arbor.mcts.grow import TreeBuilder
+from arbor.mcts.kernels import PUCT, UCT, backup_values, best_leaf, greedy_path, revert_virtual_loss, select
+from arbor.mcts.scoring import NodeScorer
+from arbor.mcts.tree import ROOT
+from arbor.pipeline.config import EtaMCTSConfig
+from arbor.tasks.answers import final_answer_line, parse_number
+
+
+@dataclass
+class SearchResult:
+    """A finished search: the builder (tree, keys, timing) and the read-outs (node ids, -1 if none)."""
+
+    builder: TreeBuilder
+    simulations: int
+    greedy_leaf: int
+    best_leaf: int
+    rerank_leaf: int
+    vote_answer: str | None
+
+
+def branching_target(imp: float, depth: int, cfg: EtaMCTSConfig) -> int:
+    """n(s) = max(c_min(t), min(floor(alpha * I(s)) + 1, c_max(t))), t = depth (AlphaLLM eq. for n(s))."""
+    c_max = cfg.c_max_root if depth == 0 else cfg.c_max
+    if np.isnan(imp):
+        return cfg.c_min
+    return max(cfg.c_min, min(int(np.floor(cfg.alpha * imp)) + 1, c_max))
+
+
+def eta_mcts(policy: Policy, prompt_ids: Sequence[int], *, scorer: NodeScorer, is_terminal: Callable[[str], bool],
+             cfg: EtaMCTSConfig, seed: int, store: object, max_nodes: int = 20_000) -> SearchResult:
+    """Run eta-MCTS from `prompt_ids`; see the module docstring."""
+    b = TreeBuilder.start(policy, prompt_ids, store=store, seed=seed, max_nodes=max_nodes,
+                          is_terminal=is_terminal, step_tokens=cfg.step_tokens, max_depth=cfg.max_depth,
+                          temperature=cfg.temperature, merge_distance=cfg.merge_distance)
+    tree = b.tree
+    target = np.zeros(max_nodes, np.int32)
+    target[ROOT] = cfg.c_min
+    expanded = np.zeros(max_nodes, np.bool_)
+    rule = UCT if cfg.rule == "uct" else PUCT
+    start_tokens = policy.counters.forward_tokens
+    sims = step = 0
+    while sims < cfg.num_simulations:
+        spent = policy.counters.forward_tokens - start_tokens
+        if cfg.max_forward_tokens is not None and spent >= cfg.max_forward_tokens:
+            break
+        leaves = select(tree, expanded, cfg.batch_leaves, c=cfg.c, rule=rule)
+        unique, dup = _split_duplicates(leaves)
+        if dup.size:
+            revert_virtual_loss(tree.parent, tree.virtual, dup)
+        done = np.array([x for x in unique if tree.terminal[x]], np.int32)
+        if done.size:  # a terminal is re-valued by its stored score
+            backup_values(tree, done, np.nan_to_num(tree.critic_score[done], nan=0.0))
+        grow = [int(x) for x in unique if not tree.terminal[x]]
+        if grow:
+            _grow(b, grow, target, expanded, scorer, cfg, seed + 7 * step)
+        sims += len(unique)
+        step += 1
+        if tree.num_nodes + cfg.batch_leaves * cfg.c_max_root >= max_nodes:
+            break
+    return readouts(b, sims)
+
+
+def _split_duplicates(leaves: np.ndarray) -> tuple[list[int], np.ndarray]:
+    seen: list[int] = []
+    dup: list[int] = []
+    for x in leaves.tolist():
+        (dup if x in seen else seen).append(x)
+    return seen, np.array(dup, np.int32)
+
+
+def _grow(b: TreeBuilder, leaves: list[int], target: np.ndarray, expanded: np.ndarray, scorer: NodeScorer,
+          cfg: EtaMCTSConfig, seed: int) -> None:
+    """Expand each selected leaf up to its branching target, score the new children, back them up."""
+    tree = b.tree
+    counts = [max(1, int(target[x]) - int(tree.num_children[x])) for x in leaves]
+    kids = b.expand(leaves, counts, seed=seed)
+    new = [k for ks in kids for k in ks]
+    values = scorer(b, new, seed=seed + 1) if new else np.zeros(0)
+    tree.critic_score[new] = values
+    revert_virtual_loss(tree.parent, tree.virtual, np.asarray(leaves, np.int32))
+    if new:
+        backup_values(tree, np.asarray(new, np.int32), values, undo_virtual=False)
+    for x in leaves:
+        children = tree.children(x)
+        v = tree.critic_score[children]
+        own = tree.critic_score[x] if not np.isnan(tree.critic_score[x]) else float(np.mean(v)) if len(v) else np.nan
+        imp = float(np.max(np.abs(v - own))) if len(v) else np.nan
+        target[x] = branching_target(imp, int(tree.depth[x]), cfg)
+        for c in children:
+            if target[c] == 0:
+                target[c] = cfg.c_min
+        # widen until the target is met; if merging left nothing new to add, stop widening this node
+        expanded[x] = tree.num_children[x] >= target[x] or len(kids[leaves.index(x)]) == 0
+
+
+def readouts(b: TreeBuilder, sims: int) -> SearchResult:
+    """Read-outs of a valued tree: greedy-by-Q terminal, best terminal by Q, rerank by score, weighted vote."""
+    tree = b.tree
+    n = tree.num_nodes
+    path = greedy_path(tree.first_child, tree.next_sibling, tree.visits, tree.value_sum)
+    greedy = int(path[-1]) if tree.terminal[path[-1]] else -1
+    best = int(best_leaf(tree.first_child, tree.visits, tree.value_sum, tree.terminal, n, True))
+    terms = np.flatnonzero(tree.terminal[:n])
+    scores = tree.critic_score[terms]
+    rerank = int(terms[np.nanargmax(scores)]) if len(terms) and not np.all(np.isnan(scores)) else -1
+    votes: dict[str, float] = defaultdict(float)
+    for t in terms:
+        line = final_answer_line(b.text(int(t)))
+        if line is not None and tree.visits[t] > 0:
+            num = parse_number(line)
+            votes[str(num) if num is not None else line] += tree.value_sum[t] / tree.visits[t]
+    vote = max(votes, key=votes.__getitem__) if votes else None
+    return SearchResult(b, sims, greedy, best, rerank, vote)

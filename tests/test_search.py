@@ -1,0 +1,134 @@
+"""eta-MCTS, Tree-GRPO and chains on a scripted step world with known rewards."""
+
+import numpy as np
+import pytest
+
+from arbor.lm.kvcache import KVStore
+from arbor.mcts.grow import TreeBuilder
+from arbor.mcts.samplers import tree_grpo
+from arbor.mcts.scoring import LikelihoodScorer, RewardScorer
+from arbor.mcts.search import branching_target, eta_mcts
+from arbor.pipeline.config import EtaMCTSConfig
+from arbor.tasks import is_terminal_step
+
+from .conftest import StepWorld
+
+GOAL = "b\nc\na\nAnswer: 1\n"
+
+
+def decoys(solution: str) -> list[str]:
+    """Three choices per step for three steps, then the answer: 27 paths, one rewarded."""
+    if solution.count("\n") >= 3:
+        return ["Answer: 1\n"]
+    return ["a\n", "b\n", "c\n"]
+
+
+def reward(text: str) -> float:
+    return float(text == GOAL)
+
+
+def _search(seed=0, sims=80, **kw):
+    world = StepWorld(decoys)
+    cfg = EtaMCTSConfig(num_simulations=sims, c_min=3, c_max=3, c_max_root=3, batch_leaves=2, **kw)
+    res = eta_mcts(world, world.encode_prompt("Q\n"), scorer=RewardScorer(reward), is_terminal=is_terminal_step,
+                   cfg=cfg, seed=seed, store=KVStore())
+    return world, res
+
+
+def test_eta_mcts_finds_the_one_rewarded_path_among_decoys():
+    _, res = _search()
+    b = res.builder
+    assert b.text(res.greedy_leaf) == GOAL
+    assert b.text(res.best_leaf) == GOAL and b.text(res.rerank_leaf) == GOAL
+    assert res.vote_answer == "1"
+    tree = b.tree
+    assert tree.virtual[: tree.num_nodes].sum() == 0
+    assert tree.visits[0] == tree.visits[tree.children(0)].sum()  # every backup passed through a child
+
+
+def test_same_seed_same_tree_and_seed_matters():
+    a, b, c = _search(seed=3, sims=20)[1], _search(seed=3, sims=20)[1], _search(seed=4, sims=20)[1]
+    n = a.builder.tree.num_nodes
+    for name in ("parent", "visits", "value_sum", "tok_start", "tok_len"):
+        assert np.array_equal(getattr(a.builder.tree, name)[:n], getattr(b.builder.tree, name)[:n])
+    def toks(r):
+        return r.builder.tree.tokens[: r.builder.tree.num_tokens].tolist()
+
+    assert toks(a) == toks(b) and toks(c) != toks(a)
+
+
+def test_branching_target_formula():
+    cfg = EtaMCTSConfig(alpha=4.0, c_min=2, c_max=4, c_max_root=6)
+    assert branching_target(0.0, 1, cfg) == 2  # children agree: c_min
+    assert branching_target(0.3, 1, cfg) == 2  # floor(1.2) + 1
+    assert branching_target(0.5, 1, cfg) == 3
+    assert branching_target(1.0, 1, cfg) == 4  # capped at c_max(t>0)
+    assert branching_target(1.0, 0, cfg) == 5  # floor(4) + 1 under the root's cap of 6
+    assert branching_target(float("nan"), 3, cfg) == 2
+
+
+def test_adaptive_branching_widens_where_children_disagree():
+    # at the root, the first step decides everything (x: always right, y: always wrong): children disagree;
+    # below "x", every step is right: children agree
+    def world(solution):
+        if solution.count("\n") >= 2:
+            return ["Answer: 1\n" if solution.startswith("x") else "Answer: 0\n"]
+        if solution == "":
+            return ["x\n", "y\n"]
+        return ["p\n", "q\n", "r\n", "s\n"]
+
+    w = StepWorld(world)
+    cfg = EtaMCTSConfig(num_simulations=40, alpha=8.0, c_min=2, c_max=4, c_max_root=4, batch_leaves=1,
+                        merge_distance=-1)
+    scorer = RewardScorer(lambda t: float(t.endswith("Answer: 1\n")), n_rollouts=4, rollout_tokens=32)
+    res = eta_mcts(w, w.encode_prompt("Q\n"), scorer=scorer, is_terminal=is_terminal_step, cfg=cfg, seed=1,
+                   store=KVStore())
+    tree = res.builder.tree
+    root_kids = tree.children(0)
+    x_nodes = [int(k) for k in root_kids if res.builder.text(int(k)) == "x\n" and tree.num_children[k] > 0]
+    assert tree.num_children[0] == 4  # |v(x) - v(y)| ~ 1: widened to c_max_root
+    assert x_nodes and all(tree.num_children[x] == 2 for x in x_nodes)  # all agree: stays at c_min
+
+
+def test_state_merge_merges_near_duplicates_and_only_them():
+    steps = ["12+3=15\n", "12+3=16\n", "12*3=36\n", "12+3=15\n"]
+    it = iter(range(100))
+
+    def world(solution):
+        return [steps[next(it) % 4]]  # the i-th sample gets steps[i % 4]
+
+    w = StepWorld(world)
+    b = TreeBuilder.start(w, w.encode_prompt("Q\n"), store=None, seed=0, is_terminal=is_terminal_step,
+                          merge_distance=1)
+    kids = b.expand([0], 4, seed=0)[0]
+    texts = [b.text(k) for k in kids]
+    assert texts == ["12+3=15\n", "12*3=36\n"]  # 16 is 1 edit from 15 (merged), the repeat too; 36 kept
+    assert b.merged == 2
+    b2 = TreeBuilder.start(w, w.encode_prompt("Q\n"), store=None, seed=0, is_terminal=is_terminal_step,
+                           merge_distance=-1)
+    assert len(b2.expand([0], 4, seed=0)[0]) == 4  # merge off: all kept
+
+
+@pytest.mark.parametrize(("m", "l_rounds", "n"), [(2, 2, 2), (4, 1, 3), (3, 0, 1)])
+def test_tree_grpo_produces_m_times_ln_plus_one_rollouts(m, l_rounds, n):
+    w = StepWorld(decoys)
+    b, group = tree_grpo(w, w.encode_prompt("Q\n"), m=m, l_rounds=l_rounds, n=n, step_tokens=16, max_depth=8,
+                         is_terminal=is_terminal_step, temperature=1.0, seed=0, store=None)
+    tree = b.tree
+    leaves = [x for x in range(tree.num_nodes) if tree.first_child[x] == -1]
+    assert len(leaves) == m * (l_rounds * n + 1)
+    assert all(tree.terminal[x] for x in leaves)
+    assert sorted(set(group[1:].tolist())) == list(range(m))
+    for x in range(1, tree.num_nodes):  # a node's tree is its parent's (except first-level nodes)
+        if tree.parent[x] != 0:
+            assert group[x] == group[tree.parent[x]]
+
+
+def test_likelihood_scorer_never_needs_the_answer():
+    w = StepWorld(decoys)
+    cfg = EtaMCTSConfig(num_simulations=10, c_min=2, c_max=2, c_max_root=2, batch_leaves=2)
+    res = eta_mcts(w, w.encode_prompt("Q\n"), scorer=LikelihoodScorer(w), is_terminal=is_terminal_step, cfg=cfg,
+                   seed=0, store=KVStore())
+    scores = res.builder.tree.critic_score[1 : res.builder.tree.num_nodes]
+    assert np.allclose(scores, np.exp(-0.1))  # every token has log-prob -0.1 in this world
+    assert np.isnan(res.builder.tree.reward[: res.builder.tree.num_nodes]).all()  # no outcome was looked up
