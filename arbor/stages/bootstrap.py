@@ -70,7 +70,8 @@ def train_from_scratch(cfg: ArborConfig, train_file: str | Path, tracker: Tracke
     accelerator, devices = lightning_accelerator(cfg.device)
     trainer = L.Trainer(max_steps=b.max_steps, accelerator=accelerator, devices=devices,
                         logger=_lightning_logger(tracker, cfg.tracking.experiment), enable_checkpointing=False,
-                        gradient_clip_val=1.0, log_every_n_steps=25, enable_model_summary=False)
+                        gradient_clip_val=1.0, log_every_n_steps=max(1, min(25, b.max_steps // 4)),
+                        enable_model_summary=False)
     t0 = time.perf_counter()
     trainer.fit(module, train_dataloaders=loader)
     loss = trainer.callback_metrics.get("train_loss")
