@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
+
 from arbor.lm.hf import HFPolicy
 from arbor.lm.kvcache import KVStore
 from arbor.mcts.samplers import expand_tree, sample_chains
@@ -30,16 +32,19 @@ def _distinct_complete(texts: list[str]) -> int:
 
 
 def run_chains(policy: HFPolicy, prompt: list[int], budget: int, *, cached: bool, seed: int, batch: int,
-               max_new_tokens: int) -> dict:
+               max_new_tokens: int, temperature: float) -> dict:
     before = policy.counters.snapshot()
     t0 = time.perf_counter()
     texts: list[str] = []
     store = KVStore()
     i = 0
-    while policy.counters.since(before).forward_tokens < budget:
-        outs = sample_chains(policy, prompt, batch, max_new_tokens=max_new_tokens, temperature=1.0,
+    per_chain = 0.0  # running estimate of tokens per chain, so the last batch does not overshoot the budget
+    while (spent := policy.counters.since(before).forward_tokens) < budget:
+        n = 2 if not per_chain else max(1, min(batch, round((budget - spent) / per_chain)))
+        outs = sample_chains(policy, prompt, n, max_new_tokens=max_new_tokens, temperature=temperature,
                              seed=seed + i, prompt_cached=cached, store=store)
         texts += [c.text for c in outs if c.finish == "eos"]
+        per_chain = policy.counters.since(before).forward_tokens / max(1, len(texts))
         i += 1
     used = policy.counters.since(before)
     return {"trajectories": _distinct_complete(texts), "samples": len(texts), "forward_tokens": used.forward_tokens,
@@ -54,6 +59,8 @@ def main() -> None:
     ap.add_argument("--problems", type=int, default=None)
     ap.add_argument("--branching", type=int, default=2)
     ap.add_argument("--branch-depth", type=int, default=4)
+    ap.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (tree and chains).")
+    ap.add_argument("--dedup", action="store_true", help="Drop repeated sibling steps (costs their tokens).")
     args = ap.parse_args()
     try:
         policy = HFPolicy.from_pretrained(args.policy, args.device)
@@ -62,18 +69,18 @@ def main() -> None:
     n_problems = args.problems or (6 if args.quick else 24)
     task = build_task(TaskConfig())
     problems = make_splits(TaskConfig(), 1, n_problems, seed=99)[1]
-    shape = {"branching": args.branching, "branch_depth": args.branch_depth, "max_depth": 12, "step_tokens": 16}
+    shape: dict = {"branching": args.branching, "branch_depth": args.branch_depth, "max_depth": 12, "step_tokens": 16}
     totals = {m: {"trajectories": 0, "forward_tokens": 0, "padded_positions": 0, "wall_seconds": 0.0,
                   "unique_tokens": 0} for m in ("tree", "chain_cached", "chain_naive")}
     for i, p in enumerate(problems):
         prompt = policy.encode_prompt(task.prompt(p))
         before = policy.counters.snapshot()
         t0 = time.perf_counter()
-        s = expand_tree(policy, prompt, **shape, is_terminal=is_terminal_step, temperature=1.0, seed=i,
-                        store=KVStore())
+        s = expand_tree(policy, prompt, **shape, is_terminal=is_terminal_step, temperature=args.temperature, seed=i,
+                        store=KVStore(), dedup=args.dedup)
         used = policy.counters.since(before)
         tree = s.tree
-        terminals = int(tree.terminal[: tree.num_nodes].sum())
+        terminals = _distinct_complete([s.text(int(t)) for t in np.flatnonzero(tree.terminal[: tree.num_nodes])])
         tr = totals["tree"]
         tr["trajectories"] += terminals
         tr["forward_tokens"] += used.forward_tokens
@@ -82,7 +89,7 @@ def main() -> None:
         tr["unique_tokens"] += tree.num_tokens
         for name, cached in (("chain_cached", True), ("chain_naive", False)):
             r = run_chains(policy, prompt, used.forward_tokens, cached=cached, seed=1000 * i, batch=16,
-                           max_new_tokens=96)
+                           max_new_tokens=96, temperature=args.temperature)
             for k in ("trajectories", "forward_tokens", "padded_positions", "wall_seconds"):
                 totals[name][k] += r[k]
     rows = []
@@ -96,7 +103,7 @@ def main() -> None:
         "trajectories_per_token_vs_naive_chain":
             by["tree"]["traj_per_1k_tokens"] / by["chain_naive"]["traj_per_1k_tokens"],
         "wall_per_trajectory_vs_chain": by["chain_cached"]["wall_per_traj_ms"] / by["tree"]["wall_per_traj_ms"],
-        "tree_shape": shape, "problems": n_problems, "policy": args.policy, "device": args.device,
+        "tree_shape": shape | {"dedup": args.dedup}, "temperature": args.temperature, "problems": n_problems, "policy": args.policy, "device": args.device,
         "methods": rows, "quick": args.quick,
     }
     path = save("tokens" if args.device == "cpu" else f"tokens_{args.device.replace(':', '')}", result)

@@ -19,15 +19,16 @@ PUCT = 1
 
 
 @nb.njit(cache=True)
-def _child_score(child, n_parent, visits, value_sum, virtual, prior, c, rule, vl_value):  # pragma: no cover
+def _child_score(child, parent_term, visits, value_sum, virtual, prior, c, rule, vl_value):  # pragma: no cover
+    """UCT/PUCT score; `parent_term` is ln N(s) (UCT) or sqrt N(s) (PUCT), computed once per node."""
     n = visits[child] + virtual[child]
     if rule == UCT:
         if n == 0:
             return np.inf
         q = (value_sum[child] - virtual[child] * vl_value) / n
-        return q + c * np.sqrt(np.log(max(n_parent, 1)) / n)
+        return q + c * np.sqrt(parent_term / n)
     q = 0.0 if n == 0 else (value_sum[child] - virtual[child] * vl_value) / n
-    return q + c * prior[child] * np.sqrt(n_parent) / (1.0 + n)
+    return q + c * prior[child] * parent_term / (1.0 + n)
 
 
 @nb.njit(cache=True)
@@ -43,10 +44,11 @@ def select_leaves(parent, first_child, next_sibling, visits, value_sum, virtual,
         node = 0
         while expanded[node] and not terminal[node] and first_child[node] != -1:
             n_parent = visits[node] + virtual[node]
+            parent_term = np.log(max(n_parent, 1)) if rule == UCT else np.sqrt(n_parent)
             best, best_score = -1, -np.inf
             ch = first_child[node]
             while ch != -1:
-                s = _child_score(ch, n_parent, visits, value_sum, virtual, prior, c, rule, vl_value)
+                s = _child_score(ch, parent_term, visits, value_sum, virtual, prior, c, rule, vl_value)
                 if s > best_score:
                     best, best_score = ch, s
                 ch = next_sibling[ch]
@@ -74,6 +76,22 @@ def backup(parent, visits, value_sum, virtual, leaves, values, undo_virtual=True
             if undo_virtual:
                 virtual[x] -= 1
             x = parent[x]
+
+
+@nb.njit(cache=True)
+def simulate(parent, first_child, next_sibling, visits, value_sum, virtual, prior, expanded, terminal, values, c,
+             rule, vl_value):  # pragma: no cover - numba
+    """Run len(values) simulations of select(1) + backup(values[i]) in one compiled loop; returns the leaves.
+
+    The bookkeeping of a search without the model: what `bench/kernels.py` times against pure Python.
+    """
+    out = np.empty(values.shape[0], np.int32)
+    for i in range(values.shape[0]):
+        leaf = select_leaves(parent, first_child, next_sibling, visits, value_sum, virtual, prior, expanded,
+                             terminal, 1, c, rule, vl_value)
+        backup(parent, visits, value_sum, virtual, leaf, values[i : i + 1], True)
+        out[i] = leaf[0]
+    return out
 
 
 @nb.njit(cache=True)

@@ -39,14 +39,14 @@ class PyTree:
         return node.index
 
     @staticmethod
-    def _score(ch: PyNode, n_parent: int, c: float, rule: int, vl_value: float) -> float:
+    def _score(ch: PyNode, parent_term: float, c: float, rule: int, vl_value: float) -> float:
         n = ch.visits + ch.virtual
         if rule == UCT:
             if n == 0:
                 return math.inf
-            return (ch.value_sum - ch.virtual * vl_value) / n + c * math.sqrt(math.log(max(n_parent, 1)) / n)
+            return (ch.value_sum - ch.virtual * vl_value) / n + c * math.sqrt(parent_term / n)
         q = 0.0 if n == 0 else (ch.value_sum - ch.virtual * vl_value) / n
-        return q + c * ch.prior * math.sqrt(n_parent) / (1.0 + n)
+        return q + c * ch.prior * parent_term / (1.0 + n)
 
     def select(self, num_select: int, c: float = 1.0, rule: int = UCT, vl_value: float = 1.0) -> list[int]:
         out = []
@@ -54,9 +54,10 @@ class PyTree:
             node = self.nodes[0]
             while node.expanded and not node.terminal and node.children:
                 n_parent = node.visits + node.virtual
+                term = math.log(max(n_parent, 1)) if rule == UCT else math.sqrt(n_parent)
                 best, best_score = None, -math.inf
                 for ch in node.children:
-                    s = self._score(ch, n_parent, c, rule, vl_value)
+                    s = self._score(ch, term, c, rule, vl_value)
                     if s > best_score:
                         best, best_score = ch, s
                 node = best  # type: ignore[assignment]
