@@ -90,7 +90,7 @@ def kernel_rows(sizes: list[int], sims: int) -> list[dict]:
         values = rng.random(sims)
         t_loop, l_loop = time_simulate(tree, expanded, values)
         t_py, l_py2 = time_python(py, values)
-        t_call, l_call = time_kernels(tree, expanded, values)  # continues from the same state as python's next
+        t_call, _ = time_kernels(tree, expanded, values)  # continues from the same state as python's next
         if l_nb != l_py or l_loop != l_py2:
             raise AssertionError(f"numba and python selected different leaves on the {n}-node tree")
         rows.append({"nodes": n, "simulations": sims, "numba_sims_per_s": sims / t_loop,

@@ -103,7 +103,8 @@ def main() -> None:
         "trajectories_per_token_vs_naive_chain":
             by["tree"]["traj_per_1k_tokens"] / by["chain_naive"]["traj_per_1k_tokens"],
         "wall_per_trajectory_vs_chain": by["chain_cached"]["wall_per_traj_ms"] / by["tree"]["wall_per_traj_ms"],
-        "tree_shape": shape | {"dedup": args.dedup}, "temperature": args.temperature, "problems": n_problems, "policy": args.policy, "device": args.device,
+        "tree_shape": shape | {"dedup": args.dedup}, "temperature": args.temperature, "problems": n_problems,
+        "policy": args.policy, "device": args.device,
         "methods": rows, "quick": args.quick,
     }
     path = save("tokens" if args.device == "cpu" else f"tokens_{args.device.replace(':', '')}", result)

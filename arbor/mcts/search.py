@@ -27,7 +27,7 @@ from arbor.lm.base import Policy
 from arbor.mcts.grow import TreeBuilder
 from arbor.mcts.kernels import PUCT, UCT, backup_values, best_leaf, greedy_path, revert_virtual_loss, select
 from arbor.mcts.scoring import NodeScorer
-from arbor.mcts.tree import ROOT
+from arbor.mcts.tree import ROOT, Tree
 from arbor.pipeline.config import EtaMCTSConfig
 from arbor.tasks.answers import final_answer_line, parse_number
 
@@ -62,10 +62,11 @@ def eta_mcts(policy: Policy, prompt_ids: Sequence[int], *, scorer: NodeScorer, i
     target = np.zeros(max_nodes, np.int32)
     target[ROOT] = cfg.c_min
     expanded = np.zeros(max_nodes, np.bool_)
+    attempts = np.zeros(max_nodes, np.int32)
     rule = UCT if cfg.rule == "uct" else PUCT
     start_tokens = policy.counters.forward_tokens
-    sims = step = 0
-    while sims < cfg.num_simulations:
+    sims = step = stalled = 0
+    while sims < cfg.num_simulations and stalled < 64:
         spent = policy.counters.forward_tokens - start_tokens
         if cfg.max_forward_tokens is not None and spent >= cfg.max_forward_tokens:
             break
@@ -77,13 +78,31 @@ def eta_mcts(policy: Policy, prompt_ids: Sequence[int], *, scorer: NodeScorer, i
         if done.size:  # a terminal is re-valued by its stored score
             backup_values(tree, done, np.nan_to_num(tree.critic_score[done], nan=0.0))
         grow = [int(x) for x in unique if not tree.terminal[x]]
+        stalled = 0 if grow else stalled + 1  # 64 selections in a row of terminals only: nothing left to learn
         if grow:
-            _grow(b, grow, target, expanded, scorer, cfg, seed + 7 * step)
+            _grow(b, grow, target, expanded, attempts, scorer, cfg, seed + 7 * step)
+        elif not np.any(~expanded[: tree.num_nodes] & ~tree.terminal[: tree.num_nodes]) and \
+                not _reopen(tree, done, expanded, attempts, cfg):
+            break  # every path ends in a terminal and no node may be widened further: the tree is exhausted
         sims += len(unique)
         step += 1
         if tree.num_nodes + cfg.batch_leaves * cfg.c_max_root >= max_nodes:
             break
     return readouts(b, sims)
+
+
+def _reopen(tree: Tree, terminals: np.ndarray, expanded: np.ndarray, attempts: np.ndarray,
+            cfg: EtaMCTSConfig) -> bool:
+    """The tree has no open node left and selection reached only terminals: let the nodes on those paths be
+    widened again (progressive widening), each up to `4 * max_attempts` expansions in all. Returns whether any
+    node was reopened."""
+    reopened = False
+    for t in terminals.tolist():
+        for a in tree.path(t)[:-1].tolist():
+            if attempts[a] < 4 * cfg.max_attempts and not tree.terminal[a]:
+                expanded[a] = False
+                reopened = True
+    return reopened
 
 
 def _split_duplicates(leaves: np.ndarray) -> tuple[list[int], np.ndarray]:
@@ -94,10 +113,16 @@ def _split_duplicates(leaves: np.ndarray) -> tuple[list[int], np.ndarray]:
     return seen, np.array(dup, np.int32)
 
 
-def _grow(b: TreeBuilder, leaves: list[int], target: np.ndarray, expanded: np.ndarray, scorer: NodeScorer,
-          cfg: EtaMCTSConfig, seed: int) -> None:
-    """Expand each selected leaf up to its branching target, score the new children, back them up."""
+def _grow(b: TreeBuilder, leaves: list[int], target: np.ndarray, expanded: np.ndarray, attempts: np.ndarray,
+          scorer: NodeScorer, cfg: EtaMCTSConfig, seed: int) -> None:
+    """Expand each selected leaf up to its branching target, score the new children, back them up.
+
+    Samples merged into an existing sibling add nothing; a node keeps being widened until it has its target
+    number of distinct children or has been expanded `max_attempts` times (a confident policy may have fewer
+    distinct next steps than the target).
+    """
     tree = b.tree
+    attempts[leaves] += 1
     counts = [max(1, int(target[x]) - int(tree.num_children[x])) for x in leaves]
     kids = b.expand(leaves, counts, seed=seed)
     new = [k for ks in kids for k in ks]
@@ -115,8 +140,7 @@ def _grow(b: TreeBuilder, leaves: list[int], target: np.ndarray, expanded: np.nd
         for c in children:
             if target[c] == 0:
                 target[c] = cfg.c_min
-        # widen until the target is met; if merging left nothing new to add, stop widening this node
-        expanded[x] = tree.num_children[x] >= target[x] or len(kids[leaves.index(x)]) == 0
+        expanded[x] = tree.num_children[x] >= target[x] or attempts[x] >= cfg.max_attempts
 
 
 def readouts(b: TreeBuilder, sims: int) -> SearchResult:

@@ -79,7 +79,7 @@ def search_problem(policy: Policy, task: Task, problem: Problem, cfg: SearchConf
     terms = np.flatnonzero(tree.terminal[: tree.num_nodes])
 
     def ok(node: int) -> bool:
-        return node >= 0 and tree.reward[node] == 1.0
+        return bool(node >= 0 and tree.reward[node] == 1.0)
 
     stats = {
         "problem_id": problem.id, "nodes": tree.num_nodes, "terminals": len(terms),
@@ -87,7 +87,8 @@ def search_problem(policy: Policy, task: Task, problem: Problem, cfg: SearchConf
         "padded_positions": used.padded_positions,
         "solved_any": bool(np.any(tree.reward[terms] == 1.0)), "solved_greedy": ok(res.greedy_leaf),
         "solved_best": ok(res.best_leaf), "solved_rerank": ok(res.rerank_leaf),
-        "solved_vote": res.vote_answer is not None and answers_match(parse_number(res.vote_answer), problem.answer),
+        "solved_vote": bool(res.vote_answer is not None and answers_match(parse_number(res.vote_answer),
+                                                                          problem.answer)),
         "merged": res.builder.merged, "wall_seconds": time.perf_counter() - t0,
     }
     store.clear()  # this problem's prefixes are never needed again
