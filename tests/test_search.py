@@ -78,7 +78,8 @@ def test_adaptive_branching_widens_where_children_disagree():
         return ["p\n", "q\n", "r\n", "s\n"]
 
     w = StepWorld(world)
-    cfg = EtaMCTSConfig(num_simulations=40, alpha=8.0, c_min=2, c_max=4, c_max_root=4, batch_leaves=1,
+    # 10 simulations: the importance-weighted targets are met before any progressive reopening kicks in
+    cfg = EtaMCTSConfig(num_simulations=10, alpha=8.0, c_min=2, c_max=4, c_max_root=4, batch_leaves=1,
                         merge_distance=-1)
     scorer = RewardScorer(lambda t: float(t.endswith("Answer: 1\n")), n_rollouts=4, rollout_tokens=32)
     res = eta_mcts(w, w.encode_prompt("Q\n"), scorer=scorer, is_terminal=is_terminal_step, cfg=cfg, seed=1,

@@ -66,7 +66,7 @@ def eta_mcts(policy: Policy, prompt_ids: Sequence[int], *, scorer: NodeScorer, i
     rule = UCT if cfg.rule == "uct" else PUCT
     start_tokens = policy.counters.forward_tokens
     sims = step = stalled = 0
-    while sims < cfg.num_simulations and stalled < 64:
+    while sims < cfg.num_simulations and stalled < 64:  # 64 terminal-only selections in a row: nothing to add
         spent = policy.counters.forward_tokens - start_tokens
         if cfg.max_forward_tokens is not None and spent >= cfg.max_forward_tokens:
             break
@@ -78,12 +78,17 @@ def eta_mcts(policy: Policy, prompt_ids: Sequence[int], *, scorer: NodeScorer, i
         if done.size:  # a terminal is re-valued by its stored score
             backup_values(tree, done, np.nan_to_num(tree.critic_score[done], nan=0.0))
         grow = [int(x) for x in unique if not tree.terminal[x]]
-        stalled = 0 if grow else stalled + 1  # 64 selections in a row of terminals only: nothing left to learn
         if grow:
+            stalled = 0
             _grow(b, grow, target, expanded, attempts, scorer, cfg, seed + 7 * step)
-        elif not np.any(~expanded[: tree.num_nodes] & ~tree.terminal[: tree.num_nodes]) and \
-                not _reopen(tree, done, expanded, attempts, cfg):
-            break  # every path ends in a terminal and no node may be widened further: the tree is exhausted
+        else:  # only terminals were selected: the search prefers finished paths, so widen along them
+            stalled += 1
+            exhausted = not np.any(~expanded[: tree.num_nodes] & ~tree.terminal[: tree.num_nodes])
+            if exhausted or stalled >= 4:
+                if _reopen(tree, done, expanded, attempts, cfg):
+                    stalled = 0
+                elif exhausted:
+                    break  # every path ends in a terminal and no node may be widened further
         sims += len(unique)
         step += 1
         if tree.num_nodes + cfg.batch_leaves * cfg.c_max_root >= max_nodes:
@@ -93,13 +98,13 @@ def eta_mcts(policy: Policy, prompt_ids: Sequence[int], *, scorer: NodeScorer, i
 
 def _reopen(tree: Tree, terminals: np.ndarray, expanded: np.ndarray, attempts: np.ndarray,
             cfg: EtaMCTSConfig) -> bool:
-    """The tree has no open node left and selection reached only terminals: let the nodes on those paths be
-    widened again (progressive widening), each up to `4 * max_attempts` expansions in all. Returns whether any
+    """Selection keeps reaching only terminals (or no open node is left): let the nodes on those paths be
+    widened again (progressive widening), each up to `widen_cap` expansions in all. Returns whether any
     node was reopened."""
     reopened = False
     for t in terminals.tolist():
         for a in tree.path(t)[:-1].tolist():
-            if attempts[a] < 4 * cfg.max_attempts and not tree.terminal[a]:
+            if attempts[a] < cfg.widen_cap and not tree.terminal[a]:
                 expanded[a] = False
                 reopened = True
     return reopened
