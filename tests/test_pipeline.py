@@ -15,8 +15,9 @@ TINY = {
     "prepare": {"n_train": 64, "n_eval": 6},
     "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "max_positions": 96},
     "bootstrap": {"max_steps": 4, "batch_size": 8, "warmup_steps": 1},
-    "evaluate": {"k": 2, "max_new_tokens": 24, "batch_size": 16},
+    "evaluate": {"k": 2, "max_new_tokens": 24, "batch_size": 16, "search_simulations": 2},
     "task": {"max_ops": 3},
+    "search": {"n_problems": 3, "shard_size": 2},
 }
 
 
@@ -28,6 +29,7 @@ def _project(tmp_path: Path) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section, values in TINY.items():
         params[section].update(values)
+    params["search"]["eta"].update({"num_simulations": 4, "step_tokens": 6, "max_depth": 3})
     (proj / "params.yaml").write_text(yaml.safe_dump(params))
     return proj
 
@@ -47,7 +49,7 @@ def test_dvc_repro_smoke(tmp_path):
     _run([dvc, "init", "--no-scm", "-q"], proj)
     _run([dvc, "repro"], proj, ARBOR_PIPELINE_ID="smoke-1")
     metrics = json.loads((proj / "metrics/iter_0.json").read_text())
-    for key in ("greedy_pass1", "pass_at_k", "maj_at_k", "k", "forward_tokens", "eval_problems"):
+    for key in ("greedy_pass1", "pass_at_k", "maj_at_k", "k", "forward_tokens", "eval_problems", "search_pass1"):
         assert key in metrics
     assert metrics["eval_problems"] == 6 and metrics["k"] == 2 and metrics["forward_tokens"] > 0
     assert (proj / "models/iter_0/policy/model.safetensors").exists()
@@ -66,9 +68,12 @@ def test_dvc_repro_smoke(tmp_path):
     exp = client.get_experiment_by_name("arbor")
     runs = client.search_runs([exp.experiment_id], filter_string="tags.arbor_pipeline_id = 'smoke-1'")
     by_stage = {r.data.tags.get("arbor_stage", "parent"): r for r in runs}
-    assert set(by_stage) == {"parent", "prepare", "bootstrap", "evaluate"}
+    stages = ("prepare", "bootstrap", "evaluate", "search")
+    assert set(by_stage) == {"parent", *stages}
     parent_id = by_stage["parent"].info.run_id
-    assert all(by_stage[s].data.tags["mlflow.parentRunId"] == parent_id for s in ("prepare", "bootstrap", "evaluate"))
+    assert all(by_stage[s].data.tags["mlflow.parentRunId"] == parent_id for s in stages)
+    assert by_stage["search"].data.metrics["problems"] == 3
+    assert len(list((proj / "trees/iter_1").glob("part-*.parquet"))) == 2
     assert by_stage["evaluate"].data.metrics["eval_problems"] == 6
     assert by_stage["bootstrap"].data.params["bootstrap.max_steps"] == "4"
     assert "train_loss" in by_stage["bootstrap"].data.metrics  # Lightning's MLFlowLogger wrote into the run
@@ -86,11 +91,12 @@ def test_changed_param_reruns_only_downstream(tmp_path):
     (proj / "params.yaml").write_text(yaml.safe_dump(params))
     out = _run([dvc, "repro"], proj).stdout
     assert "Running stage 'evaluate'" in out and "Running stage 'bootstrap'" not in out
+    assert "Running stage 'search'" not in out
     assert json.loads((proj / "metrics/iter_0.json").read_text())["k"] == 3
     assert not (proj / "mlflow.db").exists()
 
 
-@pytest.mark.parametrize("stage", ["prepare", "bootstrap", "evaluate"])
+@pytest.mark.parametrize("stage", ["prepare", "bootstrap", "evaluate", "search"])
 def test_stage_is_runnable_as_module(stage):
     r = subprocess.run([sys.executable, "-m", f"arbor.stages.{stage}", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and f"arbor {stage}" in r.stdout
