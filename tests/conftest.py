@@ -89,15 +89,16 @@ class StepWorld:
     def decode(self, ids):
         return "".join(chr(i) for i in ids)
 
-    def expand(self, parents, num_samples, *, stop, temperature, seed, store):
+    def expand(self, parents, num_samples, *, stop, temperature, seed, store, exclude=None):
         counts = [num_samples] * len(parents) if isinstance(num_samples, int) else list(num_samples)
         rng = np.random.default_rng(seed)
         out = []
-        for (_, prefix), n in zip(parents, counts, strict=True):
+        for pi, ((_, prefix), n) in enumerate(zip(parents, counts, strict=True)):
             solution = self.decode(prefix)[len(self.prompt):]
+            banned = {self.decode(ids) for ids, _ in (exclude[pi] if exclude else [])}
             conts = []
             for _ in range(n):
-                opts = self.options(solution)
+                opts = [o for o in self.options(solution) if o not in banned] or self.options(solution)
                 if stop.at_newline:
                     text = opts[int(rng.integers(len(opts)))]
                 else:  # a full rollout: keep taking steps until an answer line

@@ -83,3 +83,22 @@ def test_chain_samplers_count_prompt_once_or_every_time(char_tok):
     assert len(cached) == 4
     # prompt once; every non-EOS generated token is fed once (the last one too, to leave a reusable state)
     assert used.forward_tokens == len(prompt) + sum(len(c.token_ids) - (c.finish == "eos") for c in cached)
+
+
+def test_sampling_without_replacement_never_repeats_an_excluded_step(char_tok):
+    policy = _policy(char_tok, seed=11)
+    store = KVStore()
+    prompt = policy.encode_prompt("Q: 4 +4\n")
+    stop = StopRule(at_newline=True, max_new_tokens=2)
+    [[greedy]] = policy.expand([("p", prompt)], 1, stop=stop, temperature=0.0, seed=0, store=store)
+    excluded = (greedy.token_ids, greedy.logprobs)
+    [[other]] = policy.expand([("p", prompt)], 1, stop=stop, temperature=0.0, seed=0, store=store,
+                              exclude=[[excluded]])
+    assert other.token_ids != greedy.token_ids  # the argmax path is taken away: the next best is chosen
+    many = policy.expand([("p", prompt)], 200, stop=stop, temperature=1.0, seed=1, store=store,
+                         exclude=[[excluded]])[0]
+    assert all(c.token_ids != greedy.token_ids for c in many)
+    # the excluded step's first token is still allowed when followed by something else
+    assert any(c.token_ids[0] == greedy.token_ids[0] for c in many) or len(greedy.token_ids) == 1
+    # log-probs recorded are the policy's own, not the re-weighted sampling distribution
+    np.testing.assert_allclose(other.logprobs, policy.score([prompt], [other.token_ids])[0], atol=1e-5)

@@ -64,6 +64,10 @@ class Continuation:
     state: Any = None  # backend-private prefix state while in flight; None once stored
 
 
+Excluded = tuple[Sequence[int], np.ndarray]
+"""A continuation that sampling must not repeat: (token ids, their log-probs under the policy)."""
+
+
 class Policy(Protocol):
     """A language model behind a fixed interface (HF transformers backend: `arbor.lm.hf.HFPolicy`)."""
 
@@ -88,9 +92,12 @@ class Policy(Protocol):
         ...
 
     def expand(self, parents: Sequence[tuple[Hashable, Sequence[int]]], num_samples: int | Sequence[int], *,
-               stop: StopRule, temperature: float, seed: int, store: Any) -> list[list[Continuation]]:
+               stop: StopRule, temperature: float, seed: int, store: Any,
+               exclude: Sequence[Sequence[Excluded]] | None = None) -> list[list[Continuation]]:
         """Sample continuations of each `(cache_key, prefix_ids)` parent, reusing its cached prefix state in
-        `store`; continuations that can be continued carry a new `key` for their own cached state."""
+        `store`; continuations that can be continued carry a new `key` for their own cached state.
+        `exclude[i]` lists continuations that parent i's samples must not repeat (sampling without
+        replacement against existing children)."""
         ...
 
     def score(self, prefixes: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 
-from arbor.lm.base import Continuation, StopRule, TokenCounters
+from arbor.lm.base import Continuation, Excluded, StopRule, TokenCounters
 from arbor.lm.kvcache import KVStore, PrefixState
 
 
@@ -96,7 +96,8 @@ class HFPolicy:
     @torch.inference_mode()
     def decode_loop(self, logits: torch.Tensor, cache: DynamicCache, mask: torch.Tensor, next_pos: torch.Tensor,
                     *, stop: StopRule, temperature: float, generator: torch.Generator | None,
-                    capture: bool = False) -> list[Continuation]:
+                    capture: bool = False, exclude: Sequence[Sequence[Excluded]] | None = None,
+                    ) -> list[Continuation]:
         """Sample from `logits` [B, V] onward, feeding each sampled token back through the cached model.
 
         `mask` [B, S] is the attention mask of what `cache` holds; `next_pos` [B] the position of the next token.
@@ -106,6 +107,12 @@ class HFPolicy:
         With `capture`, a row that ends on a newline or the length limit has its last token fed too, and its
         `PrefixState` (KV of prefix + continuation, next-token logits) is returned in `Continuation.state`,
         ready for expanding its children. A row ending in EOS is terminal and gets no state (EOS is not fed).
+
+        `exclude[r]` lists continuations row r must not repeat, each as (token ids, their log-probs under this
+        policy). Sampling is then from pi(. | prefix, continuation not in exclude), exactly at temperature 1:
+        where the generated prefix runs along an excluded continuation c, the token c[i] is down-weighted by
+        1 - P(rest of c | prefix + c[i]) (summed over the excluded continuations through it), so completing c
+        has probability 0 and everything else keeps its relative weight. Recorded log-probs stay the policy's.
         """
         b = logits.shape[0]
         tokens: list[list[int]] = [[] for _ in range(b)]
@@ -115,11 +122,13 @@ class HFPolicy:
         rows = torch.arange(b, device=self.device)  # original row index of each live batch row
         for step in range(stop.max_new_tokens):
             logp = torch.log_softmax(logits, dim=-1)
+            scores = logits if temperature <= 0 else logits / temperature
+            if exclude is not None:
+                scores = scores + self._exclusion_bias(rows.tolist(), tokens, exclude, logits.shape)
             if temperature <= 0:
-                nxt = logits.argmax(-1)
+                nxt = scores.argmax(-1)
             else:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+                nxt = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(-1)
             chosen = logp.gather(1, nxt[:, None]).squeeze(1)
             eos = nxt == self.eos_token_id
             closing = torch.isin(nxt, self.newline_ids) & ~eos if stop.at_newline else torch.zeros_like(eos)
@@ -153,6 +162,20 @@ class HFPolicy:
                 rows, mask, next_pos, logits = rows[keep], mask[keep], next_pos[keep], logits[keep]
         return [Continuation(t, np.asarray(lp, dtype=np.float32), f, self.decode(t), state=st)
                 for t, lp, f, st in zip(tokens, lps, finish, states, strict=True)]
+
+    def _exclusion_bias(self, rows: list[int], tokens: list[list[int]], exclude: Sequence[Sequence[Excluded]],
+                        shape: torch.Size) -> torch.Tensor:
+        """[B, V] log-multipliers that remove the excluded continuations' mass (see `decode_loop`)."""
+        bias = torch.zeros(shape, device=self.device)
+        for j, r in enumerate(rows):
+            gen, i = tokens[r], len(tokens[r])
+            mass: dict[int, float] = {}
+            for ids, lps in exclude[r]:
+                if len(ids) > i and list(ids[:i]) == gen:
+                    mass[ids[i]] = mass.get(ids[i], 0.0) + float(np.exp(np.sum(lps[i + 1 :])))
+            for t, m in mass.items():
+                bias[j, t] = float(np.log(max(1e-9, 1.0 - m)))
+        return bias
 
     @staticmethod
     def _row_state(cache: DynamicCache, mask: torch.Tensor, logits: torch.Tensor, j: int) -> PrefixState:
@@ -195,13 +218,15 @@ class HFPolicy:
 
     @torch.inference_mode()
     def expand(self, parents: Sequence[tuple[Hashable, Sequence[int]]], num_samples: int | Sequence[int], *,
-               stop: StopRule, temperature: float, seed: int, store: KVStore) -> list[list[Continuation]]:
+               stop: StopRule, temperature: float, seed: int, store: KVStore,
+               exclude: Sequence[Sequence[Excluded]] | None = None) -> list[list[Continuation]]:
         """Sample `num_samples` continuations of each parent, reusing the parents' cached KV.
 
         `parents` are `(key, prefix_ids)`; a key found in `store` costs no forward pass, a missing one is
         recomputed from `prefix_ids` (batched) and stored. Each continuation that did not end in EOS gets a
         fresh key (`Continuation.key`) under which its own state is stored for its children. Only new tokens
         are computed: with no eviction, forward tokens = prompt + every generated (non-EOS) token, once.
+        `exclude[i]`: continuations of parent i that its samples must not repeat (see `decode_loop`).
         """
         counts = [num_samples] * len(parents) if isinstance(num_samples, int) else list(num_samples)
         states: list[PrefixState | None] = [store.get(key) for key, _ in parents]
@@ -219,8 +244,9 @@ class HFPolicy:
         gen = torch.Generator(device=self.device).manual_seed(int(seed))
         logits, cache, mask, next_pos = self._batch_from_states([states[i] for i in live],  # type: ignore[misc]
                                                                 [counts[i] for i in live])
+        row_exclude = None if exclude is None else [exclude[i] for i in live for _ in range(counts[i])]
         conts = self.decode_loop(logits, cache, mask, next_pos, stop=stop, temperature=temperature,
-                                 generator=gen, capture=True)
+                                 generator=gen, capture=True, exclude=row_exclude)
         it = iter(conts)
         for i in live:
             for _ in range(counts[i]):

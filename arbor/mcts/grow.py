@@ -5,7 +5,9 @@ counts)` samples `counts[i]` next steps of each node in one batched `Policy.expa
 from the parent's cached KV) and adds them as children; `complete(nodes)` extends each node one step at a time
 until a terminal (a branch, a rollout kept in the tree). Sibling de-duplication and state merge
 (AlphaLLM §4.4: a new step within edit distance `merge_distance` of a sibling's is merged into it) happen here,
-so every algorithm gets them the same way. The builder knows nothing about which model it drives.
+so every algorithm gets them the same way. With `exclude_existing`, a node's new steps are sampled without
+replacement against its existing children (`Policy.expand(exclude=...)`), so widening a node where the policy
+is confident costs no repeated samples. The builder knows nothing about which model it drives.
 """
 
 from __future__ import annotations
@@ -42,10 +44,12 @@ class TreeBuilder:
     max_depth: int = 16
     temperature: float = 1.0
     merge_distance: int = -1  # -1: keep duplicates; 0: drop exact repeats; d > 0: merge within edit distance d
+    exclude_existing: bool = False  # sample new steps of a node without replacement against its children
     batch_size: int = 256
     keys: dict[int, Hashable] = field(default_factory=dict)
     timing: Timing = field(default_factory=Timing)
     merged: int = 0
+    samples: dict[int, tuple[list[int], np.ndarray]] = field(default_factory=dict)  # node -> its sampled step
 
     @classmethod
     def start(cls, policy: Policy, prompt_ids: Sequence[int], *, store: object, seed: int,
@@ -82,9 +86,13 @@ class TreeBuilder:
             chunk, chunk_counts = list(nodes[i : i + per_call]), counts[i : i + per_call]
             t0 = time.perf_counter()
             parents = [(self.keys[n], self.tree.path_tokens(n).tolist()) for n in chunk]
+            exclude = None
+            if self.exclude_existing:
+                exclude = [[self.samples[int(c)] for c in self.tree.children(n) if int(c) in self.samples]
+                           for n in chunk]
             t1 = time.perf_counter()
             results = self.policy.expand(parents, chunk_counts, stop=stop, temperature=self.temperature,
-                                         seed=seed * 1_000_003 + i, store=self.store)
+                                         seed=seed * 1_000_003 + i, store=self.store, exclude=exclude)
             t2 = time.perf_counter()
             for node, conts in zip(chunk, results, strict=True):
                 out.append(self._add(node, conts))
@@ -107,6 +115,7 @@ class TreeBuilder:
             child = add_child(self.tree, node, toks, prior=float(np.exp(c.logprobs.sum())), terminal=done)
             if c.key is not None:
                 self.keys[child] = c.key
+            self.samples[child] = (c.token_ids, c.logprobs)
             added.append(child)
             new_toks.append(toks)
         return added

@@ -57,7 +57,8 @@ def eta_mcts(policy: Policy, prompt_ids: Sequence[int], *, scorer: NodeScorer, i
     """Run eta-MCTS from `prompt_ids`; see the module docstring."""
     b = TreeBuilder.start(policy, prompt_ids, store=store, seed=seed, max_nodes=max_nodes,
                           is_terminal=is_terminal, step_tokens=cfg.step_tokens, max_depth=cfg.max_depth,
-                          temperature=cfg.temperature, merge_distance=cfg.merge_distance)
+                          temperature=cfg.temperature, merge_distance=cfg.merge_distance,
+                          exclude_existing=cfg.sample_without_replacement)
     tree = b.tree
     target = np.zeros(max_nodes, np.int32)
     target[ROOT] = cfg.c_min

@@ -155,6 +155,8 @@ class EtaMCTSConfig:
     c_max_root: int = _f(6, "Most children of the root (paper: 60).")
     max_attempts: int = _f(2, "Expansions of one node after which merged (repeated) samples stop its widening.")
     widen_cap: int = _f(16, "Most expansions of one node when an exhausted tree is reopened (progressive widening).")
+    sample_without_replacement: bool = _f(True, "Widen a node with steps that differ from its children "
+                                                "(exact conditional sampling; no repeated samples).")
     merge_distance: int = _f(0, "State merge: edit distance (tokens); -1 = off.")
     step_tokens: int = _f(32, "Longest step, in tokens.")
     max_depth: int = _f(12, "Steps after which a path is cut (terminal).")

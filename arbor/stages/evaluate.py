@@ -75,10 +75,11 @@ def evaluate_policy(policy: Policy, task: Task, problems: Sequence[Problem], *, 
 
 def search_decode(policy: Policy, task: Task, problems: Sequence[Problem], *, eta: EtaMCTSConfig,
                   simulations: int, seed: int) -> dict[str, Any]:
-    """Decode each problem with eta-MCTS under the likelihood scorer (no oracle); answer = weighted vote.
+    """Decode each problem with eta-MCTS under the likelihood scorer (no oracle).
 
-    The search never sees the gold answer: the scorer is the policy's own confidence. Correctness is checked
-    afterwards, here, against the gold answer.
+    Reported per read-out: `search_pass1` (greedy walk by Q, AlphaLLM's decoding), `search_best_pass1` (best
+    terminal by Q), `search_vote_pass1` (Q-weighted vote over terminals). The search never sees the gold
+    answer: the scorer is the policy's own confidence. Correctness is checked afterwards, here.
     """
     from arbor.lm.kvcache import KVStore
     from arbor.mcts.scoring import LikelihoodScorer
@@ -87,12 +88,16 @@ def search_decode(policy: Policy, task: Task, problems: Sequence[Problem], *, et
     eta = dataclasses.replace(eta, num_simulations=simulations)
     before = policy.counters.snapshot()
     t0 = time.perf_counter()
-    ok = 0
+    ok = Counter()
     for i, p in enumerate(problems):
         res = eta_mcts(policy, policy.encode_prompt(task.prompt(p)), scorer=LikelihoodScorer(policy),
                        is_terminal=is_terminal_step, cfg=eta, seed=seed + i, store=KVStore())
-        ok += res.vote_answer is not None and task.reward(p, f"Answer: {res.vote_answer}\n") > 0.5
-    return {"search_pass1": ok / len(problems), "search_forward_tokens": policy.counters.since(before).forward_tokens,
+        for name, leaf in (("search_pass1", res.greedy_leaf), ("search_best_pass1", res.best_leaf)):
+            ok[name] += leaf >= 0 and task.reward(p, res.builder.text(leaf)) > 0.5
+        ok["search_vote_pass1"] += res.vote_answer is not None and task.reward(p, f"Answer: {res.vote_answer}\n") > 0.5
+    n = len(problems)
+    return {**{k: ok[k] / n for k in ("search_pass1", "search_best_pass1", "search_vote_pass1")},
+            "search_forward_tokens": policy.counters.since(before).forward_tokens,
             "search_simulations": simulations, "search_wall_seconds": time.perf_counter() - t0}
 
 
