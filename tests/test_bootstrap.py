@@ -1,5 +1,6 @@
 """Stage `bootstrap`: training from scratch writes a loadable policy; `bootstrap.from` copies a local model in."""
 
+import numpy as np
 import pytest
 
 from arbor.lm.base import StopRule
@@ -58,3 +59,25 @@ def test_non_synthetic_task_refuses_error_injection(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", [p.to_dict() for p in train])
     with pytest.raises(ValueError, match="bootstrap.error_rate"):
         bootstrap.run(cfg, train_file=tmp_path / "train.jsonl", out=tmp_path / "policy")
+
+
+def test_bootstrap_from_gguf_file(char_tok, tmp_path):
+    pytest.importorskip("gguf")
+    from .gguf_writer import write_llama_gguf
+
+    model = tiny_model(char_tok, "llama", seed=2)
+    gguf_path = write_llama_gguf(model, char_tok, tmp_path / "tiny.gguf")
+    direct = HFPolicy.from_pretrained(gguf_path)  # the policy loads a .gguf file as it is
+    text = "Q: 7 +5\n7+5=12\n"
+    assert direct.encode(text) == char_tok.encode(text, add_special_tokens=False)
+    assert direct.decode(direct.encode(text)) == text
+    cfg = load_config(None, {**TINY, "bootstrap.from": str(gguf_path)})
+    bootstrap.run(cfg, out=tmp_path / "policy")
+    assert (tmp_path / "policy/model.safetensors").exists()
+    prompt = [1, *char_tok.encode("Q: 2 +2\n", add_special_tokens=False)]
+    stop = StopRule(max_new_tokens=6)
+    ref = HFPolicy(model, char_tok).sample([prompt], stop=stop, temperature=0, seed=0)[0]
+    for policy in (direct, HFPolicy.from_pretrained(tmp_path / "policy")):
+        out = policy.sample([prompt], stop=stop, temperature=0, seed=0)[0]
+        assert out.token_ids == ref.token_ids
+        np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)

@@ -43,6 +43,19 @@ def load_model_and_tokenizer(path: str | Path, device: str = "cpu",
     return model.to(device).eval(), tok
 
 
+def plain_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """A copy of `model` that `save_pretrained` accepts: GGUF-loaded models are marked quantized (their weights
+    are already dequantized to torch), and transformers refuses to serialize them as such."""
+    if getattr(model, "hf_quantizer", None) is None:
+        return model
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    plain.load_state_dict(model.state_dict())
+    return plain.eval()
+
+
 class HFPolicy:
     """`Policy` over a causal LM and its tokenizer."""
 

@@ -86,9 +86,10 @@ def run(cfg: ArborConfig, *, train_file: str | Path = "data/train.jsonl",
     tracker = tracker or NullTracker()
     t0 = time.perf_counter()
     if cfg.bootstrap.from_:
-        from arbor.lm.hf import load_model_and_tokenizer
+        from arbor.lm.hf import load_model_and_tokenizer, plain_copy
 
         model, tok = load_model_and_tokenizer(cfg.bootstrap.from_, "cpu")
+        model = plain_copy(model)  # a .gguf source is re-saved as plain safetensors
         metrics: dict[str, Any] = {"parameters": sum(p.numel() for p in model.parameters())}
     else:
         model, tok, metrics = train_from_scratch(cfg, train_file, tracker)
