@@ -77,8 +77,23 @@ class TreeBuilder:
         return False
 
     def expand(self, nodes: Sequence[int], counts: int | Sequence[int], *, seed: int) -> list[list[int]]:
-        """Sample `counts[i]` next steps of `nodes[i]`; returns the ids of the children actually added."""
+        """Sample `counts[i]` next steps of `nodes[i]`; returns the ids of the children actually added.
+
+        With `exclude_existing`, the samples of one node are drawn in rounds of one (all nodes batched in each
+        round), each round excluding every child drawn before, so no sample repeats a sibling.
+        """
         counts = [counts] * len(nodes) if isinstance(counts, int) else list(counts)
+        if self.exclude_existing and max(counts, default=0) > 1:
+            added: list[list[int]] = [[] for _ in nodes]
+            for r in range(max(counts)):
+                todo = [i for i, c in enumerate(counts) if c > r]
+                for i, kids in zip(todo, self._expand_once([nodes[i] for i in todo], [1] * len(todo),
+                                                            seed=seed + 7_919 * r), strict=True):
+                    added[i] += kids
+            return added
+        return self._expand_once(nodes, counts, seed=seed)
+
+    def _expand_once(self, nodes: Sequence[int], counts: list[int], *, seed: int) -> list[list[int]]:
         out: list[list[int]] = []
         stop = StopRule(at_newline=True, max_new_tokens=self.step_tokens)
         per_call = max(1, self.batch_size // max(1, max(counts, default=1)))

@@ -3,8 +3,10 @@
 All grow trees through `TreeBuilder` (arbor/mcts/grow.py), so every count is the model boundary's.
 
 - `expand_tree`: every non-terminal node gets `branching` samples for the first `branch_depth` levels, then
-  one per level until it terminates. Exact sibling repeats are dropped (their subtrees would only repeat the
-  sibling's), so every root-to-terminal path is a distinct trajectory.
+  one per level until it terminates. With `distinct=True` siblings are sampled one after another without
+  replacement (each excludes the steps already taken, `Policy.expand(exclude=...)`), so every root-to-leaf
+  path is a different trajectory at no extra token cost; `dedup=True` instead drops exact repeats after
+  sampling them (their tokens are spent).
 - `tree_grpo`: Tree-GRPO (arXiv 2509.21240 §3): M trees per prompt, each started from one chain; then L rounds
   in which N non-leaf nodes per tree are picked at random and each expanded by a new branch to a terminal.
   Rollouts per prompt: G = M * (L*N + 1). Expected tokens for trajectory length B: M*B + M*L*N*B/2.
@@ -28,18 +30,19 @@ __all__ = ["Timing", "chain_tree", "expand_tree", "sample_chains", "tree_grpo"]
 def expand_tree(policy: Policy, prompt_ids: Sequence[int], *, branching: int, branch_depth: int,
                 max_depth: int, step_tokens: int, is_terminal: Callable[[str], bool], temperature: float,
                 seed: int, store: object, max_nodes: int = 100_000, max_tokens: int = 2_000_000,
-                batch_size: int = 256, dedup: bool = True) -> TreeBuilder:
+                batch_size: int = 256, dedup: bool = False, distinct: bool = False) -> TreeBuilder:
     """Plain level-by-level tree expansion (see module docstring)."""
     b = TreeBuilder.start(policy, prompt_ids, store=store, seed=seed, max_nodes=max_nodes, max_tokens=max_tokens,
                           is_terminal=is_terminal, step_tokens=step_tokens, max_depth=max_depth,
-                          temperature=temperature, merge_distance=0 if dedup else -1, batch_size=batch_size)
+                          temperature=temperature, merge_distance=0 if dedup else -1, batch_size=batch_size,
+                          exclude_existing=distinct)
     frontier = [ROOT]
     for level in range(max_depth):
         open_nodes = [n for n in frontier if not b.tree.terminal[n]]
         if not open_nodes:
             break
         kids = b.expand(open_nodes, branching if level < branch_depth else 1, seed=seed + 104_729 * level)
-        frontier = [k for ks in kids for k in ks]
+        frontier = [c for cs in kids for c in cs]
     return b
 
 
