@@ -91,6 +91,10 @@ def search_problem(policy: Policy, task: Task, problem: Problem, cfg: SearchConf
                                                                           problem.answer)),
         "merged": res.builder.merged, "wall_seconds": time.perf_counter() - t0,
     }
+    if cfg.algorithm == "tree_grpo":  # Tree-GRPO §3: expected tokens M*B + M*L*N*B/2, B = mean trajectory length
+        prompt_len = int(tree.tok_len[0])
+        b_len = float(np.mean([tree.path_tokens(int(t)).size - prompt_len for t in terms])) if len(terms) else 0.0
+        stats["grpo_expected_tokens"] = cfg.grpo_m * b_len * (1 + cfg.grpo_l * cfg.grpo_n / 2) + prompt_len
     store.clear()  # this problem's prefixes are never needed again
     return tree_rows(problem.id, tree, policy.decode, group), stats
 
@@ -108,8 +112,8 @@ def _fingerprint(cfg: ArborConfig, policy_dir: str | Path, train_file: str | Pat
 def summarize(stats: list[dict[str, Any]], algorithm: str) -> dict[str, Any]:
     """Aggregate per-problem stats into the stage metrics."""
     n = len(stats)
-    tot = {k: sum(s[k] for s in stats) for k in ("nodes", "terminals", "forward_tokens", "unique_tokens",
-                                                  "padded_positions", "merged", "wall_seconds")}
+    keys = ["nodes", "terminals", "forward_tokens", "unique_tokens", "padded_positions", "merged", "wall_seconds"]
+    tot = {k: sum(s[k] for s in stats) for k in keys + (["grpo_expected_tokens"] if algorithm == "tree_grpo" else [])}
     out: dict[str, Any] = {"algorithm": algorithm, "problems": n, **tot, "trajectories": tot["terminals"],
                            "reuse_ratio": tot["forward_tokens"] / max(1, tot["unique_tokens"])}
     for k in ("solved_any", "solved_greedy", "solved_best", "solved_rerank", "solved_vote"):
