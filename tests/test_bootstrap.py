@@ -63,6 +63,7 @@ def test_non_synthetic_task_refuses_error_injection(tmp_path):
 
 def test_bootstrap_from_gguf_file(char_tok, tmp_path):
     pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
     from .gguf_writer import write_llama_gguf
 
     model = tiny_model(char_tok, "llama", seed=2)
