@@ -92,9 +92,12 @@ def test_sibling_stats_and_readouts():
     t = new_tree(16, 64, [1])
     kids = [add_child(t, ROOT, [2]) for _ in range(3)]
     v = np.array([0.5, 0.1, 0.6, 0.9] + [np.nan] * 12)
-    mean, imp = sibling_stats(t.first_child, t.next_sibling, t.num_nodes, v)
-    assert mean[0] == pytest.approx((0.1 + 0.6 + 0.9) / 3) and imp[0] == pytest.approx(0.4)
-    assert np.isnan(mean[1]) and np.isnan(imp[1])
+    mean, imp = sibling_stats(t.first_child, t.next_sibling, np.array([0, 1], np.int32), v)
+    assert mean[0] == pytest.approx((0.1 + 0.6 + 0.9) / 3) and imp[0] == pytest.approx(0.4)  # max |v - 0.5|
+    assert np.isnan(mean[1]) and np.isnan(imp[1])  # a leaf has no children
+    v[0] = np.nan  # unknown own value (the root): the children's mean stands in
+    _, imp = sibling_stats(t.first_child, t.next_sibling, np.array([0], np.int32), v)
+    assert imp[0] == pytest.approx(max(abs(x - 1.6 / 3) for x in (0.1, 0.6, 0.9)))
     for k, val, n in zip(kids, [0.1, 0.6, 0.9], [3, 2, 1], strict=True):
         for _ in range(n):
             backup_values(t, np.array([k]), np.array([val]))

@@ -65,12 +65,6 @@ class KVStore:
             self.nbytes -= dropped.nbytes
             self.evictions += 1
 
-    def discard(self, key: Hashable) -> None:
-        """Forget `key` (e.g. a node merged away or a finished tree)."""
-        old = self._items.pop(key, None)
-        if old is not None:
-            self.nbytes -= old.nbytes
-
     def clear(self) -> None:
         self._items.clear()
         self.nbytes = 0

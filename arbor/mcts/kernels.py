@@ -105,28 +105,33 @@ def revert_virtual_loss(parent, virtual, leaves):  # pragma: no cover - numba
 
 
 @nb.njit(cache=True)
-def sibling_stats(first_child, next_sibling, num_nodes, v):  # pragma: no cover - numba
-    """Per node s with children: mean over children of v, and the importance I(s) = max_o |v(s,o) - v(s)|.
-
-    `v` [N] is the value estimate per node (Q or critic score; NaN = unknown, skipped). Returns
-    (mean_child_v [N], importance [N]); NaN where a node has no child with a known value.
+def sibling_stats(first_child, next_sibling, nodes, v):  # pragma: no cover - numba
+    """For each s in `nodes`: the mean of v over its children and the importance I(s) = max_o |v(s,o) - v(s)|
+    (AlphaLLM §4.4, adaptive branching). `v` [N] holds node values (NaN = unknown, skipped); where v(s) itself
+    is unknown (the root), the children's mean stands in for it. Returns (mean [len(nodes)], importance
+    [len(nodes)]), NaN for a node without a child of known value.
     """
-    mean = np.full(num_nodes, np.nan)
-    imp = np.full(num_nodes, np.nan)
-    for s in range(num_nodes):
-        total, k, best = 0.0, 0, -1.0
-        ch = first_child[s]
+    mean = np.full(nodes.shape[0], np.nan)
+    imp = np.full(nodes.shape[0], np.nan)
+    for i in range(nodes.shape[0]):
+        total, k = 0.0, 0
+        ch = first_child[nodes[i]]
         while ch != -1:
             if not np.isnan(v[ch]):
                 total += v[ch]
                 k += 1
-                if not np.isnan(v[s]):
-                    best = max(best, abs(v[ch] - v[s]))
             ch = next_sibling[ch]
-        if k > 0:
-            mean[s] = total / k
-            if best >= 0:
-                imp[s] = best
+        if k == 0:
+            continue
+        mean[i] = total / k
+        own = v[nodes[i]] if not np.isnan(v[nodes[i]]) else mean[i]
+        best = 0.0
+        ch = first_child[nodes[i]]
+        while ch != -1:
+            if not np.isnan(v[ch]):
+                best = max(best, abs(v[ch] - own))
+            ch = next_sibling[ch]
+        imp[i] = best
     return mean, imp
 
 

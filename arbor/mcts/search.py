@@ -25,7 +25,16 @@ import numpy as np
 
 from arbor.lm.base import Policy
 from arbor.mcts.grow import TreeBuilder
-from arbor.mcts.kernels import PUCT, UCT, backup_values, best_leaf, greedy_path, revert_virtual_loss, select
+from arbor.mcts.kernels import (
+    PUCT,
+    UCT,
+    backup_values,
+    best_leaf,
+    greedy_path,
+    revert_virtual_loss,
+    select,
+    sibling_stats,
+)
 from arbor.mcts.scoring import NodeScorer
 from arbor.mcts.tree import ROOT, Tree
 from arbor.pipeline.config import EtaMCTSConfig
@@ -137,13 +146,11 @@ def _grow(b: TreeBuilder, leaves: list[int], target: np.ndarray, expanded: np.nd
     revert_virtual_loss(tree.parent, tree.virtual, np.asarray(leaves, np.int32))
     if new:
         backup_values(tree, np.asarray(new, np.int32), values, undo_virtual=False)
-    for x in leaves:
-        children = tree.children(x)
-        v = tree.critic_score[children]
-        own = tree.critic_score[x] if not np.isnan(tree.critic_score[x]) else float(np.mean(v)) if len(v) else np.nan
-        imp = float(np.max(np.abs(v - own))) if len(v) else np.nan
+    _, importance = sibling_stats(tree.first_child, tree.next_sibling, np.asarray(leaves, np.int32),
+                                  tree.critic_score)
+    for x, imp in zip(leaves, importance.tolist(), strict=True):
         target[x] = branching_target(imp, int(tree.depth[x]), cfg)
-        for c in children:
+        for c in tree.children(x):
             if target[c] == 0:
                 target[c] = cfg.c_min
         expanded[x] = tree.num_children[x] >= target[x] or attempts[x] >= cfg.max_attempts
