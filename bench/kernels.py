@@ -8,7 +8,7 @@
    ways: the compiled simulation loop (`simulate`, JSON `speedup_vs_python` at 10k nodes) and one Python call
    per simulation (`speedup_per_call`, bounded by numba's dispatch cost of ~1-2 us per call).
 2. `bookkeeping_fraction`: the share of wall time spent in tree bookkeeping (arrays, paths) during a real
-   `expand_tree` run with the tiny policy (models/iter_0/policy if present, else a fresh tiny model).
+   `expand_tree` run (siblings without replacement, as in `bench.tokens`) with the tiny policy (models/iter_0/policy if present, else a fresh tiny model).
 Writes bench/results/kernels.json and prints a table.
 """
 
@@ -118,13 +118,13 @@ def bookkeeping(quick: bool) -> dict:
         policy, source = HFPolicy(build_tiny_model(ModelConfig(), tok), tok), "fresh tiny model (untrained)"
     # warm-up (untimed): loads the numba cache of every kernel the builder calls
     expand_tree(policy, policy.encode_prompt("Q: 1 +1\n"), branching=2, branch_depth=1, max_depth=2, step_tokens=8,
-                is_terminal=is_terminal_step, temperature=1.0, seed=0, store=KVStore())
+                is_terminal=is_terminal_step, temperature=1.0, seed=0, store=KVStore(), distinct=True)
     timing_model = timing_tree = 0.0
     nodes = 0
     for i, q in enumerate(["Q: 7 +5 *3 -4\n", "Q: 9 -2 *6 +8 -1\n", "Q: 4 *4 +3\n", "Q: 8 +9 -3 *2 +5\n"]):
         s = expand_tree(policy, policy.encode_prompt(q), branching=2, branch_depth=3 if quick else 5,
                         max_depth=8, step_tokens=16, is_terminal=is_terminal_step, temperature=1.0, seed=i,
-                        store=KVStore())
+                        store=KVStore(), distinct=True)
         timing_model += s.timing.model
         timing_tree += s.timing.tree
         nodes += s.tree.num_nodes

@@ -76,8 +76,8 @@ class Tree:
         return path_to_root(self.parent, node)[::-1].copy()
 
     def path_tokens(self, node: int) -> np.ndarray:
-        """All tokens from the prompt through `node`'s step."""
-        return np.concatenate([self.step_tokens(int(n)) for n in self.path(node)])
+        """All tokens from the prompt through `node`'s step (one kernel call: this is on the expansion path)."""
+        return gather_path_tokens(self.parent, self.tok_start, self.tok_len, self.tokens, node)
 
     def children(self, node: int) -> np.ndarray:
         return children_of(self.first_child, self.next_sibling, node)
@@ -167,6 +167,22 @@ def path_to_root(parent, node):  # pragma: no cover - numba
         k += 1
         node = parent[node]
     return out[:k]
+
+
+@nb.njit(cache=True)
+def gather_path_tokens(parent, tok_start, tok_len, tokens, node):  # pragma: no cover - numba
+    """Concatenated step tokens from the root to `node`."""
+    path = path_to_root(parent, node)
+    total = 0
+    for i in range(path.shape[0]):
+        total += tok_len[path[i]]
+    out = np.empty(total, np.int32)
+    k = 0
+    for i in range(path.shape[0] - 1, -1, -1):
+        n = path[i]
+        out[k : k + tok_len[n]] = tokens[tok_start[n] : tok_start[n] + tok_len[n]]
+        k += tok_len[n]
+    return out
 
 
 @nb.njit(cache=True)
