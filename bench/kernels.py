@@ -8,7 +8,8 @@
    ways: the compiled simulation loop (`simulate`, JSON `speedup_vs_python` at 10k nodes) and one Python call
    per simulation (`speedup_per_call`, bounded by numba's dispatch cost of ~1-2 us per call).
 2. `bookkeeping_fraction`: the share of wall time spent in tree bookkeeping (arrays, paths) during a real
-   `expand_tree` run (siblings without replacement, as in `bench.tokens`) with the tiny policy (models/iter_0/policy if present, else a fresh tiny model).
+   `expand_tree` run (siblings without replacement, as in `bench.tokens`) with the tiny policy
+   (models/iter_0/policy if present, else a fresh tiny model).
 Writes bench/results/kernels.json and prints a table.
 """
 
