@@ -77,6 +77,15 @@ def test_changed_config_clears_old_shards(setup):
     assert m["problems"] == 2 and len(list((setup / "trees").glob("part-*.parquet"))) == 2
 
 
+def test_changed_code_is_not_resumed_from(setup, monkeypatch):
+    _, first = _run(setup)
+    _, same = _run(setup)
+    assert same.counters.forward_tokens == 0  # same code and config: everything resumed
+    monkeypatch.setattr(search, "code_digest", lambda: "other code")
+    _, other = _run(setup)
+    assert other.counters.forward_tokens == first.counters.forward_tokens  # searched again from scratch
+
+
 class _Details(HTMLParser):
     def __init__(self):
         super().__init__()

@@ -7,8 +7,8 @@ rollouts. Output: `trees/iter_<k>/part-*.parquet` (one row per node, see arbor/m
 
 Resumable: problems are searched in shards; each shard's stats JSON is written, then its parquet file, both
 atomically, so a shard is done exactly when its parquet exists. A killed run restarts after the last done
-shard; a half-written file is never taken as done. `_fingerprint.json` records the config and policy a shard
-set belongs to; a different one clears the directory first.
+shard; a half-written file is never taken as done. `_fingerprint.json` records the config, policy, train file
+and arbor source a shard set belongs to; a different one clears the directory first.
 """
 
 from __future__ import annotations
@@ -99,9 +99,17 @@ def search_problem(policy: Policy, task: Task, problem: Problem, cfg: SearchConf
     return tree_rows(problem.id, tree, policy.decode, group), stats
 
 
+def code_digest() -> str:
+    """Digest of the arbor source: shards written by other code are not resumed from."""
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).resolve().parents[1].rglob("*.py")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def _fingerprint(cfg: ArborConfig, policy_dir: str | Path, train_file: str | Path) -> str:
-    h = hashlib.sha256(json.dumps({"search": to_dict(cfg.search), "seed": cfg.seed, "task": to_dict(cfg.task)},
-                                  sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps({"search": to_dict(cfg.search), "seed": cfg.seed, "task": to_dict(cfg.task),
+                                   "code": code_digest()}, sort_keys=True).encode())
     for f in [*sorted(Path(policy_dir).glob("*")), Path(train_file)]:
         if f.is_file():
             h.update(f.name.encode())
