@@ -17,10 +17,9 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
-
 from arbor.lm.hf import HFPolicy
 from arbor.lm.kvcache import KVStore
+from arbor.mcts.kernels import terminal_nodes
 from arbor.mcts.samplers import expand_tree, sample_chains
 from arbor.pipeline.config import TaskConfig
 from arbor.tasks import build_task, make_splits
@@ -92,8 +91,7 @@ def main() -> None:
                         store=KVStore(), distinct=not args.with_replacement)
         used = policy.counters.since(before)
         tree = s.tree
-        q = _quality(_distinct_complete([s.text(int(t)) for t in np.flatnonzero(tree.terminal[: tree.num_nodes])]),
-                     reward)
+        q = _quality(_distinct_complete([s.text(int(t)) for t in terminal_nodes(tree)]), reward)
         tr = totals["tree"]
         for k in ("trajectories", "correct", "solved"):
             tr[k] += q[k]

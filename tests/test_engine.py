@@ -51,9 +51,9 @@ def test_without_eviction_forward_tokens_equal_unique_tree_tokens(char_tok, arch
 
 
 def test_eviction_under_small_budget_gives_identical_tree(char_tok):
-    # greedy, no sibling de-duplication: a full binary tree whose every node must match the uncached run
+    # greedy, siblings drawn independently: a full binary tree whose every node must match the uncached run
     kw = dict(branching=2, branch_depth=3, max_depth=4, step_tokens=4, is_terminal=_never, temperature=0.0,
-              seed=2, dedup=False)
+              seed=2)
     big = _policy(char_tok)
     full = expand_tree(big, big.encode_prompt("Q: 9 -2\n"), store=KVStore(), **kw)
     small = _policy(char_tok)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from arbor.pipeline.config import ArborConfig, TaskConfig
+from arbor.pipeline.config import TaskConfig
 from arbor.stages.evaluate import evaluate_policy, majority_correct, vote_key
 from arbor.tasks import Problem, build_task
 
@@ -64,4 +64,3 @@ def test_evaluate_stage_on_a_fixed_tiny_model(char_tok, tmp_path):
     # an untrained model: the prefill alone is 5 * (1 + 6) + 15 * 7 tokens, decode adds at least one per row
     assert saved["forward_tokens"] >= 5 * 7 + 15 * 7
     assert evaluate.main(argv)["forward_tokens"] == first["forward_tokens"]  # same seed, same work
-    assert isinstance(ArborConfig().evaluate.k, int)

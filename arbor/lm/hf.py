@@ -96,12 +96,16 @@ class HFPolicy:
         return self._newline_ids
 
     # -- model calls -----------------------------------------------------------------------------------------
+    def _count(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """Count the positions of one forward over `ids`: real ones (mask 1) and padding."""
+        real = int(mask.sum())
+        self.counters.forward_tokens += real
+        self.counters.padded_positions += ids.numel() - real
+
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
                  cache: DynamicCache | None) -> tuple[torch.Tensor, DynamicCache]:
         """One forward over `ids` [B, T] with full `mask` [B, past+T]; returns last logits [B, V] and cache."""
-        real = int(mask[:, -ids.shape[1]:].sum())
-        self.counters.forward_tokens += real
-        self.counters.padded_positions += ids.numel() - real
+        self._count(ids, mask[:, -ids.shape[1]:])
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
                          cache=cache if cache is not None else DynamicCache(), use_cache=True)
         return out.logits[:, -1, :].float(), out.cache
@@ -305,9 +309,7 @@ class HFPolicy:
         for i in range(0, len(prefixes), batch_size):
             pre, cont = prefixes[i : i + batch_size], continuations[i : i + batch_size]
             ids, mask, pos = self._left_pad([list(p) + list(c) for p, c in zip(pre, cont, strict=True)])
-            real = int(mask.sum())
-            self.counters.forward_tokens += real
-            self.counters.padded_positions += ids.numel() - real
+            self._count(ids, mask)
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
             logp = torch.log_softmax(logits.float(), -1)
             width = ids.shape[1]

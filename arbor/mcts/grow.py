@@ -76,8 +76,10 @@ class TreeBuilder:
                 return True
         return False
 
-    def expand(self, nodes: Sequence[int], counts: int | Sequence[int], *, seed: int) -> list[list[int]]:
+    def expand(self, nodes: Sequence[int], counts: int | Sequence[int], *, seed: int,
+               merge: bool = True) -> list[list[int]]:
         """Sample `counts[i]` next steps of `nodes[i]`; returns the ids of the children actually added.
+        `merge=False` keeps every sample (no state merge), e.g. along a branch.
 
         With `exclude_existing`, the samples of one node are drawn in rounds of one (all nodes batched in each
         round), each round excluding every child drawn before, so no sample repeats a sibling.
@@ -88,12 +90,12 @@ class TreeBuilder:
             for r in range(max(counts)):
                 todo = [i for i, c in enumerate(counts) if c > r]
                 for i, kids in zip(todo, self._expand_once([nodes[i] for i in todo], [1] * len(todo),
-                                                            seed=seed + 7_919 * r), strict=True):
+                                                            seed=seed + 7_919 * r, merge=merge), strict=True):
                     added[i] += kids
             return added
-        return self._expand_once(nodes, counts, seed=seed)
+        return self._expand_once(nodes, counts, seed=seed, merge=merge)
 
-    def _expand_once(self, nodes: Sequence[int], counts: list[int], *, seed: int) -> list[list[int]]:
+    def _expand_once(self, nodes: Sequence[int], counts: list[int], *, seed: int, merge: bool) -> list[list[int]]:
         out: list[list[int]] = []
         stop = StopRule(at_newline=True, max_new_tokens=self.step_tokens)
         per_call = max(1, self.batch_size // max(1, max(counts, default=1)))
@@ -110,19 +112,19 @@ class TreeBuilder:
                                          seed=seed * 1_000_003 + i, store=self.store, exclude=exclude)
             t2 = time.perf_counter()
             for node, conts in zip(chunk, results, strict=True):
-                out.append(self._add(node, conts))
+                out.append(self._add(node, conts, merge))
             t3 = time.perf_counter()
             self.timing.model += t2 - t1
             self.timing.tree += (t1 - t0) + (t3 - t2)
             self.timing.calls += 1
         return out
 
-    def _add(self, node: int, conts: list[Continuation]) -> list[int]:
+    def _add(self, node: int, conts: list[Continuation], merge: bool) -> list[int]:
         added: list[int] = []
         new_toks: list[np.ndarray] = []
         for c in conts:
             toks = np.asarray(c.token_ids[:-1] if c.finish == "eos" else c.token_ids, np.int32)
-            if self._is_duplicate(node, toks, new_toks):
+            if merge and self._is_duplicate(node, toks, new_toks):
                 self.merged += 1
                 continue
             depth = int(self.tree.depth[node]) + 1
@@ -142,15 +144,11 @@ class TreeBuilder:
         """
         leaves = list(nodes)
         open_idx = [i for i, n in enumerate(leaves) if not self.tree.terminal[n]]
-        saved, self.merge_distance = self.merge_distance, -1
-        try:
-            step = 0
-            while open_idx:
-                kids = self.expand([leaves[i] for i in open_idx], 1, seed=seed * 7919 + step)
-                for i, k in zip(open_idx, kids, strict=True):
-                    leaves[i] = k[0]
-                open_idx = [i for i in open_idx if not self.tree.terminal[leaves[i]]]
-                step += 1
-        finally:
-            self.merge_distance = saved
+        step = 0
+        while open_idx:
+            kids = self.expand([leaves[i] for i in open_idx], 1, seed=seed * 7919 + step, merge=False)
+            for i, k in zip(open_idx, kids, strict=True):
+                leaves[i] = k[0]
+            open_idx = [i for i in open_idx if not self.tree.terminal[leaves[i]]]
+            step += 1
         return leaves

@@ -5,8 +5,7 @@ All grow trees through `TreeBuilder` (arbor/mcts/grow.py), so every count is the
 - `expand_tree`: every non-terminal node gets `branching` samples for the first `branch_depth` levels, then
   one per level until it terminates. With `distinct=True` siblings are sampled one after another without
   replacement (each excludes the steps already taken, `Policy.expand(exclude=...)`), so every root-to-leaf
-  path is a different trajectory at no extra token cost; `dedup=True` instead drops exact repeats after
-  sampling them (their tokens are spent).
+  path is a different trajectory at no extra token cost.
 - `tree_grpo`: Tree-GRPO (arXiv 2509.21240 §3): M trees per prompt, each started from one chain; then L rounds
   in which N non-leaf nodes per tree are picked at random and each expanded by a new branch to a terminal.
   Rollouts per prompt: G = M * (L*N + 1). Expected tokens for trajectory length B: M*B + M*L*N*B/2.
@@ -21,21 +20,20 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from arbor.lm.base import Continuation, Policy, StopRule
-from arbor.mcts.grow import Timing, TreeBuilder
+from arbor.mcts.grow import TreeBuilder
 from arbor.mcts.tree import ROOT
 
-__all__ = ["Timing", "chain_tree", "expand_tree", "sample_chains", "tree_grpo"]
+__all__ = ["chain_tree", "expand_tree", "sample_chains", "tree_grpo"]
 
 
 def expand_tree(policy: Policy, prompt_ids: Sequence[int], *, branching: int, branch_depth: int,
                 max_depth: int, step_tokens: int, is_terminal: Callable[[str], bool], temperature: float,
                 seed: int, store: object, max_nodes: int = 100_000, max_tokens: int = 2_000_000,
-                batch_size: int = 256, dedup: bool = False, distinct: bool = False) -> TreeBuilder:
+                batch_size: int = 256, distinct: bool = False) -> TreeBuilder:
     """Plain level-by-level tree expansion (see module docstring)."""
     b = TreeBuilder.start(policy, prompt_ids, store=store, seed=seed, max_nodes=max_nodes, max_tokens=max_tokens,
                           is_terminal=is_terminal, step_tokens=step_tokens, max_depth=max_depth,
-                          temperature=temperature, merge_distance=0 if dedup else -1, batch_size=batch_size,
-                          exclude_existing=distinct)
+                          temperature=temperature, batch_size=batch_size, exclude_existing=distinct)
     frontier = [ROOT]
     for level in range(max_depth):
         open_nodes = [n for n in frontier if not b.tree.terminal[n]]

@@ -34,6 +34,7 @@ from arbor.mcts.kernels import (
     revert_virtual_loss,
     select,
     sibling_stats,
+    terminal_nodes,
 )
 from arbor.mcts.scoring import NodeScorer
 from arbor.mcts.tree import ROOT, Tree
@@ -163,7 +164,7 @@ def readouts(b: TreeBuilder, sims: int) -> SearchResult:
     path = greedy_path(tree.first_child, tree.next_sibling, tree.visits, tree.value_sum)
     greedy = int(path[-1]) if tree.terminal[path[-1]] else -1
     best = int(best_leaf(tree.first_child, tree.visits, tree.value_sum, tree.terminal, n, True))
-    terms = np.flatnonzero(tree.terminal[:n])
+    terms = terminal_nodes(tree)
     scores = tree.critic_score[terms]
     rerank = int(terms[np.nanargmax(scores)]) if len(terms) and not np.all(np.isnan(scores)) else -1
     votes: dict[str, float] = defaultdict(float)

@@ -13,7 +13,6 @@ Statistics (DESIGN.md, "eta-MCTS"): `visits[n]` = N(s), `value_sum[n]` = W(s), Q
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numba as nb
@@ -82,8 +81,6 @@ class Tree:
     def children(self, node: int) -> np.ndarray:
         return children_of(self.first_child, self.next_sibling, node)
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 def new_tree(max_nodes: int, max_tokens: int, root_tokens: np.ndarray | list[int]) -> Tree:

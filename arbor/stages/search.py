@@ -28,7 +28,7 @@ from tqdm import tqdm
 from arbor.lm.base import Policy
 from arbor.lm.kvcache import KVStore
 from arbor.mcts.grow import TreeBuilder
-from arbor.mcts.kernels import backup_values
+from arbor.mcts.kernels import backup_values, terminal_nodes
 from arbor.mcts.samplers import chain_tree, tree_grpo
 from arbor.mcts.scoring import RewardScorer
 from arbor.mcts.search import eta_mcts, readouts
@@ -43,7 +43,7 @@ from arbor.tasks import Problem, Task, answers_match, build_task, is_terminal_st
 def _value_terminals(b: TreeBuilder, reward: Any) -> None:
     """Outcome reward at every terminal, backed up (Tree-GRPO and chains have no scorer of their own)."""
     tree = b.tree
-    terms = np.flatnonzero(tree.terminal[: tree.num_nodes]).astype(np.int32)
+    terms = terminal_nodes(tree)
     values = np.array([reward(b.text(int(t))) for t in terms])
     tree.reward[terms] = values
     tree.critic_score[terms] = values
@@ -76,7 +76,7 @@ def search_problem(policy: Policy, task: Task, problem: Problem, cfg: SearchConf
         res = readouts(b, 0)
     tree = res.builder.tree
     used = policy.counters.since(before)
-    terms = np.flatnonzero(tree.terminal[: tree.num_nodes])
+    terms = terminal_nodes(tree)
 
     def ok(node: int) -> bool:
         return bool(node >= 0 and tree.reward[node] == 1.0)
