@@ -1,19 +1,38 @@
 """Experiment tracking: MLflow on a SQLite store, or a no-op tracker with the same methods.
 
 MLflow >= 3.13 refuses the `./mlruns` file store, so the URI is always explicit: `MLFLOW_TRACKING_URI` if set,
-else `tracking.uri` from params, else `sqlite:///<cwd>/mlflow.db`. Code never branches on "is tracking on": it
-gets a tracker and calls it (nanochat's DummyWandb idea).
+else `tracking.uri` from params, else `sqlite:///<cwd>/mlflow.db`. Artifacts of a new experiment on a SQLite
+store go to `mlartifacts/` beside the database. Code never branches on "is tracking on": it gets a tracker and
+calls it (nanochat's DummyWandb idea).
 
-One pipeline invocation = one parent run. DVC runs each stage in its own process, so the parent is found by the
-`ARBOR_PIPELINE_ID` environment variable (`make run` sets it to a timestamp); each stage opens a nested child run
-under it named after the stage. Without that variable a stage is a top-level run of its own.
+One pipeline invocation = one parent run, one nested run per stage. DVC runs each stage in its own process, so
+the stages find their parent by a pipeline id: `ARBOR_PIPELINE_ID` when set (`arbor run` sets it and opens and
+closes the parent itself), else, under a plain `dvc repro`, the pid and start time of the nearest ancestor
+`dvc` process, so all stages of one `dvc repro` share a parent. A stage run by hand is a top-level run.
+
+Every run is tagged with the pid (and its start time) of the process that owns it and the host. SIGKILL cannot
+be caught, so a killed process leaves its run RUNNING; instead, whenever a tracker starts it sweeps the
+experiment: a RUNNING stage run whose process on this host is gone becomes KILLED; a RUNNING parent whose
+owner is gone is closed too: KILLED if its owner was `arbor run` (which always closes its parent when it can)
+or a stage was killed, FAILED if a stage failed, else FINISHED (the `dvc repro` that owned it just ended).
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from arbor.pipeline import procs
+
+ENV_PIPELINE = "ARBOR_PIPELINE_ID"
+TAG_STAGE, TAG_PIPELINE, TAG_ROLE = "arbor_stage", "arbor_pipeline_id", "arbor_role"
+TAG_PID, TAG_PID_START, TAG_HOST, TAG_OWNER = "arbor_pid", "arbor_pid_start", "arbor_host", "arbor_owner"
+ROLE_PIPELINE = "pipeline"
+OWNER_RUNNER, OWNER_DVC, OWNER_STAGE = "arbor run", "dvc", "stage"
 
 
 class Tracker(Protocol):
@@ -25,6 +44,7 @@ class Tracker(Protocol):
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
     def log_artifact(self, path: str | os.PathLike[str]) -> None: ...
+    def log_dict(self, data: dict[str, Any], name: str) -> None: ...
     def close(self, status: str = "FINISHED") -> None: ...
 
 
@@ -41,6 +61,9 @@ class NullTracker:
         pass
 
     def log_artifact(self, path: str | os.PathLike[str]) -> None:
+        pass
+
+    def log_dict(self, data: dict[str, Any], name: str) -> None:
         pass
 
     def close(self, status: str = "FINISHED") -> None:
@@ -68,33 +91,110 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-class MlflowTracker:
-    """A nested MLflow run for one stage under the pipeline's parent run."""
+@dataclass(frozen=True)
+class Owner:
+    """The process a run belongs to: while it lives the run may be RUNNING; `kind` is who it is."""
 
-    def __init__(self, *, stage: str, experiment: str, tracking_uri: str, pipeline_id: str | None) -> None:
+    pid: int
+    start: int | None
+    kind: str
+
+    @classmethod
+    def this_process(cls, kind: str) -> Owner:
+        """This process as the owner of a run."""
+        return cls(os.getpid(), procs.start_time(os.getpid()), kind)
+
+    def tags(self) -> dict[str, str]:
+        """The run tags that record this owner."""
+        return {TAG_PID: str(self.pid), TAG_PID_START: "" if self.start is None else str(self.start),
+                TAG_HOST: socket.gethostname(), TAG_OWNER: self.kind}
+
+
+def _owner_alive(tags: dict[str, str]) -> bool:
+    """Whether the process recorded in a run's tags still runs (True if the tags name no pid)."""
+    pid = tags.get(TAG_PID, "")
+    if not pid.isdigit():
+        return True
+    start = tags.get(TAG_PID_START, "")
+    return procs.is_alive(int(pid), int(start) if start.isdigit() else None)
+
+
+def _closing_status(owner_kind: str, child_statuses: list[str]) -> str | None:
+    """Final status of a parent run whose owner is gone; None while a stage still runs."""
+    if "RUNNING" in child_statuses:
+        return None
+    if owner_kind == OWNER_RUNNER or "KILLED" in child_statuses:
+        return "KILLED"
+    return "FAILED" if "FAILED" in child_statuses else "FINISHED"
+
+
+def sweep_dead_runs(client: Any, experiment_id: str) -> dict[str, str]:
+    """Close the RUNNING runs of this host whose owner process is gone; returns {run_id: new status}."""
+    host = socket.gethostname().replace("'", "")
+    running = client.search_runs([experiment_id], max_results=5000,
+                                 filter_string=f"attributes.status = 'RUNNING' and tags.{TAG_HOST} = '{host}'")
+    closed: dict[str, str] = {}
+    stages = [r for r in running if r.data.tags.get(TAG_ROLE) != ROLE_PIPELINE]
+    parents = [r for r in running if r.data.tags.get(TAG_ROLE) == ROLE_PIPELINE]
+    for run in stages:
+        if not _owner_alive(run.data.tags):
+            client.set_terminated(run.info.run_id, status="KILLED")
+            closed[run.info.run_id] = "KILLED"
+    for run in parents:
+        if _owner_alive(run.data.tags):
+            continue
+        pipeline_id = run.data.tags.get(TAG_PIPELINE, "").replace("'", "")
+        children = client.search_runs([experiment_id], max_results=5000,
+                                      filter_string=f"tags.{TAG_PIPELINE} = '{pipeline_id}'")
+        statuses = [closed.get(c.info.run_id, c.info.status) for c in children
+                    if c.info.run_id != run.info.run_id]
+        status = _closing_status(run.data.tags.get(TAG_OWNER, ""), statuses)
+        if status is not None:
+            client.set_terminated(run.info.run_id, status=status)
+            closed[run.info.run_id] = status
+    return closed
+
+
+def _experiment_id(client: Any, name: str, tracking_uri: str) -> str:
+    """Id of experiment `name`, created if missing (artifacts beside a SQLite database, in mlartifacts/)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        location = (Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+class MlflowTracker:
+    """One MLflow run (a stage's, or a pipeline's parent run); sweeps dead runs of the experiment first."""
+
+    def __init__(self, *, name: str, experiment: str, tracking_uri: str, tags: dict[str, str],
+                 parent_owner: Owner | None = None) -> None:
+        """Open run `name` with `tags`; with a pipeline id in `tags` and `parent_owner` given, nest it under
+        that pipeline's parent run (created, owned by `parent_owner`, if no stage made it yet)."""
         from mlflow.tracking import MlflowClient
 
         self.tracking_uri = tracking_uri
         self._client = MlflowClient(tracking_uri=tracking_uri)
-        exp = self._client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else self._client.create_experiment(experiment)
-        tags = {"arbor_stage": stage}
-        if pipeline_id:
-            tags |= {"arbor_pipeline_id": pipeline_id, "mlflow.parentRunId": self._parent(exp_id, pipeline_id)}
-        run = self._client.create_run(exp_id, run_name=stage, tags=tags)
-        self.run_id: str | None = run.info.run_id
+        self.experiment_id = _experiment_id(self._client, experiment, tracking_uri)
+        self.swept = sweep_dead_runs(self._client, self.experiment_id)
+        tags = dict(tags)
+        if parent_owner is not None and tags.get(TAG_PIPELINE):
+            tags["mlflow.parentRunId"] = self._parent(tags[TAG_PIPELINE], parent_owner)
+        self.run_id: str | None = self._client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
 
-    def _parent(self, exp_id: str, pipeline_id: str) -> str:
+    def _parent(self, pipeline_id: str, owner: Owner) -> str:
         """Run id of the pipeline's parent run, created by the first stage that asks."""
         found = self._client.search_runs(
-            [exp_id],
-            filter_string=f"tags.arbor_pipeline_id = '{pipeline_id}' and tags.arbor_role = 'pipeline'",
+            [self.experiment_id],
+            filter_string=f"tags.{TAG_PIPELINE} = '{pipeline_id}' and tags.{TAG_ROLE} = '{ROLE_PIPELINE}'",
             max_results=1,
         )
         if found:
             return found[0].info.run_id
-        tags = {"arbor_pipeline_id": pipeline_id, "arbor_role": "pipeline"}
-        return self._client.create_run(exp_id, run_name=f"pipeline-{pipeline_id}", tags=tags).info.run_id
+        tags = {TAG_PIPELINE: pipeline_id, TAG_ROLE: ROLE_PIPELINE, **owner.tags()}
+        return self._client.create_run(self.experiment_id, run_name=f"pipeline-{pipeline_id}", tags=tags).info.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -112,17 +212,54 @@ class MlflowTracker:
     def log_artifact(self, path: str | os.PathLike[str]) -> None:
         self._client.log_artifact(self.run_id, str(path))
 
+    def log_dict(self, data: dict[str, Any], name: str) -> None:
+        """Store `data` as artifact `name` (JSON or YAML by the name's suffix)."""
+        self._client.log_dict(self.run_id, data, name)
+
     def close(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:
             self._client.set_terminated(self.run_id, status=status)
             self.run_id = None
 
 
+def stage_pipeline() -> tuple[str | None, Owner]:
+    """The pipeline this stage process belongs to and who owns its parent run.
+
+    `ARBOR_PIPELINE_ID` if set; else under `dvc repro` the nearest `dvc` ancestor's pid and start time;
+    else (a stage run by hand) no pipeline. The owner of a parent this stage creates is that `dvc` process,
+    or the stage itself when there is none.
+    """
+    dvc_pid = procs.dvc_ancestor()
+    dvc = Owner(dvc_pid, procs.start_time(dvc_pid), OWNER_DVC) if dvc_pid else None
+    env_id = os.environ.get(ENV_PIPELINE) or None
+    if env_id:
+        return env_id, dvc or Owner.this_process(OWNER_STAGE)
+    if dvc is not None:
+        return f"dvc-{dvc.pid}-{dvc.start}", dvc
+    return None, Owner.this_process(OWNER_STAGE)
+
+
 def make_tracker(*, enabled: bool, stage: str, experiment: str, uri: str | None) -> Tracker:
-    """Build the tracker a stage uses: MLflow when enabled, else a no-op."""
+    """Build the tracker a stage uses: MLflow when enabled (nested in its pipeline's run), else a no-op."""
     if not enabled:
         return NullTracker()
-    pipeline_id = os.environ.get("ARBOR_PIPELINE_ID") or None
-    return MlflowTracker(
-        stage=stage, experiment=experiment, tracking_uri=resolve_tracking_uri(uri), pipeline_id=pipeline_id
-    )
+    pipeline_id, parent_owner = stage_pipeline()
+    tags = {TAG_STAGE: stage, **Owner.this_process(OWNER_STAGE).tags()}
+    if pipeline_id:
+        tags[TAG_PIPELINE] = pipeline_id
+    return MlflowTracker(name=stage, experiment=experiment, tracking_uri=resolve_tracking_uri(uri), tags=tags,
+                         parent_owner=parent_owner)
+
+
+def new_pipeline_id() -> str:
+    """A fresh pipeline id: local time and this process's pid."""
+    return f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+
+
+def make_pipeline_tracker(*, enabled: bool, experiment: str, uri: str | None, pipeline_id: str) -> Tracker:
+    """The parent run of one `arbor run`, owned by this process (stages nest under it by `pipeline_id`)."""
+    if not enabled:
+        return NullTracker()
+    tags = {TAG_PIPELINE: pipeline_id, TAG_ROLE: ROLE_PIPELINE, **Owner.this_process(OWNER_RUNNER).tags()}
+    return MlflowTracker(name=f"pipeline-{pipeline_id}", experiment=experiment, tracking_uri=resolve_tracking_uri(uri),
+                         tags=tags)
