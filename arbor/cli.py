@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 STAGES = {
+    "run": "The whole pipeline (dvc repro) under the project lock and one MLflow parent run.",
     "prepare": "Write the task's train/eval problems to data/.",
     "bootstrap": "Train (or copy in) the iteration-0 policy.",
     "search": "Tree search (eta-MCTS, Tree-GRPO, chains) over the train split; trees as parquet.",
@@ -16,17 +17,23 @@ STAGES = {
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Dispatch `arbor <stage> [options]` to `arbor.stages.<stage>.main`."""
+    """Dispatch `arbor [--debug] <stage> [options]` to `arbor.stages.<stage>.main`.
+
+    Bad input ends with one line `arbor <stage>: error: ...` and exit code 2; `--debug` shows the traceback.
+    """
     from arbor.stages.common import exit_main
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = bool(argv) and argv[0] == "--debug"
+    argv = argv[1:] if debug else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
-        print("usage: arbor <stage> [--help] [options]\n\nstages:")
+        print("usage: arbor [--debug] <stage> [--help] [options]\n\nstages:")
         for name, text in STAGES.items():
             print(f"  {name:<12} {text}")
+        print("\n--debug: show the full traceback of an error (bad input otherwise prints one line, exit code 2)")
         sys.exit(0 if not argv or argv[0] in ("-h", "--help") else 2)
     module = importlib.import_module(f"arbor.stages.{argv[0].replace('-', '_')}")
-    exit_main(lambda _: module.main(argv[1:]))
+    exit_main(lambda _: module.main(argv[1:]), name=argv[0], debug=debug)
 
 
 if __name__ == "__main__":
