@@ -65,7 +65,17 @@ def test_training_solution_injects_errors_at_the_configured_rate():
         ("Answer: −5", Fraction(-5)),
         ("12+3=15\n", None),  # no answer line
         ("Answer: none", None),  # answer line without a number
-        ("The Answer: 5", None),  # marker not at line start
+        ("My answer sheet: 5", None),  # "answer" without a marker (":", "is")
+        ("answer: 42", Fraction(42)),  # real models' phrasings
+        ("**Answer:** 42", Fraction(42)),
+        ("so 6*7=42\nThe answer is 42.", Fraction(42)),
+        ("Therefore, the final answer is $1,234.", Fraction(1234)),
+        ("Final Answer: \\boxed{3/4}", Fraction(3, 4)),
+        ("Answer: .5", Fraction(1, 2)),  # not 5
+        ("Answer: 1 234", Fraction(1234)),  # not 1
+        ("#### 0.0000015", Fraction(15, 10**7)),  # not 1.5
+        ("Answer: 1.5e-06", Fraction(15, 10**7)),
+        ("Answer: 1234567.25", Fraction(123456725, 100)),
         ("x\n  Answer: 9 because 2+7", Fraction(9)),
         ("Answer: 2\nAnswer: 3", Fraction(2)),  # the first answer line counts
     ],
@@ -78,12 +88,39 @@ def test_parse_and_match_never_evaluate_code():
     assert parse_number("__import__('os').system('x')") is None
     assert answers_match(parse_number("2+2"), "2")  # reads the first number, does not compute 2+2
     assert not answers_match(None, "4")
-    assert answers_match(Fraction(1, 3), "0.3333333333")
+    assert not answers_match(Fraction(1, 3), "0.3333333333")  # exact: no tolerance
+    assert not answers_match(Fraction(1_000_001), "1000000")  # off by one is wrong at any magnitude
+    assert answers_match(Fraction(3, 2), "1.50") and answers_match(Fraction(1234), "1,234")
     assert is_terminal_step("Answer: 4\n") and not is_terminal_step("2+2=4\n")
+    assert is_terminal_step("The answer is 4.") and not is_terminal_step("Answer:\n")
+
+
+def test_one_definition_of_correct():
+    from arbor.tasks import is_solved
+
+    task = build_task(TaskConfig())
+    p = Problem("p", "1 +1", "2")
+    assert task.reward(p, "Answer: 2") == 1.0 and task.is_correct(p, "Answer: 2")
+    assert not task.is_correct(p, "Answer: 3")
+    assert not is_solved(0.01) and not is_solved(0.5) and is_solved(1.0)
 
 
 def _write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_gsm8k_golds_kept_as_written_and_compared_exactly(tmp_path):
+    rows = [{"question": "tiny?", "answer": "x\n#### 0.0000015"},
+            {"question": "big?", "answer": "y\n#### 1234567.25"},
+            {"question": "sep?", "answer": "z\n#### 1,000,000"}]
+    _write_jsonl(tmp_path / "g.jsonl", rows)
+    probs = load_gsm8k_file(tmp_path / "g.jsonl", "train")
+    assert [p.answer for p in probs] == ["0.0000015", "1234567.25", "1,000,000"]
+    task = build_task(TaskConfig(name="gsm8k", train_file=str(tmp_path / "g.jsonl")))
+    assert task.is_correct(probs[0], "Answer: 0.0000015") and not task.is_correct(probs[0], "Answer: 1.5")
+    assert task.is_correct(probs[1], "The answer is 1234567.25.")
+    assert not task.is_correct(probs[1], "Answer: 1234567")  # the old .6g gold 1.23457e+06 lost this
+    assert task.is_correct(probs[2], "answer: 1000000") and not task.is_correct(probs[2], "Answer: 1000001")
 
 
 def test_gsm8k_jsonl_and_parquet(tmp_path):
@@ -155,7 +192,9 @@ def test_reasoning_gym_adapter_uses_its_verifier():
     assert len(train) == 5 and len(evals) == 3
     p = train[0]
     assert task.reward(p, f"some work\nAnswer: {p.answer}\n") == 1.0
-    assert task.reward(p, f"Answer: {int(p.answer) + 1}\n") < 1.0
+    wrong = f"Answer: {int(p.answer) + 1}\n"
+    assert task.reward(p, wrong) < 1.0 and not task.is_correct(p, wrong)
+    assert task.is_correct(p, f"The answer is {p.answer}.")
     assert task.reward(p, "no answer line") == 0.0
     again, _ = make_splits(cfg, 5, 3, seed=0)
     assert [q.question for q in again] == [q.question for q in train]

@@ -17,6 +17,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from arbor.pipeline.io import atomic_path
+from arbor.tasks.base import is_solved
 
 CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;max-width:1100px}
 details{margin-left:1.2em;border-left:1px solid #ccc;padding-left:.4em}
@@ -68,7 +69,7 @@ def render(rows: list[dict[str, Any]]) -> str:
     def node_html(r: dict[str, Any]) -> str:
         cls = ["best"] if r["node"] in best else []
         if r["terminal"] and r["reward"] is not None:
-            cls.append("ok" if r["reward"] >= 0.5 else "bad")
+            cls.append("ok" if is_solved(r["reward"]) else "bad")
         text = r["step_text"].rstrip("\n") or "(empty)"
         if r["node"] == 0:
             text = "PROMPT: " + text
@@ -81,7 +82,7 @@ def render(rows: list[dict[str, Any]]) -> str:
 
     root = next(r for r in rows if r["node"] == 0)
     n_term = sum(r["terminal"] for r in rows)
-    n_ok = sum(1 for r in rows if r["terminal"] and (r["reward"] or 0) >= 0.5)
+    n_ok = sum(1 for r in rows if r["terminal"] and r["reward"] is not None and is_solved(r["reward"]))
     head = (f"<h1>Search tree: {html.escape(root['problem_id'])}</h1><p>{len(rows)} nodes, {n_term} terminals "
             f"({n_ok} correct). Highlighted: the greedy-by-Q path.</p>")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>arbor tree {html.escape(root['problem_id'])}"

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from arbor.pipeline.config import TaskConfig
+from arbor.pipeline.config import ArborInputError, TaskConfig
 from arbor.tasks.answers import answers_match, extract_answer, is_terminal_step, parse_number
-from arbor.tasks.base import Problem, Task, read_problems
+from arbor.tasks.base import Problem, Task, is_solved, read_problems
 
 
 def build_task(cfg: TaskConfig) -> Task:
@@ -45,6 +45,11 @@ def make_splits(cfg: TaskConfig, n_train: int, n_eval: int, seed: int) -> tuple[
         if cfg.eval_file:
             evals = load_gsm8k_file(cfg.eval_file, "eval")
         else:
+            if len(train) <= n_eval:
+                raise ArborInputError(
+                    f"{cfg.train_file}: {len(train)} rows, but prepare.n_eval={n_eval} of them are split off for "
+                    "evaluation, leaving no training problems; expected more than n_eval rows (or lower "
+                    "prepare.n_eval, or set task.eval_file)")
             evals, train = train[:n_eval], train[n_eval:]
         return train[:n_train], evals[:n_eval]
     train = task.problems(n_train, derive_seed(seed, "train"), "train")  # type: ignore[attr-defined]
@@ -54,5 +59,5 @@ def make_splits(cfg: TaskConfig, n_train: int, n_eval: int, seed: int) -> tuple[
     return train, evals
 
 
-__all__ = ["Problem", "Task", "answers_match", "build_task", "extract_answer", "is_terminal_step",
-           "make_splits", "parse_number", "read_problems"]
+__all__ = ["Problem", "Task", "answers_match", "build_task", "extract_answer", "is_solved",
+           "is_terminal_step", "make_splits", "parse_number", "read_problems"]

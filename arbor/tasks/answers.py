@@ -1,7 +1,14 @@
 """Answer extraction and comparison: parse numbers from the final answer, never evaluate model text.
 
-A solution's final answer is the number on its first line that starts with `Answer:` (our format) or `####`
-(GSM8K's). Numbers may carry a sign, thousands separators (`1,234`), a decimal part, or be a fraction `a/b`.
+A solution's final answer is on its first line that states one. Accepted phrasings (case-insensitive, with
+optional markdown emphasis and a lead-in such as "So", "Thus", "Therefore"):
+
+    Answer: 42            answer: 42          **Answer:** 42       #### 42
+    The answer is 42.     Final answer: 42    The final answer is $42    ... \\boxed{42}
+
+Numbers may carry a sign, a dollar sign, thousands separators (`1,234` or `1 234`), a decimal part (`.5`,
+`0.0000015`), an exponent (`1.5e-06`), or be a fraction `a/b`. Comparison is exact: both sides become
+`fractions.Fraction`, so `1000001` never matches `1000000` and `0.0000015` never matches `1.5`.
 """
 
 from __future__ import annotations
@@ -9,8 +16,19 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-ANSWER_PREFIXES = ("Answer:", "####")
-_NUMBER = re.compile(r"[-+−]?\$?\s*(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?")
+_SPACE = "[ \u00a0\u2009\u202f]"  # space-like thousands separators: space, no-break and thin spaces
+_NUMBER = re.compile(
+    r"(?<![\w.])[-+−]?\$?\s*"
+    rf"(?:\d{{1,3}}(?:,\d{{3}})+(?!\d)|\d{{1,3}}(?:{_SPACE}\d{{3}})+(?!\d)|\d+|(?=\.\d))"
+    r"(?:\.\d+)?(?:[eE][-+]?\d+)?(?:\s*/\s*\d+)?"
+)
+_MARKER = re.compile(
+    r"^[\s*_#>\-]*(?:(?:so|thus|therefore|hence)\b[\s,]*)?(?:the\s+)?(?:final\s+)?answer[*_\s]*"
+    r"(?:is\b[\s:]*|[:=])(?P<rest>.*)$"
+    r"|^\s*####(?P<hash>.*)$",
+    re.IGNORECASE,
+)
+_BOXED = re.compile(r"\\boxed\{(?P<box>[^{}]*)\}")
 
 
 def parse_number(text: str) -> Fraction | None:
@@ -20,29 +38,42 @@ def parse_number(text: str) -> Fraction | None:
     Fraction(-2469, 2)
     >>> parse_number("= 3/4") == Fraction(3, 4)
     True
+    >>> parse_number(".5"), parse_number("1 234"), parse_number("1.5e-06") == Fraction(15, 10**7)
+    (Fraction(1, 2), Fraction(1234, 1), True)
     >>> parse_number("no digits") is None
     True
     """
     m = _NUMBER.search(text)
     if m is None:
         return None
-    s = m.group(0).replace(",", "").replace("$", "").replace(" ", "").replace("−", "-")
+    s = re.sub(_SPACE, "", m.group(0)).replace(",", "").replace("$", "").replace("−", "-")
     try:
         if "/" in s:
             num, den = s.split("/")
             return None if Fraction(den) == 0 else Fraction(num) / Fraction(den)
         return Fraction(s)
-    except ValueError:  # pragma: no cover - the regex only admits parseable strings
+    except (ValueError, ZeroDivisionError):  # pragma: no cover - the regex only admits parseable strings
         return None
 
 
+def answer_in_line(line: str) -> str | None:
+    """The answer text a single line states (see module docstring), or None if it states none."""
+    m = _MARKER.match(line.strip())
+    if m is not None:
+        rest = (m.group("rest") if m.group("rest") is not None else m.group("hash")).strip().strip("*_").strip()
+        boxed = _BOXED.search(rest)
+        rest = boxed.group("box").strip() if boxed else rest.removesuffix(".").rstrip()
+        return rest or None
+    boxed = _BOXED.search(line)
+    return boxed.group("box").strip() or None if boxed else None
+
+
 def final_answer_line(text: str) -> str | None:
-    """The text after the first `Answer:`/`####` marker at the start of a line, or None."""
+    """The answer text of the first line of `text` that states a final answer, or None."""
     for line in text.splitlines():
-        stripped = line.strip()
-        for prefix in ANSWER_PREFIXES:
-            if stripped.startswith(prefix):
-                return stripped[len(prefix):].strip()
+        found = answer_in_line(line)
+        if found is not None:
+            return found
     return None
 
 
@@ -51,6 +82,8 @@ def extract_answer(text: str) -> Fraction | None:
 
     >>> extract_answer("3+4=7\\nAnswer: 7\\n")
     Fraction(7, 1)
+    >>> extract_answer("3+4=7\\nThe answer is 7.") == 7
+    True
     >>> extract_answer("3+4=7\\n") is None
     True
     """
@@ -60,21 +93,16 @@ def extract_answer(text: str) -> Fraction | None:
 
 def is_terminal_step(step: str) -> bool:
     """True if this step (one line) states the final answer."""
-    s = step.strip()
-    return any(s.startswith(p) for p in ANSWER_PREFIXES)
+    return answer_in_line(step) is not None
 
 
-def answers_match(predicted: Fraction | None, gold: str | Fraction, tol: float = 1e-6) -> bool:
-    """Numeric equality of a parsed prediction and a gold answer (string or Fraction)."""
+def answers_match(predicted: Fraction | None, gold: str | Fraction) -> bool:
+    """Exact equality of a parsed prediction and a gold answer (string as written, or Fraction).
+
+    >>> answers_match(Fraction(1000001), "1000000"), answers_match(Fraction(3, 2), "1.5")
+    (False, True)
+    """
     if predicted is None:
         return False
     g = parse_number(gold) if isinstance(gold, str) else gold
-    return g is not None and abs(float(predicted - g)) <= tol * max(1.0, abs(float(g)))
-
-
-def format_number(x: Fraction | int) -> str:
-    """Canonical string of a number: integers without decimals, else a reduced decimal/fraction."""
-    x = Fraction(x)
-    if x.denominator == 1:
-        return str(x.numerator)
-    return f"{float(x):.6g}"
+    return g is not None and predicted == g

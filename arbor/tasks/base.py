@@ -33,6 +33,19 @@ class Problem:
 
 
 PROMPT_TEMPLATE = "Q: {question}\n"
+SOLVED_REWARD = 1.0
+
+
+def is_solved(reward: float) -> bool:
+    """The one definition of a correct trajectory: its outcome reward is the full reward, 1.0.
+
+    Every task's `reward` is 1.0 exactly for a correct final answer; partial credit and consolation scores
+    (reasoning-gym's verifier gives 0.01 for a wrong answer) are never correct. NaN (unscored) is not correct.
+
+    >>> is_solved(1.0), is_solved(0.01), is_solved(0.99), is_solved(float("nan"))
+    (True, False, False, False)
+    """
+    return bool(reward >= SOLVED_REWARD)
 
 
 class Task(Protocol):
@@ -46,6 +59,10 @@ class Task(Protocol):
 
     def reward(self, problem: Problem, completion: str) -> float:
         """Outcome reward in [0, 1] of a complete solution (1 = correct final answer)."""
+        ...
+
+    def is_correct(self, problem: Problem, completion: str) -> bool:
+        """Whether `completion` solves `problem`: `is_solved(reward(problem, completion))`."""
         ...
 
     def training_solution(self, problem: Problem, rng: np.random.Generator, error_rate: float,
@@ -65,6 +82,9 @@ class NumericTask:
 
     def reward(self, problem: Problem, completion: str) -> float:
         return float(answers_match(extract_answer(completion), problem.answer))
+
+    def is_correct(self, problem: Problem, completion: str) -> bool:
+        return is_solved(self.reward(problem, completion))
 
     def training_solution(self, problem: Problem, rng: np.random.Generator, error_rate: float,
                           misconception_rate: float = 0.0) -> str:

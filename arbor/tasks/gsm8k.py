@@ -2,7 +2,8 @@
 
 Read with `datasets` (jsonl or parquet); nothing is downloaded. The worked answer is converted to our step
 format: one step per non-empty line, calculator annotations `<<48/2=24>>` removed, and `#### N` rewritten as
-`Answer: N`. A malformed row raises a `ValueError` naming the file, the row (1-based) and the field.
+`Answer: N`. A missing file raises `FileNotFoundError`; an unreadable, empty or malformed file an
+`ArborInputError` naming the file, the row (1-based) and the field.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from arbor.tasks.answers import format_number, parse_number
+from arbor.pipeline.config import ArborInputError
+from arbor.tasks.answers import parse_number
 from arbor.tasks.base import NumericTask, Problem
 
 _CALC = re.compile(r"<<[^>]*>>")
@@ -22,7 +24,7 @@ def _loader(path: Path) -> str:
         return "json"
     if suffix == ".parquet":
         return "parquet"
-    raise ValueError(f"{path}: unsupported file type {suffix!r}; expected .jsonl, .json or .parquet")
+    raise ArborInputError(f"{path}: unsupported file type {suffix!r}; expected .jsonl, .json or .parquet")
 
 
 def load_gsm8k_file(path: str | Path, split: str) -> list[Problem]:
@@ -32,22 +34,29 @@ def load_gsm8k_file(path: str | Path, split: str) -> list[Problem]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: GSM8K-format file not found")
+    loader = _loader(path)
+    if not path.is_file() or path.stat().st_size == 0 or (loader == "json" and not path.read_bytes().strip()):
+        raise ArborInputError(f"{path}: {'not a file' if not path.is_file() else 'empty file'}; expected "
+                              "GSM8K rows with 'question' and 'answer' ('... #### N')")
     try:
-        ds = datasets.load_dataset(_loader(path), data_files=str(path), split="train")
+        ds = datasets.load_dataset(loader, data_files=str(path), split="train")
     except Exception as e:  # datasets wraps parse errors in several exception types
-        raise ValueError(f"{path}: cannot be read as {_loader(path)} ({e})") from e
+        raise ArborInputError(f"{path}: cannot be read as {loader} ({type(e).__name__}: {e})") from e
+    if len(ds) == 0:
+        raise ArborInputError(f"{path}: no rows; expected GSM8K rows with 'question' and 'answer'")
     problems = []
     for i, row in enumerate(ds, start=1):
         for key in ("question", "answer"):
             if not isinstance(row.get(key), str) or not row[key].strip():
-                raise ValueError(f"{path}: row {i}: field {key!r} missing or not a non-empty string")
+                raise ArborInputError(f"{path}: row {i}: field {key!r} missing or not a non-empty string")
         body, sep, final = row["answer"].rpartition("####")
         gold = parse_number(final) if sep else None
         if gold is None:
-            raise ValueError(f"{path}: row {i}: field 'answer' does not end with '#### <number>'")
+            raise ArborInputError(f"{path}: row {i}: field 'answer' does not end with '#### <number>'")
         steps = [_CALC.sub("", ln).strip() for ln in body.splitlines()]
-        solution = "\n".join([s for s in steps if s] + [f"Answer: {format_number(gold)}"]) + "\n"
-        problems.append(Problem(f"{split}-{i - 1:06d}", row["question"].strip(), format_number(gold), solution))
+        written = final.strip()  # the gold is kept as written (`0.0000015`, `1,234`); comparison parses it exactly
+        solution = "\n".join([s for s in steps if s] + [f"Answer: {written}"]) + "\n"
+        problems.append(Problem(f"{split}-{i - 1:06d}", row["question"].strip(), written, solution))
     return problems
 
 
