@@ -78,8 +78,9 @@ def test_adaptive_branching_widens_where_children_disagree():
         return ["p\n", "q\n", "r\n", "s\n"]
 
     w = StepWorld(world)
-    # 10 simulations: the importance-weighted targets are met before any progressive reopening kicks in
-    cfg = EtaMCTSConfig(num_simulations=10, alpha=8.0, c_min=2, c_max=4, c_max_root=4, batch_leaves=1,
+    # 8 simulations: the importance-weighted targets are met before any progressive reopening kicks in (PUCT,
+    # sibling-normalised priors: by 10, selection has exhausted the x subtree and reopens the root)
+    cfg = EtaMCTSConfig(num_simulations=8, alpha=8.0, c_min=2, c_max=4, c_max_root=4, batch_leaves=1,
                         merge_distance=-1)
     scorer = RewardScorer(lambda t: float(t.endswith("Answer: 1\n")), n_rollouts=4, rollout_tokens=32)
     res = eta_mcts(w, w.encode_prompt("Q\n"), scorer=scorer, is_terminal=is_terminal_step, cfg=cfg, seed=1,
@@ -133,3 +134,48 @@ def test_likelihood_scorer_never_needs_the_answer():
     scores = res.builder.tree.critic_score[1 : res.builder.tree.num_nodes]
     assert np.allclose(scores, np.exp(-0.1))  # every token has log-prob -0.1 in this world
     assert np.isnan(res.builder.tree.reward[: res.builder.tree.num_nodes]).all()  # no outcome was looked up
+
+
+def test_children_table_is_sized_from_the_config_and_never_outgrown():
+    # a wide, shallow world where selection keeps reaching terminals: progressive reopening widens nodes up to
+    # widen_cap times, the most children eta-MCTS ever gives a node
+    from arbor.mcts.search import max_children_bound
+
+    def world(solution):
+        return ["Answer: 1\n"] if solution.count("\n") >= 1 else [f"{i}\n" for i in range(40)]
+
+    w = StepWorld(world)
+    cfg = EtaMCTSConfig(num_simulations=400, c_min=2, c_max=3, c_max_root=5, widen_cap=12, max_attempts=2,
+                        batch_leaves=2, merge_distance=0)
+    res = eta_mcts(w, w.encode_prompt("Q\n"), scorer=RewardScorer(lambda t: 0.5), is_terminal=is_terminal_step,
+                   cfg=cfg, seed=0, store=KVStore())
+    tree = res.builder.tree
+    assert max_children_bound(cfg) == 5 + 12
+    assert tree.num_children[0] > cfg.c_max_root  # the root was reopened and widened past its target
+    assert tree.num_children[: tree.num_nodes].max() <= max_children_bound(cfg)
+    assert tree.max_children == max_children_bound(cfg)  # the table was never widened during the search
+
+
+class SlowWorld(StepWorld):
+    """A StepWorld whose model calls take 20 ms (as a real forward pass would)."""
+
+    def expand(self, *args, **kw):
+        import time
+
+        time.sleep(0.02)
+        return super().expand(*args, **kw)
+
+
+def test_search_timing_splits_model_and_tree_work():
+    w = SlowWorld(decoys)
+    cfg = EtaMCTSConfig(num_simulations=12, c_min=2, c_max=2, c_max_root=2, batch_leaves=2)
+    res = eta_mcts(w, w.encode_prompt("Q\n"), scorer=LikelihoodScorer(w), is_terminal=is_terminal_step, cfg=cfg,
+                   seed=0, store=KVStore())
+    t = res.timing
+    calls = res.builder.timing.calls  # every model call of this search goes through the builder
+    assert calls >= 3 and t.model >= 0.02 * calls
+    assert t.model <= t.total and t.tree == pytest.approx(t.total - t.model)
+    assert all(v >= -1e-6 for v in t.phases.values()) and t.phases["select"] > 0 and t.phases["expand"] > 0
+    assert sum(t.phases.values()) == pytest.approx(t.tree, abs=2e-3)  # the phases cover all tree work
+    assert t.bookkeeping_fraction < 0.5  # 20 ms model calls dominate a toy tree
+    assert res.builder.policy is w  # the stopwatch is gone after the search

@@ -27,7 +27,7 @@ GOLDEN = Path(__file__).parent / "golden"
 def _small_tree():
     t = new_tree(16, 64, [1, 2, 3])
     a = add_child(t, ROOT, [4, 5])
-    b = add_child(t, ROOT, [6], prior=0.25)
+    b = add_child(t, ROOT, [6], log_prior=np.log(0.25))
     c = add_child(t, a, [7, 8, 9], terminal=True, reward=1.0)
     return t, a, b, c
 
@@ -92,21 +92,21 @@ def test_sibling_stats_and_readouts():
     t = new_tree(16, 64, [1])
     kids = [add_child(t, ROOT, [2]) for _ in range(3)]
     v = np.array([0.5, 0.1, 0.6, 0.9] + [np.nan] * 12)
-    mean, imp = sibling_stats(t.first_child, t.next_sibling, np.array([0, 1], np.int32), v)
+    mean, imp = sibling_stats(t.children_index, t.num_children, np.array([0, 1], np.int32), v)
     assert mean[0] == pytest.approx((0.1 + 0.6 + 0.9) / 3) and imp[0] == pytest.approx(0.4)  # max |v - 0.5|
     assert np.isnan(mean[1]) and np.isnan(imp[1])  # a leaf has no children
     v[0] = np.nan  # unknown own value (the root): the children's mean stands in
-    _, imp = sibling_stats(t.first_child, t.next_sibling, np.array([0], np.int32), v)
+    _, imp = sibling_stats(t.children_index, t.num_children, np.array([0], np.int32), v)
     assert imp[0] == pytest.approx(max(abs(x - 1.6 / 3) for x in (0.1, 0.6, 0.9)))
     for k, val, n in zip(kids, [0.1, 0.6, 0.9], [3, 2, 1], strict=True):
         for _ in range(n):
             backup_values(t, np.array([k]), np.array([val]))
             t.virtual[t.path(k)] += 1  # backup expects a pending virtual loss; give it one
-    gp = greedy_path(t.first_child, t.next_sibling, t.visits, t.value_sum)
+    gp = greedy_path(t.children_index, t.num_children, t.visits, t.value_sum)
     assert gp.tolist() == [0, kids[2]]
     t.terminal[kids[1]] = True
-    assert best_leaf(t.first_child, t.visits, t.value_sum, t.terminal, t.num_nodes, True) == kids[1]
-    assert best_leaf(t.first_child, t.visits, t.value_sum, t.terminal, t.num_nodes, False) == kids[2]
+    assert best_leaf(t.num_children, t.visits, t.value_sum, t.terminal, t.num_nodes, True) == kids[1]
+    assert best_leaf(t.num_children, t.visits, t.value_sum, t.terminal, t.num_nodes, False) == kids[2]
 
 
 def _golden_cases():
@@ -158,4 +158,81 @@ def test_python_reference_greedy_path_matches_kernel():
     t.value_sum[: len(res["value_sum"])] = res["value_sum"]
     for node, v, w in zip(py.nodes, res["visits"], res["value_sum"], strict=True):
         node.visits, node.value_sum = v, w
-    assert greedy_path(t.first_child, t.next_sibling, t.visits, t.value_sum).tolist() == py.greedy_path()
+    assert greedy_path(t.children_index, t.num_children, t.visits, t.value_sum).tolist() == py.greedy_path()
+
+
+def test_children_table_rows_hold_children_in_creation_order_and_grow_past_capacity():
+    t = new_tree(64, 256, [1], max_children=2)
+    kids = [add_child(t, ROOT, [2 + i]) for i in range(5)]  # 5 > 2 columns: the table doubles twice
+    grand = add_child(t, kids[1], [9])
+    assert t.max_children == 8 and t.children_index.shape == (64, 8)
+    assert t.children(ROOT).tolist() == kids and t.children(kids[1]).tolist() == [grand]
+    assert t.children_index[ROOT, 5:].tolist() == [-1, -1, -1]  # padding
+    assert t.first_child[[ROOT, kids[0], kids[1]]].tolist() == [kids[0], -1, grand]
+    expanded = np.zeros(64, bool)
+    expanded[[ROOT, kids[1]]] = True
+    assert select(t, expanded, 1, rule=UCT).tolist() == [kids[0]]  # the kernels read the widened table
+
+
+def test_priors_are_log_space_and_puct_uses_the_sibling_softmax():
+    t = new_tree(8, 8, [1])
+    # a 40-token step at -3 nats per token: exp(-120) is 0 in float32, the old prior array's type
+    lps = [40 * -3.0, 40 * -3.1, 40 * -2.9]
+    kids = [add_child(t, ROOT, [2], log_prior=lp) for lp in lps]
+    assert np.float32(np.exp(lps[0])) == 0.0
+    p = t.prior[kids]
+    assert (p > 0).all() and p.sum() == pytest.approx(1.0)
+    assert p[2] > p[0] > p[1]  # ordered as the log priors
+    np.testing.assert_allclose(p, np.exp(np.array(lps) - max(lps)) / np.exp(np.array(lps) - max(lps)).sum())
+    assert t.log_prior[kids].tolist() == lps
+    # PUCT at an unvisited root explores the most probable step first
+    expanded = np.zeros(8, bool)
+    expanded[ROOT] = True
+    backup_values(t, np.array([ROOT]), np.array([0.0]), undo_virtual=False)  # N(root) = 1
+    assert select(t, expanded, 1, rule=PUCT).tolist() == [kids[2]]
+
+
+@pytest.mark.parametrize("rule", [UCT, PUCT])
+def test_selection_survives_nan_values(rule):
+    # a NaN value backed up into every child made every score NaN; NaN never beats -inf, so the old kernel
+    # returned leaf -1 (and then indexed arrays with it). NaN Q now counts as 0, like an unknown node.
+    t = new_tree(8, 16, [1])
+    kids = [add_child(t, ROOT, [2]) for _ in range(3)]
+    expanded = np.zeros(8, bool)
+    expanded[ROOT] = True
+    backup_values(t, np.array(kids), np.full(3, np.nan), undo_virtual=False)
+    assert np.isnan(t.value_sum[kids]).all()
+    leaves = select(t, expanded, 2, rule=rule)
+    assert set(leaves.tolist()) <= set(kids) and leaves[0] == kids[0]  # all tie at Q = 0: the earliest child
+    py = PyTree()
+    for _ in range(3):
+        py.add_child(0)
+    py.nodes[0].expanded = True
+    for k in kids:
+        py.nodes[k].visits, py.nodes[k].value_sum = 1, float("nan")
+    py.nodes[0].visits = 3
+    assert py.select(2, rule=rule) == leaves.tolist()
+
+
+def test_tree_parquet_roundtrip_and_old_prior_column(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from arbor.mcts.treeio import read_trees, tree_rows, write_trees
+
+    t = new_tree(8, 64, [1])
+    a = add_child(t, ROOT, [2], log_prior=-120.0)
+    add_child(t, ROOT, [3], log_prior=-121.0)
+    add_child(t, a, [4], log_prior=-0.5)
+    write_trees(tmp_path / "new.parquet", [tree_rows("p0", t, lambda ids: "".join(map(str, ids)))])
+    new = read_trees(tmp_path / "new.parquet")
+    assert new.column("log_prior").to_pylist() == [0.0, -120.0, -121.0, -0.5]
+    np.testing.assert_allclose(new.column("prior").to_pylist(), t.prior[:4])
+    # a file of the old generation: `prior` float32 = the raw step probability (underflowed to 0 for node 1)
+    old = new.drop(["log_prior"]).set_column(new.column_names.index("prior") - 1, "prior",
+                                             pa.array(np.exp([0.0, -1.0, -2.0, -0.5]).astype(np.float32)))
+    pq.write_table(old, tmp_path / "old.parquet")
+    got = read_trees(tmp_path / "old.parquet")
+    np.testing.assert_allclose(got.column("log_prior").to_pylist(), [0.0, -1.0, -2.0, -0.5], rtol=1e-6)
+    e = np.exp([-1.0, -2.0])
+    np.testing.assert_allclose(got.column("prior").to_pylist(), [1.0, *(e / e.sum()), 1.0], rtol=1e-6)

@@ -2,7 +2,8 @@
 
 A program is a list of ops: ["select", B, rule, c] (select B leaves; each selected non-terminal leaf is then
 expanded with `n` children whose priors are given, and all are backed up with given values) — this mirrors one
-batched MCTS step. Both implementations must produce the same leaves and the same statistics.
+batched MCTS step. Both implementations must produce the same leaves and the same statistics. Priors are
+given as probabilities and stored as log priors (PUCT renormalises them over the siblings).
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ import numpy as np
 from arbor.mcts.kernels import backup_values, revert_virtual_loss, select
 from arbor.mcts.pytree import PyTree
 from arbor.mcts.tree import add_child, new_tree
+
+
+def log_p(p: float) -> float:
+    return float(np.log(p)) if p > 0 else -np.inf
 
 
 def random_program(rng: np.random.Generator, steps: int) -> list[dict]:
@@ -45,7 +50,8 @@ def run_numba(prog: list[dict], max_nodes: int = 4096) -> dict:
             keep.append(i)
             if not tree.terminal[leaf] and not expanded[leaf]:
                 for j in range(op["children"][i]):
-                    add_child(tree, leaf, [2 + j], prior=op["priors"][i][j], terminal=op["terminal"][i][j])
+                    add_child(tree, leaf, [2 + j], log_prior=log_p(op["priors"][i][j]),
+                              terminal=op["terminal"][i][j])
                 expanded[leaf] = True
         backup_values(tree, leaves[keep], np.array(op["values"])[keep])
     n = tree.num_nodes
@@ -74,7 +80,7 @@ def run_python(prog: list[dict]) -> dict:
             keep_values.append(op["values"][i])
             if not node.terminal and not node.expanded:
                 for j in range(op["children"][i]):
-                    tree.add_child(leaf, prior=op["priors"][i][j], terminal=op["terminal"][i][j])
+                    tree.add_child(leaf, log_prior=log_p(op["priors"][i][j]), terminal=op["terminal"][i][j])
                 node.expanded = True
         tree.backup(keep_leaves, keep_values)
     nodes = tree.nodes

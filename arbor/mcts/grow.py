@@ -129,7 +129,7 @@ class TreeBuilder:
                 continue
             depth = int(self.tree.depth[node]) + 1
             done = c.finish == "eos" or self.is_terminal(c.text) or depth >= self.max_depth
-            child = add_child(self.tree, node, toks, prior=float(np.exp(c.logprobs.sum())), terminal=done)
+            child = add_child(self.tree, node, toks, log_prior=float(np.sum(c.logprobs, dtype=float)), terminal=done)
             if c.key is not None:
                 self.keys[child] = c.key
             self.samples[child] = (c.token_ids, c.logprobs)

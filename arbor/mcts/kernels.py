@@ -3,7 +3,10 @@
 Selection scores (DESIGN.md, eta-MCTS; AlphaLLM arXiv 2404.12253 §4.3):
   UCT:  Q(s,a) + c * sqrt(ln N(s) / N(s,a))                   (unvisited children first, in creation order)
   PUCT: Q(s,a) + c * P(s,a) * sqrt(N(s)) / (1 + N(s,a))       (unvisited children have Q = 0)
-with N and Q including pending virtual losses: N' = N + v, W' = W - v * vl_value. Ties go to the earlier child.
+with N and Q including pending virtual losses: N' = N + v, W' = W - v * vl_value; P(s,a) is the policy
+renormalised over the siblings (`Tree.prior`, from log priors). Ties go to the earlier child. A NaN Q (a NaN
+value backed up) counts as 0, like an unknown node, so selection always returns a node.
+Children are read from the contiguous table `children_index[N, C]` (`num_children[N]` per row).
 All kernels are deterministic and `cache=True`.
 """
 
@@ -20,38 +23,45 @@ PUCT = 1
 
 @nb.njit(cache=True)
 def _child_score(child, parent_term, visits, value_sum, virtual, prior, c, rule, vl_value):  # pragma: no cover
-    """UCT/PUCT score; `parent_term` is ln N(s) (UCT) or sqrt N(s) (PUCT), computed once per node."""
+    """UCT/PUCT score; `parent_term` is ln N(s) (UCT) or sqrt N(s) (PUCT), computed once per node.
+
+    A NaN Q (a NaN value was backed up) counts as 0, the value PUCT gives an unknown (unvisited) node.
+    """
     n = visits[child] + virtual[child]
     if rule == UCT:
         if n == 0:
             return np.inf
         q = (value_sum[child] - virtual[child] * vl_value) / n
+        if np.isnan(q):
+            q = 0.0
         return q + c * np.sqrt(parent_term / n)
     q = 0.0 if n == 0 else (value_sum[child] - virtual[child] * vl_value) / n
+    if np.isnan(q):
+        q = 0.0
     return q + c * prior[child] * parent_term / (1.0 + n)
 
 
 @nb.njit(cache=True)
-def select_leaves(parent, first_child, next_sibling, visits, value_sum, virtual, prior, expanded, terminal,
+def select_leaves(parent, children_index, num_children, visits, value_sum, virtual, prior, expanded, terminal,
                   num_select, c, rule, vl_value):  # pragma: no cover - numba
     """Select `num_select` leaves, one after another, adding a virtual loss along each path.
 
-    A node is a leaf if it is terminal, not yet `expanded`, or has no children. Returns int32[num_select]
-    (a leaf may repeat when the tree is too small to spread the batch; callers de-duplicate).
+    A node is a leaf if it is terminal, not yet `expanded`, or has no children. At an inner node the child of
+    highest score is taken (ties and all-NaN scores: the earliest child, so selection never fails). Returns
+    int32[num_select] (a leaf may repeat when the tree is too small to spread the batch; callers de-duplicate).
     """
     out = np.empty(num_select, np.int32)
     for b in range(num_select):
         node = 0
-        while expanded[node] and not terminal[node] and first_child[node] != -1:
+        while expanded[node] and not terminal[node] and num_children[node] > 0:
             n_parent = visits[node] + virtual[node]
             parent_term = np.log(max(n_parent, 1)) if rule == UCT else np.sqrt(n_parent)
-            best, best_score = -1, -np.inf
-            ch = first_child[node]
-            while ch != -1:
-                s = _child_score(ch, parent_term, visits, value_sum, virtual, prior, c, rule, vl_value)
+            row = children_index[node]
+            best, best_score = row[0], -np.inf
+            for i in range(num_children[node]):
+                s = _child_score(row[i], parent_term, visits, value_sum, virtual, prior, c, rule, vl_value)
                 if s > best_score:
-                    best, best_score = ch, s
-                ch = next_sibling[ch]
+                    best, best_score = row[i], s
             node = best
         out[b] = node
         x = node
@@ -79,15 +89,15 @@ def backup(parent, visits, value_sum, virtual, leaves, values, undo_virtual=True
 
 
 @nb.njit(cache=True)
-def simulate(parent, first_child, next_sibling, visits, value_sum, virtual, prior, expanded, terminal, values, c,
-             rule, vl_value):  # pragma: no cover - numba
+def simulate(parent, children_index, num_children, visits, value_sum, virtual, prior, expanded, terminal, values,
+             c, rule, vl_value):  # pragma: no cover - numba
     """Run len(values) simulations of select(1) + backup(values[i]) in one compiled loop; returns the leaves.
 
     The bookkeeping of a search without the model: what `bench/kernels.py` times against pure Python.
     """
     out = np.empty(values.shape[0], np.int32)
     for i in range(values.shape[0]):
-        leaf = select_leaves(parent, first_child, next_sibling, visits, value_sum, virtual, prior, expanded,
+        leaf = select_leaves(parent, children_index, num_children, visits, value_sum, virtual, prior, expanded,
                              terminal, 1, c, rule, vl_value)
         backup(parent, visits, value_sum, virtual, leaf, values[i : i + 1], True)
         out[i] = leaf[0]
@@ -105,7 +115,7 @@ def revert_virtual_loss(parent, virtual, leaves):  # pragma: no cover - numba
 
 
 @nb.njit(cache=True)
-def sibling_stats(first_child, next_sibling, nodes, v):  # pragma: no cover - numba
+def sibling_stats(children_index, num_children, nodes, v):  # pragma: no cover - numba
     """For each s in `nodes`: the mean of v over its children and the importance I(s) = max_o |v(s,o) - v(s)|
     (AlphaLLM §4.4, adaptive branching). `v` [N] holds node values (NaN = unknown, skipped); where v(s) itself
     is unknown (the root), the children's mean stands in for it. Returns (mean [len(nodes)], importance
@@ -114,50 +124,47 @@ def sibling_stats(first_child, next_sibling, nodes, v):  # pragma: no cover - nu
     mean = np.full(nodes.shape[0], np.nan)
     imp = np.full(nodes.shape[0], np.nan)
     for i in range(nodes.shape[0]):
-        total, k = 0.0, 0
-        ch = first_child[nodes[i]]
-        while ch != -1:
-            if not np.isnan(v[ch]):
-                total += v[ch]
-                k += 1
-            ch = next_sibling[ch]
-        if k == 0:
+        row = children_index[nodes[i]]
+        k = num_children[nodes[i]]
+        total, known = 0.0, 0
+        for j in range(k):
+            if not np.isnan(v[row[j]]):
+                total += v[row[j]]
+                known += 1
+        if known == 0:
             continue
-        mean[i] = total / k
+        mean[i] = total / known
         own = v[nodes[i]] if not np.isnan(v[nodes[i]]) else mean[i]
         best = 0.0
-        ch = first_child[nodes[i]]
-        while ch != -1:
-            if not np.isnan(v[ch]):
-                best = max(best, abs(v[ch] - own))
-            ch = next_sibling[ch]
+        for j in range(k):
+            if not np.isnan(v[row[j]]):
+                best = max(best, abs(v[row[j]] - own))
         imp[i] = best
     return mean, imp
 
 
 @nb.njit(cache=True)
-def greedy_path(first_child, next_sibling, visits, value_sum):  # pragma: no cover - numba
+def greedy_path(children_index, num_children, visits, value_sum):  # pragma: no cover - numba
     """Root-to-leaf path following the visited child of highest Q (ties: more visits, then earlier)."""
-    out = np.empty(first_child.shape[0], np.int32)
+    out = np.empty(children_index.shape[0], np.int32)
     k, node = 0, 0
     while True:
         out[k] = node
         k += 1
         best, best_q, best_n = -1, -np.inf, -1
-        ch = first_child[node]
-        while ch != -1:
+        for i in range(num_children[node]):
+            ch = children_index[node, i]
             if visits[ch] > 0:
                 q = value_sum[ch] / visits[ch]
                 if q > best_q or (q == best_q and visits[ch] > best_n):
                     best, best_q, best_n = ch, q, visits[ch]
-            ch = next_sibling[ch]
         if best == -1:
             return out[:k]
         node = best
 
 
 @nb.njit(cache=True)
-def best_leaf(first_child, visits, value_sum, terminal, num_nodes, terminals_only):  # pragma: no cover
+def best_leaf(num_children, visits, value_sum, terminal, num_nodes, terminals_only):  # pragma: no cover
     """The visited leaf (or terminal, if `terminals_only`) with the highest Q; -1 if none."""
     best, best_q = -1, -np.inf
     for s in range(num_nodes):
@@ -165,7 +172,7 @@ def best_leaf(first_child, visits, value_sum, terminal, num_nodes, terminals_onl
             continue
         if terminals_only and not terminal[s]:
             continue
-        if not terminals_only and first_child[s] != -1:
+        if not terminals_only and num_children[s] > 0:
             continue
         q = value_sum[s] / visits[s]
         if q > best_q:
@@ -178,7 +185,7 @@ def best_leaf(first_child, visits, value_sum, terminal, num_nodes, terminals_onl
 def select(tree: Tree, expanded: np.ndarray, num_select: int, *, c: float = 1.0, rule: int = UCT,
            vl_value: float = 1.0) -> np.ndarray:
     """`select_leaves` on a `Tree`; `expanded` [N] bool marks nodes whose children have been generated."""
-    return select_leaves(tree.parent, tree.first_child, tree.next_sibling, tree.visits, tree.value_sum,
+    return select_leaves(tree.parent, tree.children_index, tree.num_children, tree.visits, tree.value_sum,
                          tree.virtual, tree.prior, expanded, tree.terminal, num_select, float(c), rule,
                          float(vl_value))
 

@@ -16,7 +16,8 @@ UCT, PUCT = 0, 1
 class PyNode:
     index: int
     parent: PyNode | None
-    prior: float = 1.0
+    log_prior: float = 0.0
+    prior: float = 1.0  # softmax of log_prior over the siblings (as `Tree.prior`)
     terminal: bool = False
     expanded: bool = False
     visits: int = 0
@@ -31,11 +32,21 @@ class PyTree:
     def __init__(self) -> None:
         self.nodes = [PyNode(0, None)]
 
-    def add_child(self, parent: int, prior: float = 1.0, terminal: bool = False) -> int:
+    def add_child(self, parent: int, log_prior: float = 0.0, terminal: bool = False) -> int:
         p = self.nodes[parent]
-        node = PyNode(len(self.nodes), p, prior, terminal)
+        node = PyNode(len(self.nodes), p, log_prior, terminal=terminal)
         p.children.append(node)
         self.nodes.append(node)
+        m = max(ch.log_prior for ch in p.children)
+        if not math.isfinite(m):
+            for ch in p.children:
+                ch.prior = 1.0 / len(p.children)
+        else:
+            total = 0.0
+            for ch in p.children:
+                total += math.exp(ch.log_prior - m)
+            for ch in p.children:
+                ch.prior = math.exp(ch.log_prior - m) / total
         return node.index
 
     @staticmethod
@@ -44,9 +55,10 @@ class PyTree:
         if rule == UCT:
             if n == 0:
                 return math.inf
-            return (ch.value_sum - ch.virtual * vl_value) / n + c * math.sqrt(parent_term / n)
+            q = (ch.value_sum - ch.virtual * vl_value) / n
+            return (0.0 if math.isnan(q) else q) + c * math.sqrt(parent_term / n)
         q = 0.0 if n == 0 else (ch.value_sum - ch.virtual * vl_value) / n
-        return q + c * ch.prior * parent_term / (1.0 + n)
+        return (0.0 if math.isnan(q) else q) + c * ch.prior * parent_term / (1.0 + n)
 
     def select(self, num_select: int, c: float = 1.0, rule: int = UCT, vl_value: float = 1.0) -> list[int]:
         out = []
@@ -55,12 +67,12 @@ class PyTree:
             while node.expanded and not node.terminal and node.children:
                 n_parent = node.visits + node.virtual
                 term = math.log(max(n_parent, 1)) if rule == UCT else math.sqrt(n_parent)
-                best, best_score = None, -math.inf
+                best, best_score = node.children[0], -math.inf
                 for ch in node.children:
                     s = self._score(ch, term, c, rule, vl_value)
                     if s > best_score:
                         best, best_score = ch, s
-                node = best  # type: ignore[assignment]
+                node = best
             out.append(node.index)
             x: PyNode | None = node
             while x is not None:

@@ -70,8 +70,8 @@ class LikelihoodScorer:
         out = np.empty(len(nodes))
         for i, n in enumerate(nodes):
             path = tree.path(n)[1:]
-            # prior[n] = product of the step's token probabilities; tok_len gives the token count
-            logp = float(np.sum(np.log(np.maximum(tree.prior[path], 1e-30))))
+            # log_prior[n] = sum of the step's token log-probs; tok_len gives the token count
+            logp = float(np.sum(tree.log_prior[path]))
             length = max(1, int(tree.tok_len[path].sum()))
             out[i] = float(np.exp(logp / length))
         return out

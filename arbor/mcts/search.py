@@ -13,13 +13,18 @@ model: it grows the tree through `TreeBuilder` (the `Policy` protocol) and value
 - State merge: a new step within edit distance `merge_distance` of a sibling's is merged into it.
 - Fast rollouts and the terminal reward live in the scorer (arbor/mcts/scoring.py).
 - Budget: simulations and/or forward tokens, whichever ends first.
+- Children table: sized by `max_children_bound(cfg)` up front, so the tree never widens it during a search.
+- Timing: `SearchResult.timing` splits the search's wall time at the model boundary (every `Policy` call,
+  expansion and scorer rollouts alike, is model time; everything else is tree work), by phase.
 """
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -37,14 +42,82 @@ from arbor.mcts.kernels import (
     terminal_nodes,
 )
 from arbor.mcts.scoring import NodeScorer
-from arbor.mcts.tree import ROOT, Tree
+from arbor.mcts.tree import ROOT, Tree, reserve_children
 from arbor.pipeline.config import EtaMCTSConfig
 from arbor.tasks.answers import final_answer_line, parse_number
+
+PHASES = ("select", "expand", "score", "backup", "widen", "readout")
+
+
+@dataclass
+class SearchTiming:
+    """Wall seconds of one search, split at the model boundary.
+
+    model: inside `Policy` calls (expansions and the scorer's rollouts: the forward passes).
+    phases: tree work by phase, model time excluded: select (kernel, duplicates, virtual-loss reverts), expand
+    (TreeBuilder: path assembly, exclusion lists, state merge, adding children), score (the scorer callback:
+    rewards, path walks), backup (kernel), widen (sibling stats, branching targets, reopening, budget checks),
+    readout (the four read-outs).
+    total: the whole search, start to read-outs. `tree` = total - model.
+    """
+
+    model: float = 0.0
+    total: float = 0.0
+    phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+
+    @property
+    def tree(self) -> float:
+        return self.total - self.model
+
+    @property
+    def bookkeeping_fraction(self) -> float:
+        """Tree work / total wall time."""
+        return self.tree / self.total if self.total > 0 else float("nan")
+
+
+class _TimedPolicy:
+    """The policy with a stopwatch on its model calls (expand, sample, score); everything else is delegated."""
+
+    def __init__(self, policy: Policy) -> None:
+        self._policy = policy
+        self.seconds = 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._policy, name)
+
+    def _timed(self, name: str, *args: Any, **kw: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return getattr(self._policy, name)(*args, **kw)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def expand(self, *args: Any, **kw: Any) -> Any:
+        return self._timed("expand", *args, **kw)
+
+    def sample(self, *args: Any, **kw: Any) -> Any:
+        return self._timed("sample", *args, **kw)
+
+    def score(self, *args: Any, **kw: Any) -> Any:
+        return self._timed("score", *args, **kw)
+
+
+class _Laps:
+    """Accumulates wall time per phase, excluding the model seconds spent inside each phase."""
+
+    def __init__(self, clock: _TimedPolicy, timing: SearchTiming) -> None:
+        self.clock, self.timing = clock, timing
+        self.t, self.m = time.perf_counter(), clock.seconds
+
+    def __call__(self, phase: str) -> None:
+        t, m = time.perf_counter(), self.clock.seconds
+        self.timing.phases[phase] += (t - self.t) - (m - self.m)
+        self.t, self.m = t, m
 
 
 @dataclass
 class SearchResult:
-    """A finished search: the builder (tree, keys, timing) and the read-outs (node ids, -1 if none)."""
+    """A finished search: the builder (tree, keys), the read-outs (node ids, -1 if none) and its timing."""
 
     builder: TreeBuilder
     simulations: int
@@ -52,6 +125,14 @@ class SearchResult:
     best_leaf: int
     rerank_leaf: int
     vote_answer: str | None
+    timing: SearchTiming = field(default_factory=SearchTiming)
+
+
+def max_children_bound(cfg: EtaMCTSConfig) -> int:
+    """Most children eta-MCTS can give one node: an expansion tops a node up to its branching target
+    (<= max(c_max_root, c_max)) or adds one child, and a node is expanded at most max(widen_cap, max_attempts)
+    times (`_grow`, `_reopen`). Defaults: 6 + 16 = 22; the paper's c_max(0) = 60 gives 76."""
+    return max(cfg.c_max_root, cfg.c_max) + max(cfg.widen_cap, cfg.max_attempts)
 
 
 def branching_target(imp: float, depth: int, cfg: EtaMCTSConfig) -> int:
@@ -65,11 +146,16 @@ def branching_target(imp: float, depth: int, cfg: EtaMCTSConfig) -> int:
 def eta_mcts(policy: Policy, prompt_ids: Sequence[int], *, scorer: NodeScorer, is_terminal: Callable[[str], bool],
              cfg: EtaMCTSConfig, seed: int, store: object, max_nodes: int = 20_000) -> SearchResult:
     """Run eta-MCTS from `prompt_ids`; see the module docstring."""
-    b = TreeBuilder.start(policy, prompt_ids, store=store, seed=seed, max_nodes=max_nodes,
+    t_start = time.perf_counter()
+    clock = _TimedPolicy(policy)
+    timing = SearchTiming()
+    lap = _Laps(clock, timing)
+    b = TreeBuilder.start(clock, prompt_ids, store=store, seed=seed, max_nodes=max_nodes,  # type: ignore[arg-type]
                           is_terminal=is_terminal, step_tokens=cfg.step_tokens, max_depth=cfg.max_depth,
                           temperature=cfg.temperature, merge_distance=cfg.merge_distance,
                           exclude_existing=cfg.sample_without_replacement)
     tree = b.tree
+    reserve_children(tree, max_children_bound(cfg))
     target = np.zeros(max_nodes, np.int32)
     target[ROOT] = cfg.c_min
     expanded = np.zeros(max_nodes, np.bool_)
@@ -81,17 +167,20 @@ def eta_mcts(policy: Policy, prompt_ids: Sequence[int], *, scorer: NodeScorer, i
         spent = policy.counters.forward_tokens - start_tokens
         if cfg.max_forward_tokens is not None and spent >= cfg.max_forward_tokens:
             break
+        lap("widen")
         leaves = select(tree, expanded, cfg.batch_leaves, c=cfg.c, rule=rule)
         unique, dup = _split_duplicates(leaves)
         if dup.size:
             revert_virtual_loss(tree.parent, tree.virtual, dup)
         done = np.array([x for x in unique if tree.terminal[x]], np.int32)
+        lap("select")
         if done.size:  # a terminal is re-valued by its stored score
             backup_values(tree, done, np.nan_to_num(tree.critic_score[done], nan=0.0))
+        lap("backup")
         grow = [int(x) for x in unique if not tree.terminal[x]]
         if grow:
             stalled = 0
-            _grow(b, grow, target, expanded, attempts, scorer, cfg, seed + 7 * step)
+            _grow(b, grow, target, expanded, attempts, scorer, cfg, seed + 7 * step, lap)
         else:  # only terminals were selected: the search prefers finished paths, so widen along them
             stalled += 1
             exhausted = not np.any(~expanded[: tree.num_nodes] & ~tree.terminal[: tree.num_nodes])
@@ -104,7 +193,14 @@ def eta_mcts(policy: Policy, prompt_ids: Sequence[int], *, scorer: NodeScorer, i
         step += 1
         if tree.num_nodes + cfg.batch_leaves * cfg.c_max_root >= max_nodes:
             break
-    return readouts(b, sims)
+    lap("widen")
+    b.policy = policy  # the stopwatch only lives during the search
+    res = readouts(b, sims)
+    lap("readout")
+    timing.model = clock.seconds
+    timing.total = time.perf_counter() - t_start
+    res.timing = timing
+    return res
 
 
 def _reopen(tree: Tree, terminals: np.ndarray, expanded: np.ndarray, attempts: np.ndarray,
@@ -130,7 +226,7 @@ def _split_duplicates(leaves: np.ndarray) -> tuple[list[int], np.ndarray]:
 
 
 def _grow(b: TreeBuilder, leaves: list[int], target: np.ndarray, expanded: np.ndarray, attempts: np.ndarray,
-          scorer: NodeScorer, cfg: EtaMCTSConfig, seed: int) -> None:
+          scorer: NodeScorer, cfg: EtaMCTSConfig, seed: int, lap: Callable[[str], None]) -> None:
     """Expand each selected leaf up to its branching target, score the new children, back them up.
 
     Samples merged into an existing sibling add nothing; a node keeps being widened until it has its target
@@ -140,14 +236,18 @@ def _grow(b: TreeBuilder, leaves: list[int], target: np.ndarray, expanded: np.nd
     tree = b.tree
     attempts[leaves] += 1
     counts = [max(1, int(target[x]) - int(tree.num_children[x])) for x in leaves]
+    lap("widen")
     kids = b.expand(leaves, counts, seed=seed)
     new = [k for ks in kids for k in ks]
+    lap("expand")
     values = scorer(b, new, seed=seed + 1) if new else np.zeros(0)
     tree.critic_score[new] = values
+    lap("score")
     revert_virtual_loss(tree.parent, tree.virtual, np.asarray(leaves, np.int32))
     if new:
         backup_values(tree, np.asarray(new, np.int32), values, undo_virtual=False)
-    _, importance = sibling_stats(tree.first_child, tree.next_sibling, np.asarray(leaves, np.int32),
+    lap("backup")
+    _, importance = sibling_stats(tree.children_index, tree.num_children, np.asarray(leaves, np.int32),
                                   tree.critic_score)
     for x, imp in zip(leaves, importance.tolist(), strict=True):
         target[x] = branching_target(imp, int(tree.depth[x]), cfg)
@@ -161,9 +261,9 @@ def readouts(b: TreeBuilder, sims: int) -> SearchResult:
     """Read-outs of a valued tree: greedy-by-Q terminal, best terminal by Q, rerank by score, weighted vote."""
     tree = b.tree
     n = tree.num_nodes
-    path = greedy_path(tree.first_child, tree.next_sibling, tree.visits, tree.value_sum)
+    path = greedy_path(tree.children_index, tree.num_children, tree.visits, tree.value_sum)
     greedy = int(path[-1]) if tree.terminal[path[-1]] else -1
-    best = int(best_leaf(tree.first_child, tree.visits, tree.value_sum, tree.terminal, n, True))
+    best = int(best_leaf(tree.num_children, tree.visits, tree.value_sum, tree.terminal, n, True))
     terms = terminal_nodes(tree)
     scores = tree.critic_score[terms]
     rerank = int(terms[np.nanargmax(scores)]) if len(terms) and not np.all(np.isnan(scores)) else -1

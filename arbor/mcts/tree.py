@@ -6,9 +6,22 @@ tokens are the span `tokens[tok_start[n] : tok_start[n] + tok_len[n]]` of one fl
 the prompt. Kernels take arrays, never Python objects, and are compiled with `cache=True` because every
 pipeline stage is its own process.
 
+Children: a contiguous table as in mctx (`children_index[N, C]`, int32, `NO_CHILD`-padded, row n = n's
+children in creation order, `num_children[n]` of them), so selection reads one row of contiguous indices
+instead of chasing a first-child/next-sibling list. The width C is a capacity like `max_nodes`: `new_tree`
+takes `max_children` (eta-MCTS sizes it from its config so that it is never exceeded, see
+`search.max_children_bound`), and a node that outgrows it doubles the table (amortised O(1) per child, so
+samplers with wide roots, e.g. G chains, still work; memory is N * C * 4 bytes).
+
 Statistics (DESIGN.md, "eta-MCTS"): `visits[n]` = N(s), `value_sum[n]` = W(s), Q(s) = W/N. Virtual loss
 (batched selection): a node on a path selected but not yet backed up has `virtual[n] > 0`; selection sees it as
 `N + virtual` visits with `W - virtual * vl_value`, so B selections in one batch spread over the tree.
+
+Priors live in log space: `log_prior[n]` = log pi(step_n | path to parent) = the sum of the step's token
+log-probs (float64; a 40-token step at -3 nats per token is -120, which underflows float32 probabilities to 0).
+PUCT uses `prior[n]` = P(s,a) = exp(log_prior[a] - logsumexp_b log_prior[b]) over the siblings b of a (the
+policy renormalised over the expanded children, the usual PUCT prior), which `add_child` keeps up to date; it
+is a cache of `log_prior`, never set directly.
 """
 
 from __future__ import annotations
@@ -21,6 +34,7 @@ import numpy as np
 ROOT = 0
 NO_PARENT = -1
 NO_CHILD = -1
+DEFAULT_MAX_CHILDREN = 16
 
 
 class TreeFullError(RuntimeError):
@@ -29,17 +43,17 @@ class TreeFullError(RuntimeError):
 
 @dataclass
 class Tree:
-    """Arrays of capacity N = max_nodes (and T = max_tokens for the token buffer)."""
+    """Arrays of capacity N = max_nodes, C = max_children (grows on demand) and T = max_tokens."""
 
     parent: np.ndarray  # [N] int32, NO_PARENT for the root
     depth: np.ndarray  # [N] int32, root 0
-    first_child: np.ndarray  # [N] int32, NO_CHILD if none
-    next_sibling: np.ndarray  # [N] int32, NO_CHILD if last
+    children_index: np.ndarray  # [N, C] int32, children in creation order, NO_CHILD-padded
     num_children: np.ndarray  # [N] int32
     visits: np.ndarray  # [N] int32, N(s)
     value_sum: np.ndarray  # [N] float64, W(s)
     virtual: np.ndarray  # [N] int32, pending virtual losses
-    prior: np.ndarray  # [N] float32, P(s) for PUCT (policy prob of the step)
+    log_prior: np.ndarray  # [N] float64, log pi(step | parent), 0 for the root
+    prior: np.ndarray  # [N] float64, P(s,a) for PUCT: softmax of log_prior over the siblings (a cache)
     critic_score: np.ndarray  # [N] float32, node score from the scorer, NaN if unscored
     terminal: np.ndarray  # [N] bool
     reward: np.ndarray  # [N] float32, outcome at terminals, NaN elsewhere
@@ -60,6 +74,17 @@ class Tree:
     def capacity(self) -> int:
         return len(self.parent)
 
+    @property
+    def max_children(self) -> int:
+        """C, the width of the children table."""
+        return int(self.children_index.shape[1])
+
+    @property
+    def first_child(self) -> np.ndarray:
+        """[N] view of the table's first column (NO_CHILD for a leaf): `first_child[n] != NO_CHILD` tests for
+        children."""
+        return self.children_index[:, 0]
+
     def q(self) -> np.ndarray:
         """[num_nodes] Q = W / N (NaN where unvisited)."""
         n = self.num_nodes
@@ -79,22 +104,26 @@ class Tree:
         return gather_path_tokens(self.parent, self.tok_start, self.tok_len, self.tokens, node)
 
     def children(self, node: int) -> np.ndarray:
-        return children_of(self.first_child, self.next_sibling, node)
+        """[num_children[node]] children of `node` in creation order (a view of its table row)."""
+        return self.children_index[node, : self.num_children[node]]
 
 
-
-def new_tree(max_nodes: int, max_tokens: int, root_tokens: np.ndarray | list[int]) -> Tree:
+def new_tree(max_nodes: int, max_tokens: int, root_tokens: np.ndarray | list[int], *,
+             max_children: int = DEFAULT_MAX_CHILDREN) -> Tree:
     """An empty tree whose root holds the prompt tokens."""
     if max_nodes < 1:
         raise ValueError(f"max_nodes={max_nodes}: need at least 1 (the root)")
+    if max_children < 1:
+        raise ValueError(f"max_children={max_children}: need at least 1")
     n, t = max_nodes, max_tokens
     tree = Tree(
         parent=np.full(n, NO_PARENT, np.int32), depth=np.zeros(n, np.int32),
-        first_child=np.full(n, NO_CHILD, np.int32), next_sibling=np.full(n, NO_CHILD, np.int32),
-        num_children=np.zeros(n, np.int32), visits=np.zeros(n, np.int32), value_sum=np.zeros(n, np.float64),
-        virtual=np.zeros(n, np.int32), prior=np.ones(n, np.float32), critic_score=np.full(n, np.nan, np.float32),
-        terminal=np.zeros(n, np.bool_), reward=np.full(n, np.nan, np.float32), tok_start=np.zeros(n, np.int64),
-        tok_len=np.zeros(n, np.int32), tokens=np.zeros(t, np.int32), counts=np.zeros(2, np.int64),
+        children_index=np.full((n, max_children), NO_CHILD, np.int32), num_children=np.zeros(n, np.int32),
+        visits=np.zeros(n, np.int32), value_sum=np.zeros(n, np.float64), virtual=np.zeros(n, np.int32),
+        log_prior=np.zeros(n, np.float64), prior=np.ones(n, np.float64),
+        critic_score=np.full(n, np.nan, np.float32), terminal=np.zeros(n, np.bool_),
+        reward=np.full(n, np.nan, np.float32), tok_start=np.zeros(n, np.int64), tok_len=np.zeros(n, np.int32),
+        tokens=np.zeros(t, np.int32), counts=np.zeros(2, np.int64),
     )
     root = np.asarray(root_tokens, np.int32)
     if len(root) > t:
@@ -105,13 +134,24 @@ def new_tree(max_nodes: int, max_tokens: int, root_tokens: np.ndarray | list[int
     return tree
 
 
-def add_child(tree: Tree, parent: int, step_tokens: np.ndarray | list[int], *, prior: float = 1.0,
+def reserve_children(tree: Tree, max_children: int) -> None:
+    """Widen the children table to at least `max_children` columns (existing rows are kept)."""
+    extra = max_children - tree.max_children
+    if extra > 0:
+        pad = np.full((tree.capacity, extra), NO_CHILD, np.int32)
+        tree.children_index = np.ascontiguousarray(np.concatenate([tree.children_index, pad], axis=1))
+
+
+def add_child(tree: Tree, parent: int, step_tokens: np.ndarray | list[int], *, log_prior: float = 0.0,
               terminal: bool = False, reward: float = np.nan) -> int:
-    """Append a child of `parent` holding `step_tokens`; returns its index."""
+    """Append a child of `parent` holding `step_tokens`, with log pi(step | parent) = `log_prior`; returns its
+    index. Renormalises the PUCT prior of `parent`'s children (see module docstring)."""
     toks = np.asarray(step_tokens, np.int32)
-    idx = _add_child(tree.parent, tree.depth, tree.first_child, tree.next_sibling, tree.num_children,
-                     tree.prior, tree.terminal, tree.reward, tree.tok_start, tree.tok_len, tree.tokens, tree.counts,
-                     parent, toks, prior, terminal, reward)
+    if 0 <= parent < tree.num_nodes and tree.num_children[parent] >= tree.max_children:
+        reserve_children(tree, 2 * tree.max_children)
+    idx = _add_child(tree.parent, tree.depth, tree.children_index, tree.num_children, tree.log_prior, tree.prior,
+                     tree.terminal, tree.reward, tree.tok_start, tree.tok_len, tree.tokens, tree.counts,
+                     parent, toks, float(log_prior), terminal, reward)
     if idx == -1:
         raise TreeFullError(f"tree is full: {tree.num_nodes}/{tree.capacity} nodes, "
                             f"{tree.num_tokens}/{len(tree.tokens)} tokens; raise max_nodes/max_tokens")
@@ -121,8 +161,26 @@ def add_child(tree: Tree, parent: int, step_tokens: np.ndarray | list[int], *, p
 
 
 @nb.njit(cache=True)
-def _add_child(parent, depth, first_child, next_sibling, num_children, prior, terminal, reward, tok_start,
-               tok_len, tokens, counts, p, step, p_prior, is_terminal, r):  # pragma: no cover - numba
+def sibling_prior(children_index, num_children, log_prior, prior, p):  # pragma: no cover - numba
+    """prior[a] = exp(log_prior[a] - logsumexp(log_prior[children of p])) for every child a of p."""
+    k = num_children[p]
+    m = -np.inf
+    for i in range(k):
+        m = max(m, log_prior[children_index[p, i]])
+    if not np.isfinite(m):  # every child has log-prior -inf (or NaN): uniform
+        for i in range(k):
+            prior[children_index[p, i]] = 1.0 / k
+        return
+    total = 0.0
+    for i in range(k):
+        total += np.exp(log_prior[children_index[p, i]] - m)
+    for i in range(k):
+        prior[children_index[p, i]] = np.exp(log_prior[children_index[p, i]] - m) / total
+
+
+@nb.njit(cache=True)
+def _add_child(parent, depth, children_index, num_children, log_prior, prior, terminal, reward, tok_start,
+               tok_len, tokens, counts, p, step, p_log_prior, is_terminal, r):  # pragma: no cover - numba
     n, t = counts[0], counts[1]
     if p < 0 or p >= n:
         return -2
@@ -130,16 +188,10 @@ def _add_child(parent, depth, first_child, next_sibling, num_children, prior, te
         return -1
     parent[n] = p
     depth[n] = depth[p] + 1
-    # append as the last sibling, so children are listed in creation order
-    if first_child[p] == -1:
-        first_child[p] = n
-    else:
-        c = first_child[p]
-        while next_sibling[c] != -1:
-            c = next_sibling[c]
-        next_sibling[c] = n
+    children_index[p, num_children[p]] = n  # the caller made room; appended, so rows keep creation order
     num_children[p] += 1
-    prior[n] = p_prior
+    log_prior[n] = p_log_prior
+    sibling_prior(children_index, num_children, log_prior, prior, p)
     terminal[n] = is_terminal
     reward[n] = r
     tok_start[n] = t
@@ -179,20 +231,4 @@ def gather_path_tokens(parent, tok_start, tok_len, tokens, node):  # pragma: no 
         n = path[i]
         out[k : k + tok_len[n]] = tokens[tok_start[n] : tok_start[n] + tok_len[n]]
         k += tok_len[n]
-    return out
-
-
-@nb.njit(cache=True)
-def children_of(first_child, next_sibling, node):  # pragma: no cover - numba
-    """Children of `node` in creation order."""
-    k = 0
-    c = first_child[node]
-    while c != -1:
-        k += 1
-        c = next_sibling[c]
-    out = np.empty(k, np.int32)
-    c = first_child[node]
-    for i in range(k):
-        out[i] = c
-        c = next_sibling[c]
     return out
