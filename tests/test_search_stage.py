@@ -1,13 +1,21 @@
-"""Stage `search` end to end on a tiny random model: parquet trees, resume, fingerprint; `show-tree` HTML."""
+"""Stage `search` end to end on a tiny random model: parquet trees, per-problem resume, damage detection,
+--out safety, fingerprint; `show-tree` HTML."""
 
 import json
+import os
+import shutil
 from html.parser import HTMLParser
+from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from arbor.lm.hf import HFPolicy
-from arbor.pipeline.config import load_config
+from arbor.pipeline import manifest
+from arbor.pipeline.config import ArborInputError, load_config
 from arbor.pipeline.io import write_jsonl
+from arbor.pipeline.manifest import MANIFEST, CorruptOutputError, verified_files
 from arbor.stages import search, show_tree
 from arbor.tasks import make_splits
 
@@ -43,9 +51,9 @@ def test_trees_open_in_datasets(setup, algorithm):
     import datasets
 
     m, _ = _run(setup, algorithm)
-    files = sorted(str(p) for p in (setup / "trees").glob("part-*.parquet"))
-    assert len(files) == 3
-    ds = datasets.load_dataset("parquet", data_files=files, split="train")
+    files = [str(p) for p in verified_files(setup / "trees")]
+    assert [os.path.basename(f) for f in files] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    ds = datasets.load_dataset("parquet", data_files=str(setup / "trees" / "*.parquet"), split="train")
     assert len(ds) == m["nodes"]
     for col in ("problem_id", "node", "parent", "depth", "step_text", "tok_start", "tok_len", "visits", "q",
                 "critic_score", "terminal", "reward"):
@@ -56,34 +64,145 @@ def test_trees_open_in_datasets(setup, algorithm):
     assert len(roots) == 3 and all(r["parent"] == -1 and r["step_text"].startswith("Q: ") for r in roots)
     if algorithm == "tree_grpo":
         assert m["terminals"] == 3 * 2 * (1 * 1 + 1)  # problems * M * (L*N + 1)
+    assert sorted(p.name for p in (setup / "trees").iterdir() if p.name.startswith(("_", "."))) == \
+        ["_fingerprint.json", "_manifest.json"]  # the per-problem work files are gone
 
 
-def test_search_resumes_after_a_kill_and_ignores_half_written_files(setup):
-    first, p1 = _run(setup)
-    full_tokens = p1.counters.forward_tokens
-    trees = setup / "trees"
-    (trees / "part-00002.parquet").unlink()  # as if killed before the last shard landed
-    (trees / ".tmp-part-00002.parquet-x").write_bytes(b"PAR1 half")  # and a half-written temp file
-    again, p2 = _run(setup)
-    assert 0 < p2.counters.forward_tokens < full_tokens  # only the missing shard was searched
-    assert {k: v for k, v in again.items() if k != "wall_seconds"} == \
-        {k: v for k, v in first.items() if k != "wall_seconds"}
-    assert not list(trees.glob(".tmp-*"))
+class Killed(BaseException):
+    """Stands in for SIGKILL in-process (tests/test_faults.py kills real processes)."""
 
 
-def test_changed_config_clears_old_shards(setup):
+@pytest.fixture()
+def searched(monkeypatch):
+    """Problem ids searched by `search_problem`; `kill_after[0] = k` raises Killed when the k+1-th one starts."""
+    calls, kill_after = [], [None]
+    real = search.search_problem
+
+    def counting(policy, task, problem, *a, **kw):
+        if kill_after[0] is not None and len(calls) >= kill_after[0]:
+            raise Killed
+        calls.append(problem.id)
+        return real(policy, task, problem, *a, **kw)
+
+    monkeypatch.setattr(search, "search_problem", counting)
+    return calls, kill_after
+
+
+def _trees(tmp):
+    return pa.concat_tables([pq.read_table(f) for f in verified_files(tmp / "trees")]).to_pydict()
+
+
+def _same(a, b):
+    return {k: v for k, v in a.items() if k != "wall_seconds"} == {k: v for k, v in b.items() if k != "wall_seconds"}
+
+
+@pytest.mark.parametrize("kill_after", [1, 2])
+def test_a_kill_loses_at_most_the_problem_in_flight(setup, searched, kill_after):
+    calls, kill = searched
+    reference, _ = _run(setup, **{"search.shard_size": 2})
+    ref_trees = _trees(setup)
+    shutil.rmtree(setup / "trees")
+    calls.clear()
+    kill[0] = kill_after
+    with pytest.raises(Killed):
+        _run(setup, **{"search.shard_size": 2})
+    assert not (setup / "trees" / MANIFEST).exists()  # an unfinished output is never marked complete
+    with pytest.raises(CorruptOutputError, match="_manifest.json: missing"):
+        verified_files(setup / "trees")
+    done = list(calls)
+    kill[0] = None
+    again, _ = _run(setup, **{"search.shard_size": 2})
+    assert calls[len(done):] == ["train-000000", "train-000001", "train-000002"][kill_after:]  # only the rest
+    assert _same(again, reference) and _trees(setup) == ref_trees
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_shard_is_redone_never_read(setup, searched, damage):
+    calls, _ = searched
+    first, _ = _run(setup, **{"search.shard_size": 2})
+    ref_trees = _trees(setup)
+    part = setup / "trees" / "part-00001.parquet"
+    if damage == "truncate":
+        os.truncate(part, 100)
+    else:
+        data = bytearray(part.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        part.write_bytes(bytes(data))
+    with pytest.raises(CorruptOutputError, match="part-00001.parquet"):
+        verified_files(setup / "trees")  # what a later stage (critics, prefs) calls
+    calls.clear()
+    again, _ = _run(setup, **{"search.shard_size": 2})
+    assert calls == ["train-000002"]  # the damaged shard's problem, nothing else
+    assert _same(again, first) and _trees(setup) == ref_trees
+
+
+def test_damaged_work_file_is_redone(setup, searched):
+    calls, kill = searched
+    kill[0] = 2
+    with pytest.raises(Killed):
+        _run(setup, **{"search.shard_size": 3})
+    work = sorted((setup / "trees" / "_work").glob("*.parquet"))
+    assert [w.name for w in work] == ["i-000000.parquet", "i-000001.parquet"]
+    os.truncate(work[1], 50)
+    (setup / "trees" / "_work" / "i-000002.parquet").write_bytes(b"PAR1 half")  # killed before its record
+    calls.clear()
+    kill[0] = None
+    _run(setup, **{"search.shard_size": 3})
+    assert calls == ["train-000001", "train-000002"]
+    assert len(_trees(setup)["node"]) > 0 and not (setup / "trees" / "_work").exists()
+
+
+def test_out_dir_that_is_not_a_trees_dir_is_refused_untouched(setup):
+    models = setup / "models"
+    (models / "iter_0").mkdir(parents=True)
+    (models / "iter_0" / "model.safetensors").write_bytes(b"weights")
+    (models / "notes.txt").write_text("mine")
+    cfg = load_config(None, FAST)
+    with pytest.raises(ArborInputError, match="not a search trees directory .*iter_0, notes.txt"):
+        search.run(cfg, policy_dir=setup / "policy", train_file=setup / "train.jsonl", out_dir=models)
+    assert (models / "iter_0" / "model.safetensors").read_bytes() == b"weights"
+    assert sorted(p.name for p in models.iterdir()) == ["iter_0", "notes.txt"]
+    empty = setup / "empty"
+    empty.mkdir()
+    m, _ = _run(setup)
+    assert search.run(cfg, policy_dir=setup / "policy", train_file=setup / "train.jsonl",
+                      out_dir=empty)["problems"] == m["problems"]
+
+
+def test_changed_config_clears_only_the_stage_files(setup):
     _run(setup)
+    live = setup / "trees" / f".tmp-part-00000.parquet-{os.getppid()}-0badc0de"  # a concurrent writer's temp
+    live.write_text("in progress")
     m, _ = _run(setup, **{"search.n_problems": 2})
     assert m["problems"] == 2 and len(list((setup / "trees").glob("part-*.parquet"))) == 2
+    assert live.exists() and verified_files(setup / "trees")
 
 
 def test_changed_code_is_not_resumed_from(setup, monkeypatch):
     _, first = _run(setup)
     _, same = _run(setup)
     assert same.counters.forward_tokens == 0  # same code and config: everything resumed
-    monkeypatch.setattr(search, "code_digest", lambda: "other code")
+    monkeypatch.setattr(manifest, "code_digest", lambda: "other code")
     _, other = _run(setup)
     assert other.counters.forward_tokens == first.counters.forward_tokens  # searched again from scratch
+
+
+def test_fingerprint_does_not_read_the_model_weights(setup, monkeypatch):
+    cfg = load_config(None, FAST)
+    monkeypatch.setattr(manifest, "SMALL_FILE", 64)  # every weight file counts as large
+    real_read = Path.read_bytes
+
+    def guarded_read(self):
+        assert self.suffix != ".safetensors", f"{self} read in full"
+        return real_read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", guarded_read)
+    monkeypatch.setattr(manifest, "sha256_file", lambda p: pytest.fail(f"{p} hashed in full")
+                        if str(p).endswith(".safetensors") else "x")
+    large = search._fingerprint(cfg, setup / "policy", setup / "train.jsonl", 1)
+    assert large == search._fingerprint(cfg, setup / "policy", setup / "train.jsonl", 1)
+    os.utime(setup / "policy" / "model.safetensors", ns=(1, 1))  # rewritten (same size, same header)
+    assert search._fingerprint(cfg, setup / "policy", setup / "train.jsonl", 1) != large
 
 
 class _Details(HTMLParser):
@@ -122,7 +241,7 @@ def test_evaluate_can_decode_with_search(setup):
     argv = ["--params", "", "--tracking.enabled", "false", "--evaluate.k", "2", "--evaluate.max_new_tokens", "6",
             "--evaluate.search", "true", "--evaluate.search_simulations", "4", "--search.eta.step_tokens", "4",
             "--search.eta.max_depth", "2", "--policy", str(setup / "policy"), "--eval", str(setup / "eval.jsonl"),
-            "--out", str(setup / "m.json")]
+            "--metrics", str(setup / "m.json")]
     m = evaluate.main(argv)
     saved = json.loads((setup / "m.json").read_text())
     assert saved["search_simulations"] == 4 and 0 <= saved["search_pass1"] <= 1

@@ -2,21 +2,21 @@
 
 `search.algorithm` picks eta-MCTS (AlphaLLM), Tree-GRPO sampling, or independent chains. Training-time search
 knows the gold answer: terminals are valued by the task's outcome reward (the oracle), inner nodes by fast
-rollouts. Output: `trees/iter_<k>/part-*.parquet` (one row per node, see arbor/mcts/treeio.py) and
-`metrics/search_<k>.json`.
+rollouts. Output: `trees/iter_<k>/part-*.parquet` (one row per node, see arbor/mcts/treeio.py; `search.shard_size`
+problems per file), their `part-*.stats.json`, `_manifest.json` (checksums, written last) and
+`metrics/search_<k>.json`. Open the trees with `manifest.verified_files(dir)`, which refuses a damaged output.
 
-Resumable: problems are searched in shards; each shard's stats JSON is written, then its parquet file, both
-atomically, so a shard is done exactly when its parquet exists. A killed run restarts after the last done
-shard; a half-written file is never taken as done. `_fingerprint.json` records the config, policy, train file
-and arbor source a shard set belongs to; a different one clears the directory first.
+Resumable problem by problem (arbor/pipeline/shards.py): each searched problem is committed at once, so a kill
+loses at most the problem in flight, and a re-run redoes any damaged or half-written file instead of reading
+it. Seeds are per problem, so the result does not depend on where a run was interrupted. `_fingerprint.json`
+records the config, policy, train file and arbor source the trees belong to; with a different one the stage's
+own files are removed first. `--out` must be a new, empty or trees directory: nothing else is ever deleted.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import shutil
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,10 +34,14 @@ from arbor.mcts.scoring import RewardScorer
 from arbor.mcts.search import eta_mcts, readouts
 from arbor.mcts.treeio import tree_rows, write_trees
 from arbor.pipeline.config import ArborConfig, SearchConfig, to_dict
-from arbor.pipeline.io import read_json, write_json
+from arbor.pipeline.io import write_json
+from arbor.pipeline.manifest import fingerprint, verify
 from arbor.pipeline.seeds import derive_seed
+from arbor.pipeline.shards import ShardedOutput
 from arbor.pipeline.tracking import NullTracker, Tracker
-from arbor.tasks import Problem, Task, answers_match, build_task, is_terminal_step, parse_number, read_problems
+from arbor.tasks import Problem, Task, build_task, is_solved, is_terminal_step, read_problems
+
+log = logging.getLogger("arbor.search")
 
 
 def _value_terminals(b: TreeBuilder, reward: Any) -> None:
@@ -79,16 +83,15 @@ def search_problem(policy: Policy, task: Task, problem: Problem, cfg: SearchConf
     terms = terminal_nodes(tree)
 
     def ok(node: int) -> bool:
-        return bool(node >= 0 and tree.reward[node] == 1.0)
+        return bool(node >= 0 and is_solved(tree.reward[node]))
 
     stats = {
         "problem_id": problem.id, "nodes": tree.num_nodes, "terminals": len(terms),
         "forward_tokens": used.forward_tokens, "unique_tokens": tree.num_tokens,
         "padded_positions": used.padded_positions,
-        "solved_any": bool(np.any(tree.reward[terms] == 1.0)), "solved_greedy": ok(res.greedy_leaf),
+        "solved_any": any(is_solved(r) for r in tree.reward[terms]), "solved_greedy": ok(res.greedy_leaf),
         "solved_best": ok(res.best_leaf), "solved_rerank": ok(res.rerank_leaf),
-        "solved_vote": bool(res.vote_answer is not None and answers_match(parse_number(res.vote_answer),
-                                                                          problem.answer)),
+        "solved_vote": bool(res.vote_answer is not None and task.is_correct(problem, f"Answer: {res.vote_answer}\n")),
         "merged": res.builder.merged, "wall_seconds": time.perf_counter() - t0,
     }
     if cfg.algorithm == "tree_grpo":  # Tree-GRPO §3: expected tokens M*B + M*L*N*B/2, B = mean trajectory length
@@ -99,22 +102,10 @@ def search_problem(policy: Policy, task: Task, problem: Problem, cfg: SearchConf
     return tree_rows(problem.id, tree, policy.decode, group), stats
 
 
-def code_digest() -> str:
-    """Digest of the arbor source: shards written by other code are not resumed from."""
-    h = hashlib.sha256()
-    for f in sorted(Path(__file__).resolve().parents[1].rglob("*.py")):
-        h.update(f.read_bytes())
-    return h.hexdigest()
-
-
-def _fingerprint(cfg: ArborConfig, policy_dir: str | Path, train_file: str | Path) -> str:
-    h = hashlib.sha256(json.dumps({"search": to_dict(cfg.search), "seed": cfg.seed, "task": to_dict(cfg.task),
-                                   "code": code_digest()}, sort_keys=True).encode())
-    for f in [*sorted(Path(policy_dir).glob("*")), Path(train_file)]:
-        if f.is_file():
-            h.update(f.name.encode())
-            h.update(hashlib.sha256(f.read_bytes()).digest())
-    return h.hexdigest()
+def _fingerprint(cfg: ArborConfig, policy_dir: str | Path, train_file: str | Path, iteration: int) -> str:
+    """What the trees depend on: search/task config, seeds, the policy and train file contents, the source."""
+    config = {"search": to_dict(cfg.search), "seed": cfg.seed, "task": to_dict(cfg.task), "iteration": iteration}
+    return fingerprint(config, [policy_dir, train_file])
 
 
 def summarize(stats: list[dict[str, Any]], algorithm: str) -> dict[str, Any]:
@@ -132,45 +123,38 @@ def summarize(stats: list[dict[str, Any]], algorithm: str) -> dict[str, Any]:
 def run(cfg: ArborConfig, *, policy_dir: str | Path, train_file: str | Path = "data/train.jsonl",
         out_dir: str | Path = "trees/iter_1", iteration: int = 1, tracker: Tracker | None = None,
         policy: Policy | None = None) -> dict[str, Any]:
-    """Search the first `search.n_problems` train problems, shard by shard, resuming finished shards."""
-    from arbor.lm.hf import HFPolicy
+    """Search the first `search.n_problems` train problems, resuming every problem already committed."""
+    from arbor.lm.hf import HFPolicy, check_model_path
 
     tracker = tracker or NullTracker()
     s = cfg.search
-    out_dir = Path(out_dir)
-    fp = _fingerprint(cfg, policy_dir, train_file)
-    fp_file = out_dir / "_fingerprint.json"
-    if out_dir.exists() and (not fp_file.exists() or read_json(fp_file).get("fingerprint") != fp):
-        shutil.rmtree(out_dir)  # shards of another config or policy: never mix them
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(fp_file, {"fingerprint": fp})
+    if policy is None:
+        check_model_path(Path(policy_dir))  # bad input fails before any output is touched
+    fp = _fingerprint(cfg, policy_dir, train_file, iteration)
     problems = read_problems(train_file)[: s.n_problems]
-    policy = policy or HFPolicy.from_pretrained(policy_dir, cfg.device)
-    task = build_task(cfg.task)
-    store = KVStore(int(s.kv_budget_mb * 2**20))
-    stats: list[dict[str, Any]] = []
-    shards = [problems[i : i + s.shard_size] for i in range(0, len(problems), s.shard_size)]
-    bar = tqdm(total=len(problems), desc=f"search[{s.algorithm}]", unit="problem")
-    for si, shard in enumerate(shards):
-        part, side = out_dir / f"part-{si:05d}.parquet", out_dir / f"part-{si:05d}.stats.json"
-        if part.exists() and side.exists():
-            stats += read_json(side)
-            bar.update(len(shard))
-            continue
-        rows, shard_stats = [], []
-        for p in shard:
-            r, st = search_problem(policy, task, p, s, derive_seed(cfg.seed, "search", iteration, p.id), store)
-            rows.append(r)
-            shard_stats.append(st)
+    out = ShardedOutput(out_dir, n_items=len(problems), shard_size=s.shard_size, fingerprint=fp,
+                        what="search trees")
+    todo = out.todo()
+    log.info("search: %d of %d problems already done, %d to search", len(problems) - len(todo), len(problems),
+             len(todo))
+    if todo:
+        if policy is None:
+            verify(policy_dir, required=False)  # a policy written by a stage must match its manifest
+            policy = HFPolicy.from_pretrained(policy_dir, cfg.device)
+        task = build_task(cfg.task)
+        store = KVStore(int(s.kv_budget_mb * 2**20))
+        bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc=f"search[{s.algorithm}]",
+                   unit="problem")
+        for i in todo:
+            p = problems[i]
+            rows, st = search_problem(policy, task, p, s, derive_seed(cfg.seed, "search", iteration, p.id), store)
+            if out.commit(i, lambda path, rows=rows: write_trees(path, [rows]), st):
+                tracker.log_metrics(summarize(out.stats(), s.algorithm), step=i // s.shard_size)
             bar.update(1)
-            done = stats + shard_stats
+            done = out.stats()
             bar.set_postfix(solved=f"{sum(x['solved_any'] for x in done)}/{len(done)}")
-        write_json(side, shard_stats)
-        write_trees(part, rows)
-        stats += shard_stats
-        tracker.log_metrics(summarize(stats, s.algorithm), step=si)
-    bar.close()
-    return summarize(stats, s.algorithm)
+        bar.close()
+    return summarize(out.finish(), s.algorithm)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
