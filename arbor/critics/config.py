@@ -1,0 +1,87 @@
+"""`CriticsConfig`: labels, models, training and node-score weights of the three critics (value, PRM, ORM).
+
+Declared like the sections of arbor/pipeline/config.py (`_f(default, help, min=/max=/gt=/choices=)`, checked
+generically by `arbor.pipeline.config.build`; cross-field checks in `__post_init__`), so the lead can compose
+it into `ArborConfig` as `critics: CriticsConfig = _sub(CriticsConfig)` and every key becomes a
+`--critics.<key>` option and a `params.yaml` entry.
+
+Node score (AlphaLLM §4.3): `s = b_v V(s) + b_prm PRM(s) + b_orm mean_i ORM(rollout_i)`. The weights are
+normalised to sum 1 so that the score stays in [0, 1] (the `NodeScorer` contract); a critic whose weight is 0
+is never loaded or run. Terminals are scored by the oracle reward when a gold answer exists, else by the ORM
+(`orm_at_terminals`), which then runs even with `b_orm = 0` (b_orm weights only the rollouts of inner nodes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from arbor.pipeline.config import ConfigError, _f
+
+KINDS = ("value", "prm", "orm")
+"""The three critics, in a fixed order (head order of a shared backbone)."""
+
+
+@dataclass
+class CriticsConfig:
+    """Stage `critics` and critic-guided search: MC labels, critic models, training, node-score weights."""
+
+    # labels (arbor/critics/labels.py)
+    min_completions: int = _f(4, "Extra policy completions from a node with fewer terminal descendants than this "
+                                 "(0 = labels from the trees only).", min=0)
+    completion_tokens: int = _f(96, "Longest extra completion, in tokens.", min=1)
+    heldout_fraction: float = _f(0.25, "Fraction of problems held out for the reported metrics (split by "
+                                       "problem, never by node).", gt=0.0, max=0.9)
+    val_fraction: float = _f(0.15, "Fraction of the remaining problems used for early stopping.", gt=0.0, max=0.9)
+    # models (arbor/critics/models.py)
+    shared_backbone: bool = _f(False, "One backbone with three heads (true) or three separate models (false).")
+    # training (arbor/train/critic.py)
+    prm_label: str = _f("soft", "PRM target: soft (fraction of completions correct) | hard (any correct).",
+                        choices=("soft", "hard"))
+    value_loss: str = _f("mse", "Value loss on the MC value: mse | bce (soft targets).", choices=("mse", "bce"))
+    prm_loss: str = _f("bce", "PRM loss on step labels: bce | mse.", choices=("bce", "mse"))
+    prm_pairwise: bool = _f(False, "Add rStar-Math's PPM pairwise loss -log sigmoid(r+ - r-) over sibling steps.")
+    pairwise_weight: float = _f(1.0, "Weight of the pairwise PRM loss.", min=0.0)
+    pair_margin: float = _f(0.3, "Sibling steps form a pair when their soft labels differ by at least this.",
+                            gt=0.0, max=1.0)
+    max_epochs: int = _f(30, "Most training epochs (held-out early stopping ends sooner).", min=1)
+    patience: int = _f(4, "Epochs without a better validation loss before stopping.", min=1)
+    problems_per_batch: int = _f(4, "Problems per training batch (a problem's packed paths stay together, so "
+                                    "sibling pairs share a batch).", min=1)
+    lr: float = _f(1e-3, "AdamW learning rate.", gt=0.0)
+    head_lr: float = _f(1e-2, "AdamW learning rate of the scalar heads.", gt=0.0)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", min=0.0)
+    # metrics (arbor/critics/calibration.py)
+    threshold: float = _f(0.5, "Decision threshold for precision and recall.", gt=0.0, max=1.0)
+    n_bins: int = _f(10, "Equal-width bins of ECE and the reliability diagram.", min=2)
+    # node score (arbor/critics/scorer.py)
+    b_value: float = _f(0.5, "Weight of V(s) in the node score (0 = the value model is never run).", min=0.0)
+    b_prm: float = _f(0.5, "Weight of PRM(s) in the node score (0 = never run).", min=0.0)
+    b_orm: float = _f(0.0, "Weight of the mean ORM score of fast rollouts from an inner node (0 = no rollouts).",
+                      min=0.0)
+    n_rollouts: int = _f(4, "Fast rollouts per new inner node for the ORM term (paper: 4).", min=1)
+    rollout_tokens: int = _f(96, "Longest fast rollout, in tokens.", min=1)
+    orm_at_terminals: bool = _f(True, "Score terminals with the ORM where no gold answer exists.")
+    kv_budget_mb: float = _f(256.0, "Prefix KV-cache budget of each critic backbone (MB, LRU).", gt=0.0)
+    batch_size: int = _f(64, "Nodes per critic forward when scoring.", min=1)
+
+    def __post_init__(self) -> None:
+        if self.b_value + self.b_prm + self.b_orm <= 0 and not self.orm_at_terminals:
+            raise ConfigError("critics.b_value, b_prm and b_orm are all 0 and orm_at_terminals is false: no critic "
+                              "would ever run; give at least one a positive weight")
+        if self.heldout_fraction + self.val_fraction >= 1.0:
+            raise ConfigError(f"critics.heldout_fraction={self.heldout_fraction} + val_fraction={self.val_fraction}"
+                              " >= 1 leaves no training problems; lower one of them")
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """{kind: normalised weight} of the node score (all 0 when only terminals are scored)."""
+        raw = {"value": self.b_value, "prm": self.b_prm, "orm": self.b_orm}
+        total = sum(raw.values())
+        return {k: (w / total if total > 0 else 0.0) for k, w in raw.items()}
+
+    def needed(self, *, gold: bool) -> tuple[str, ...]:
+        """The critics a search runs: those with a positive weight, plus the ORM at terminals without gold."""
+        need = {k for k, w in self.weights.items() if w > 0}
+        if not gold and self.orm_at_terminals:
+            need.add("orm")
+        return tuple(k for k in KINDS if k in need)

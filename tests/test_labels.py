@@ -1,0 +1,116 @@
+"""Critic labels on a hand-built tree with hand-computed Monte Carlo / Math-Shepherd labels, and the split."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from arbor.critics.labels import (
+    TreeArrays,
+    assign_splits,
+    build_labels,
+    label_counts,
+    mc_counts,
+    path_owner,
+    read_tree_files,
+    write_labels,
+)
+from arbor.mcts.tree import add_child, new_tree
+from arbor.mcts.treeio import tree_rows, write_trees
+
+from .conftest import StepWorld
+
+PROMPT = "Q\n"
+
+
+def enc(text: str) -> list[int]:
+    return [ord(c) for c in text]
+
+
+def dec(ids) -> str:
+    return "".join(chr(int(i)) for i in ids)
+
+
+def hand_tree():
+    """0 prompt ─┬─ 1 "a" ─┬─ 3 "Answer: 1" (reward 1)        4 has partial credit 0.01: not solved
+                 │         └─ 4 "Answer: 2" (reward 0.01)
+                 └─ 2 "b" ─┬─ 5 "c"  (open leaf, no terminal below)
+                           └─ 6 "Answer: 1" (reward 1)"""
+    tree = new_tree(16, 256, enc(PROMPT))
+    for parent, text, terminal, reward in [(0, "a\n", False, np.nan), (0, "b\n", False, np.nan),
+                                           (1, "Answer: 1\n", True, 1.0), (1, "Answer: 2\n", True, 0.01),
+                                           (2, "c\n", False, np.nan), (2, "Answer: 1\n", True, 1.0)]:
+        add_child(tree, parent, enc(text), terminal=terminal, reward=reward)
+    return tree
+
+
+def reward(text: str) -> float:
+    return float(text.rstrip().endswith("Answer: 1"))
+
+
+@pytest.fixture
+def tree_table(tmp_path):
+    write_trees(tmp_path / "part-0.parquet", [tree_rows("p0", hand_tree(), dec)])
+    return read_tree_files([tmp_path / "part-0.parquet"])
+
+
+def test_mc_counts_and_owner_kernels_by_hand(tree_table):
+    t = TreeArrays(tree_table)
+    z = np.zeros(len(t), np.int64)
+    n, correct, total = mc_counts(t.parent, t.terminal, t.reward, t.solved, z, z, z.astype(float))
+    assert n.tolist() == [3, 2, 1, 1, 1, 0, 1]
+    assert correct.tolist() == [2, 1, 1, 1, 0, 0, 1]
+    np.testing.assert_allclose(total, [2.01, 1.01, 1.0, 1.0, 0.01, 0.0, 1.0], atol=1e-6)
+    # first-child chains: 0 -> 1 -> 3, 2 -> 5; every other node is its own leaf
+    assert path_owner(t.parent).tolist() == [3, 3, 5, 3, 4, 5, 6]
+
+
+def test_labels_from_tree_only(tree_table):
+    lab = build_labels(tree_table).to_pydict()
+    assert lab["node"] == [0, 1, 2, 3, 4, 6]  # node 5 has no completion: unlabelled
+    np.testing.assert_allclose(lab["value"], [2.01 / 3, 1.01 / 2, 1.0, 1.0, 0.01, 1.0], atol=1e-6)
+    np.testing.assert_allclose(lab["prm_soft"], [2 / 3, 0.5, 1.0, 1.0, 0.0, 1.0], atol=1e-6)
+    assert lab["prm_hard"] == [1.0, 1.0, 1.0, 1.0, 0.0, 1.0]
+    assert lab["orm"] == [None, None, None, 1.0, 0.0, 1.0]
+    assert lab["n_completions"] == [3, 2, 1, 1, 1, 1]
+    i4 = lab["node"].index(4)
+    assert lab["prefix"][i4] == "Q\na\n" and lab["step"][i4] == "Answer: 2\n"
+    assert dec(lab["tokens"][i4]) == "Q\na\nAnswer: 2\n" and lab["prefix_len"][i4] == 4
+    assert lab["step"][0] == PROMPT and lab["prefix"][0] == "" and lab["prefix_len"][0] == 0
+
+
+def test_extra_completions_fill_thin_nodes_and_count_for_ancestors(tree_table):
+    def options(solution: str) -> list[str]:
+        return ["c\n"] if solution.endswith("b\n") else ["Answer: 1\n"]
+
+    world = StepWorld(options, prompt=PROMPT)
+    lab = build_labels(tree_table, min_completions=2, policy=world, rewards={"p0": reward}).to_pydict()
+    row = {n: i for i, n in enumerate(lab["node"])}
+    # node 5 gets 2 extra completions (both correct), node 2 one more ("c\nAnswer: 1\n", correct); root none
+    assert [lab["n_extra"][row[n]] for n in (0, 1, 2, 5)] == [0, 0, 1, 2]
+    assert lab["n_completions"][row[5]] == 2 and lab["value"][row[5]] == 1.0
+    assert lab["n_completions"][row[2]] == 4 and lab["n_correct"][row[2]] == 4
+    assert lab["n_completions"][row[0]] == 6 and lab["n_correct"][row[0]] == 5
+    assert lab["value"][row[0]] == pytest.approx(5.01 / 6)
+    assert lab["owner"][row[2]] == 5
+
+
+def test_split_is_by_problem_deterministic_and_complete():
+    ids = [f"p{i}" for i in range(40)]
+    a = assign_splits(ids, heldout_fraction=0.25, val_fraction=0.15, seed=3)
+    assert a == assign_splits(list(reversed(ids)), heldout_fraction=0.25, val_fraction=0.15, seed=3)
+    assert [sum(v == s for v in a.values()) for s in ("train", "val", "heldout")] == [24, 6, 10]
+    assert a != assign_splits(ids, heldout_fraction=0.25, val_fraction=0.15, seed=4)
+
+
+def test_label_set_opens_with_datasets(tree_table, tmp_path):
+    import datasets
+
+    table = build_labels(tree_table)
+    write_labels(tmp_path / "labels.parquet", table)
+    ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "labels.parquet"), split="train",
+                               cache_dir=str(tmp_path / "hf"))
+    assert ds.num_rows == 6 and set(ds.column_names) >= {"problem_id", "node", "depth", "n_completions", "prefix",
+                                                         "step", "value", "prm_soft", "prm_hard", "orm"}
+    assert label_counts(table) == {"value_n": 6, "value_pos": 5, "prm_n": 5, "prm_pos": 4, "orm_n": 3,
+                                   "orm_pos": 2, "problems": 1}
