@@ -55,7 +55,7 @@ def test_evaluate_stage_on_a_fixed_tiny_model(char_tok, tmp_path):
     write_jsonl(tmp_path / "eval.jsonl", [_p(i, f"{i} +1", str(i + 1)).to_dict() for i in range(5)])
     argv = ["--params", "", "--tracking.enabled", "false", "--evaluate.k", "3", "--evaluate.max_new_tokens",
             "8", "--policy", str(tmp_path / "policy"), "--eval", str(tmp_path / "eval.jsonl"),
-            "--out", str(tmp_path / "m.json")]
+            "--metrics", str(tmp_path / "m.json")]
     first = evaluate.main(argv)
     saved = json.loads((tmp_path / "m.json").read_text())
     for key in ("greedy_pass1", "pass_at_k", "maj_at_k", "k", "forward_tokens", "eval_problems"):

@@ -13,7 +13,9 @@ masked out and never computed.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
+import json
 from collections.abc import Hashable, Sequence
 from pathlib import Path
 
@@ -23,21 +25,105 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreT
 
 from arbor.lm.base import Continuation, Excluded, StopRule, TokenCounters
 from arbor.lm.kvcache import KVStore, PrefixState
+from arbor.pipeline.config import ArborInputError
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+_MAX_SAFETENSORS_HEADER = 100 * 2**20  # the format's own limit
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a safetensors file whose header is unreadable or whose size disagrees with the header's offsets
+    (a truncated or padded download), naming the file and the sizes."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < n <= min(size - 8, _MAX_SAFETENSORS_HEADER):
+                raise ArborInputError(f"{path}: not a safetensors file ({size} bytes; the 8-byte header length "
+                                      f"{n} is out of range); expected a complete model.safetensors")
+            header = json.loads(f.read(n))
+        ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        if isinstance(e, ArborInputError):
+            raise
+        raise ArborInputError(f"{path}: unreadable safetensors header ({type(e).__name__}: {e}); expected a "
+                              "complete model.safetensors") from None
+    expected = 8 + n + max(ends, default=0)
+    if size != expected:
+        raise ArborInputError(f"{path}: {size} bytes, but its header describes {expected} bytes "
+                              f"({'truncated' if size < expected else 'trailing data'}); expected a complete file")
+
+
+def check_model_path(path: Path) -> None:
+    """Validate a local model before loading it, so that a broken one gives one clear error naming the file.
+
+    A `.gguf` file must start with the GGUF magic; a directory needs a parseable `config.json` with a
+    `model_type`, safetensors weights (`model.safetensors`, or an index whose shards all exist) with consistent
+    headers, and tokenizer files.
+    """
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: model not found (expected a local HF model directory or .gguf file)")
+    if path.suffix == ".gguf":
+        with path.open("rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise ArborInputError(f"{path}: not a GGUF file (starts with {magic!r}, expected the magic b'GGUF')")
+        if importlib.util.find_spec("gguf") is None:
+            raise ArborInputError(f"{path}: reading .gguf files needs the gguf package (pip install -e '.[gguf]')")
+        return
+    if not path.is_dir():
+        raise ArborInputError(f"{path}: expected a local HF model directory (config.json, model.safetensors, "
+                              "tokenizer files) or a .gguf file")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        raise ArborInputError(f"{path}: no config.json; expected a HF model directory") from None
+    except (ValueError, OSError) as e:
+        raise ArborInputError(f"{path / 'config.json'}: invalid JSON ({e})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ArborInputError(f"{path / 'config.json'}: expected a JSON object with a 'model_type' string")
+    index = path / "model.safetensors.index.json"
+    if (path / "model.safetensors").is_file():
+        shards = [path / "model.safetensors"]
+    elif index.is_file():
+        try:
+            shards = [path / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ArborInputError(f"{index}: expected JSON with a 'weight_map' of tensor -> file ({e})") from None
+        for shard in shards:
+            if not shard.is_file():
+                raise ArborInputError(f"{index}: lists {shard.name}, which is missing from {path}")
+    else:
+        found = sorted(p.name for p in path.glob("*.bin")) or "none"
+        raise ArborInputError(f"{path}: no model.safetensors or model.safetensors.index.json (other weights: "
+                              f"{found}); expected safetensors weights")
+    for shard in shards:
+        check_safetensors(shard)
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise ArborInputError(f"{path}: no tokenizer files; expected one of {', '.join(_TOKENIZER_FILES)}")
 
 
 def load_model_and_tokenizer(path: str | Path, device: str = "cpu",
                              dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, object]:
-    """Model and tokenizer from a local HF directory or a `.gguf` file; never from a hub."""
+    """Model and tokenizer from a local HF directory or a `.gguf` file; never from a hub.
+
+    The files are checked first (`check_model_path`); what transformers still refuses is reported as an
+    `ArborInputError` naming the path (the original exception is chained, shown with `--debug`).
+    """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: model not found (expected a local HF model directory or .gguf file)")
+    check_model_path(path)
     kw = {"trust_remote_code": False, "local_files_only": True}
-    if path.suffix == ".gguf":
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, **kw)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, **kw)
-    else:
-        tok = AutoTokenizer.from_pretrained(path, **kw)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **kw)
+    try:
+        if path.suffix == ".gguf":
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, **kw)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, **kw)
+        else:
+            tok = AutoTokenizer.from_pretrained(path, **kw)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **kw)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ArborInputError(f"{path}: cannot load the model ({type(e).__name__}: {first})") from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model.to(device).eval(), tok

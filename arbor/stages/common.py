@@ -49,6 +49,14 @@ def debug_requested(flag: bool = False) -> bool:
     return flag or DEBUG.get() or os.environ.get("ARBOR_DEBUG", "") not in ("", "0")
 
 
+def _message(e: BaseException) -> str:
+    """One line for an input error; a bare `FileNotFoundError(path)` (as pyarrow raises it) says what it is."""
+    text = " ".join(str(e).split())
+    if isinstance(e, FileNotFoundError) and "not found" not in text and "No such file" not in text:
+        text += ": file or directory not found"
+    return text
+
+
 @contextlib.contextmanager
 def input_errors(name: str, debug: bool = False) -> Iterator[None]:
     """Turn an input error raised inside into one line `arbor <name>: error: ...` and `SystemExit(2)`."""
@@ -57,7 +65,7 @@ def input_errors(name: str, debug: bool = False) -> Iterator[None]:
     except INPUT_ERRORS as e:
         if debug_requested(debug):
             raise
-        print(f"arbor {name}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"arbor {name}: error: {_message(e)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

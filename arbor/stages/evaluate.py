@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from arbor.lm.base import Policy, StopRule
-from arbor.pipeline.config import ArborConfig, EtaMCTSConfig
+from arbor.pipeline.config import ArborConfig, ArborInputError, EtaMCTSConfig
 from arbor.pipeline.seeds import derive_seed
 from arbor.pipeline.tracking import NullTracker, Tracker
 from arbor.tasks import Problem, Task, build_task, is_terminal_step, parse_number, read_problems
@@ -110,7 +110,7 @@ def run(cfg: ArborConfig, *, policy_dir: str | Path = "models/iter_0/policy",
     e = cfg.evaluate
     problems = read_problems(eval_file)[: e.n_problems]
     if not problems:
-        raise ValueError(f"{eval_file}: no evaluation problems")
+        raise ArborInputError(f"{eval_file}: no evaluation problems")
     policy = HFPolicy.from_pretrained(policy_dir, cfg.device)
     task = build_task(cfg.task)
     seed = derive_seed(cfg.seed, "evaluate", str(policy_dir))
@@ -130,12 +130,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         p.add_argument("--iter", type=int, default=0, help="Iteration: evaluates models/iter_<k>/policy.")
         p.add_argument("--policy", default=None, help="Policy dir (default models/iter_<iter>/policy).")
         p.add_argument("--eval", default="data/eval.jsonl", help="Evaluation problems.")
-        p.add_argument("--out", default=None, help="Metrics JSON (default metrics/iter_<iter>.json).")
+        p.add_argument("--metrics", default=None, help="Metrics JSON (default metrics/iter_<iter>.json).")
 
     def go(cfg: ArborConfig, a: argparse.Namespace, tr: Tracker) -> dict[str, Any]:
         m = run(cfg, policy_dir=a.policy or f"models/iter_{a.iter}/policy", eval_file=a.eval, tracker=tr)
         m["iteration"] = a.iter
-        write_json(a.out or f"metrics/iter_{a.iter}.json", m)
+        write_json(a.metrics or f"metrics/iter_{a.iter}.json", m)
         return m
 
     return stage_cli("evaluate", __doc__ or "", paths, go, argv)

@@ -16,6 +16,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from arbor.pipeline.config import ArborInputError
 from arbor.pipeline.io import atomic_path
 from arbor.tasks.base import is_solved
 
@@ -39,7 +40,7 @@ def load_tree(trees: str | Path, problem_id: str | None) -> list[dict[str, Any]]
         rows = [r for r in table.to_pylist() if r["problem_id"] == want]
         if rows:
             return sorted(rows, key=lambda r: r["node"])
-    raise ValueError(f"{path}: problem {problem_id!r} not found")
+    raise ArborInputError(f"{path}: problem {problem_id!r} not found")
 
 
 def best_path(rows: list[dict[str, Any]]) -> set[int]:

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from arbor.pipeline.config import ArborInputError
 from arbor.tasks.answers import answers_match, extract_answer
 
 
@@ -89,13 +90,13 @@ class NumericTask:
     def training_solution(self, problem: Problem, rng: np.random.Generator, error_rate: float,
                           misconception_rate: float = 0.0) -> str:
         if error_rate > 0 or misconception_rate > 0:
-            raise ValueError(
+            raise ArborInputError(
                 f"task {self.name!r} cannot inject step errors; set bootstrap.error_rate and "
                 "bootstrap.misconception_rate to 0 "
                 "or start from a pretrained model with bootstrap.from"
             )
         if not problem.solution:
-            raise ValueError(f"task {self.name!r}: problem {problem.id} has no solution to train on")
+            raise ArborInputError(f"task {self.name!r}: problem {problem.id} has no solution to train on")
         return problem.solution
 
 
@@ -112,10 +113,10 @@ def read_problems(path: str | Path) -> list[Problem]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: row {i}: invalid JSON ({e})") from e
+                raise ArborInputError(f"{path}: row {i}: invalid JSON ({e})") from e
             for key in ("id", "question", "answer"):
                 if not isinstance(row.get(key), str):
-                    raise ValueError(f"{path}: row {i}: field {key!r} missing or not a string")
+                    raise ArborInputError(f"{path}: row {i}: field {key!r} missing or not a string")
             out.append(Problem(row["id"], row["question"], row["answer"], row.get("solution"),
                                row.get("meta") or {}))
     return out

@@ -8,6 +8,7 @@ format: one step per non-empty line, calculator annotations `<<48/2=24>>` remove
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -38,10 +39,18 @@ def load_gsm8k_file(path: str | Path, split: str) -> list[Problem]:
     if not path.is_file() or path.stat().st_size == 0 or (loader == "json" and not path.read_bytes().strip()):
         raise ArborInputError(f"{path}: {'not a file' if not path.is_file() else 'empty file'}; expected "
                               "GSM8K rows with 'question' and 'answer' ('... #### N')")
+    ds_log = logging.getLogger("datasets")  # it logs parse errors itself; ours is the one line reported
+    level = ds_log.level
+    ds_log.setLevel(logging.CRITICAL)
     try:
         ds = datasets.load_dataset(loader, data_files=str(path), split="train")
     except Exception as e:  # datasets wraps parse errors in several exception types
-        raise ArborInputError(f"{path}: cannot be read as {loader} ({type(e).__name__}: {e})") from e
+        root = e
+        while root.__cause__ is not None:
+            root = root.__cause__
+        raise ArborInputError(f"{path}: cannot be read as {loader} ({type(root).__name__}: {root})") from e
+    finally:
+        ds_log.setLevel(level)
     if len(ds) == 0:
         raise ArborInputError(f"{path}: no rows; expected GSM8K rows with 'question' and 'answer'")
     problems = []

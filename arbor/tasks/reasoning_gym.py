@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from arbor.pipeline.config import ArborInputError
 from arbor.tasks.answers import final_answer_line
 from arbor.tasks.base import NumericTask, Problem
 
@@ -26,7 +27,7 @@ class ReasoningGymTask(NumericTask):
         try:
             self._score = reasoning_gym.get_score_answer_fn(dataset)
         except Exception as e:
-            raise ValueError(f"task.rg_dataset={dataset!r}: not a reasoning-gym dataset ({e})") from e
+            raise ArborInputError(f"task.rg_dataset={dataset!r}: not a reasoning-gym dataset ({e})") from e
 
     def problems(self, n: int, seed: int, split: str) -> list[Problem]:
         """`n` problems generated with `seed`."""

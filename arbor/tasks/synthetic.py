@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from arbor.pipeline.config import ArborInputError
 from arbor.tasks.base import NumericTask, Problem
 
 _APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
@@ -78,7 +79,7 @@ class SyntheticArithmetic(NumericTask):
         while len(out) < n:
             attempts += 1
             if attempts > 50 * n + 1000:
-                raise ValueError(f"synthetic task: cannot draw {n} distinct problems with these knobs")
+                raise ArborInputError(f"synthetic task: cannot draw {n} distinct problems with these knobs")
             start, ops = self._one(rng)
             question = f"{start} " + " ".join(f"{op}{b}" for op, b in ops)
             if question in seen or len(ops) < self.min_ops:

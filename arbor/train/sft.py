@@ -94,6 +94,6 @@ def lightning_accelerator(device: str) -> tuple[str, list[int] | int]:
     if device.startswith("cuda"):
         idx = device.split(":")[1] if ":" in device else "0"
         return "gpu", [int(idx)]
-    if device == "cpu":
-        return "cpu", 1
-    raise ValueError(f"device={device!r}: expected cpu, cuda or cuda:N")
+    if device in ("cpu", "mps"):
+        return device, 1
+    raise ValueError(f"device={device!r}: expected cpu, cuda, cuda:N or mps")
