@@ -1,12 +1,17 @@
-"""Stage `bootstrap`: training from scratch writes a loadable policy; `bootstrap.from` copies a local model in."""
+"""Stage `bootstrap`: training from scratch writes a loadable policy; `bootstrap.from` copies a local model in;
+a killed training run resumes from its checkpoint to the same weights."""
+
+import os
 
 import numpy as np
 import pytest
+import torch
 
 from arbor.lm.base import StopRule
 from arbor.lm.hf import HFPolicy
-from arbor.pipeline.config import load_config
+from arbor.pipeline.config import ArborInputError, load_config
 from arbor.pipeline.io import write_jsonl
+from arbor.pipeline.manifest import verify
 from arbor.stages import bootstrap
 from arbor.tasks import make_splits
 
@@ -82,3 +87,99 @@ def test_bootstrap_from_gguf_file(char_tok, tmp_path):
         out = policy.sample([prompt], stop=stop, temperature=0, seed=0)[0]
         assert out.token_ids == ref.token_ids
         np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoints and resume
+
+RESUMABLE = {**TINY, "bootstrap.max_steps": 7, "bootstrap.warmup_steps": 2, "bootstrap.checkpoint_every": 2}
+
+
+class Killed(RuntimeError):
+    """Stands in for SIGKILL in-process (tests/test_faults.py kills real processes)."""
+
+
+@pytest.fixture()
+def train_file(tmp_path):
+    cfg = load_config(None, TINY)
+    train, _ = make_splits(cfg.task, 20, 2, seed=0)
+    write_jsonl(tmp_path / "train.jsonl", [p.to_dict() for p in train])
+    return tmp_path / "train.jsonl"
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(path / "model.safetensors")
+
+
+def _kill_at(monkeypatch, step):
+    from arbor.train.sft import SFTModule
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):  # runs after the checkpoint callback of the step
+        if self.global_step == step:
+            raise Killed(f"killed after step {step}")
+
+    monkeypatch.setattr(SFTModule, "on_train_batch_end", on_train_batch_end)
+
+
+def test_killed_training_resumes_to_the_same_weights(tmp_path, train_file, monkeypatch, caplog):
+    cfg = load_config(None, RESUMABLE)
+    ref = bootstrap.run(cfg, train_file=train_file, out=tmp_path / "ref", checkpoint_dir=tmp_path / "ref_ckpt")
+    assert sorted(p.name for p in (tmp_path / "ref_ckpt").iterdir()) == ["_fingerprint.json"]  # cleared at the end
+    verify(tmp_path / "ref")  # the policy carries its manifest
+    ckpt = tmp_path / "ckpt"
+    with monkeypatch.context() as m:
+        _kill_at(m, 5)
+        with pytest.raises(Killed):
+            bootstrap.run(cfg, train_file=train_file, out=tmp_path / "policy", checkpoint_dir=ckpt)
+    assert not (tmp_path / "policy").exists()
+    assert sorted(p.name for p in ckpt.glob("step-*")) == ["step-00000004.ckpt", "step-00000004.json"]
+    with caplog.at_level("INFO", logger="arbor.bootstrap"):
+        again = bootstrap.run(cfg, train_file=train_file, out=tmp_path / "policy", checkpoint_dir=ckpt)
+    assert "resuming from" in caplog.text and "(step 4 of 7)" in caplog.text
+    a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "policy")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert again["final_train_loss"] == ref["final_train_loss"]
+
+
+def test_checkpoints_of_another_run_or_damaged_are_not_resumed(tmp_path, train_file, monkeypatch, caplog):
+    cfg = load_config(None, RESUMABLE)
+    ckpt = tmp_path / "ckpt"
+    with monkeypatch.context() as m:
+        _kill_at(m, 5)
+        with pytest.raises(Killed):
+            bootstrap.run(cfg, train_file=train_file, out=tmp_path / "policy", checkpoint_dir=ckpt)
+    os.truncate(ckpt / "step-00000004.ckpt", 100)  # damaged: never loaded
+    with caplog.at_level("INFO"):
+        bootstrap.run(cfg, train_file=train_file, out=tmp_path / "policy", checkpoint_dir=ckpt)
+    assert "step-00000004.ckpt: size 100 bytes" in caplog.text and "resuming from" not in caplog.text
+    caplog.clear()
+    with monkeypatch.context() as m:
+        _kill_at(m, 3)
+        with pytest.raises(Killed):
+            bootstrap.run(cfg, train_file=train_file, out=tmp_path / "policy", checkpoint_dir=ckpt)
+    other = load_config(None, {**RESUMABLE, "bootstrap.lr": 1e-3})  # another run: its checkpoints are removed
+    with caplog.at_level("INFO"):
+        bootstrap.run(other, train_file=train_file, out=tmp_path / "policy", checkpoint_dir=ckpt)
+    assert "resuming from" not in caplog.text
+
+
+def test_checkpoint_dir_that_is_not_ours_is_refused(tmp_path, train_file):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "notes.txt").write_text("mine")
+    cfg = load_config(None, RESUMABLE)
+    with pytest.raises(ArborInputError, match="not a bootstrap checkpoint directory"):
+        bootstrap.run(cfg, train_file=train_file, out=tmp_path / "policy", checkpoint_dir=tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "notes.txt").read_text() == "mine"
+
+
+def test_sample_stream_resumes_at_the_same_position():
+    from arbor.train.sft import SampleStream
+
+    def draw(rng):
+        return [int(rng.integers(100))], [int(rng.integers(100)) for _ in range(int(rng.integers(1, 4)))]
+
+    full = [x for _, x in zip(range(10), SampleStream(draw, 7), strict=False)]
+    tail = [x for _, x in zip(range(4), SampleStream(draw, 7, skip=6), strict=False)]
+    assert tail == full[6:] and full[6:] != full[:4]

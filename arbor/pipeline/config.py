@@ -128,6 +128,8 @@ class BootstrapConfig:
     lr: float = _f(3e-3, "Peak learning rate (AdamW, linear warm-up then cosine decay).", gt=0.0)
     warmup_steps: int = _f(100, "Warm-up steps.", min=0)
     weight_decay: float = _f(0.01, "AdamW weight decay.", min=0.0)
+    checkpoint_every: int = _f(50, "Save a resumable training checkpoint every N optimizer steps (0 = never); "
+                                   "a killed run resumes from the last one.", min=0)
 
 
 @dataclass

@@ -36,13 +36,21 @@ def collate_sft(pairs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> di
 
 
 class SampleStream(IterableDataset):
-    """Endless (prompt_ids, completion_ids) samples from `draw(rng)`, seeded (Lightning's rollout-dataset idea)."""
+    """Endless (prompt_ids, completion_ids) samples from `draw(rng)`, seeded (Lightning's rollout-dataset idea).
 
-    def __init__(self, draw: Callable[[np.random.Generator], tuple[list[int], list[int]]], seed: int) -> None:
-        self.draw, self.seed = draw, seed
+    `skip` starts the stream after that many samples (drawn and dropped), so that training resumed from a
+    checkpoint after `step` optimizer steps sees exactly the samples an uninterrupted run would:
+    `skip = step * batch_size`.
+    """
+
+    def __init__(self, draw: Callable[[np.random.Generator], tuple[list[int], list[int]]], seed: int,
+                 skip: int = 0) -> None:
+        self.draw, self.seed, self.skip = draw, seed, skip
 
     def __iter__(self) -> Iterator[tuple[list[int], list[int]]]:
         rng = np.random.default_rng(self.seed)
+        for _ in range(self.skip):
+            self.draw(rng)
         while True:
             yield self.draw(rng)
 
