@@ -1,22 +1,28 @@
 # Two entry points: `make run` (pipeline on the default config) and `make test`.
-# Both create .venv if missing and install torch's CPU wheel first (a bare `torch` pulls a CUDA build).
+# Both create .venv if missing and install torch first, then arbor. torch comes from PyPI unless TORCH_INDEX
+# names another index; PyPI's Linux wheel is the CUDA build, so on a machine without a GPU use the CPU wheel:
+#   make run TORCH_INDEX=https://download.pytorch.org/whl/cpu
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.arbor-installed
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+REPRO_ARGS ?=
 
 .PHONY: run test lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip show torch >/dev/null 2>&1 || $(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip show torch >/dev/null 2>&1 || \
+		$(BIN)/python -m pip install -q $(TORCH_SPEC) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# `arbor run`: takes the project lock, opens the MLflow parent run, runs `dvc repro $(REPRO_ARGS)`, closes the run.
 run: $(STAMP)
-	ARBOR_PIPELINE_ID=$$(date +%Y%m%dT%H%M%S) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	$(BIN)/arbor run $(REPRO_ARGS)
 
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow" -q
@@ -28,5 +34,6 @@ bench: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench.kernels --quick
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench.tokens --quick
 
+# Pipeline outputs and MLflow records; dvc.lock is tracked (it records what produced the outputs) and stays.
 clean:
-	rm -rf data models trees prefs metrics plots mlflow.db dvc.lock
+	rm -rf data models trees prefs metrics plots mlflow.db mlartifacts mlruns
