@@ -36,4 +36,4 @@ bench: $(STAMP)
 
 # Pipeline outputs and MLflow records; dvc.lock is tracked (it records what produced the outputs) and stays.
 clean:
-	rm -rf data models trees prefs metrics plots mlflow.db mlartifacts mlruns
+	rm -rf data models checkpoints trees prefs metrics plots mlflow.db mlartifacts mlruns

@@ -66,6 +66,9 @@ class NullTracker:
     def log_dict(self, data: dict[str, Any], name: str) -> None:
         pass
 
+    def sweep(self) -> dict[str, str]:
+        return {}
+
     def close(self, status: str = "FINISHED") -> None:
         pass
 
@@ -216,6 +219,10 @@ class MlflowTracker:
         """Store `data` as artifact `name` (JSON or YAML by the name's suffix)."""
         self._client.log_dict(self.run_id, data, name)
 
+    def sweep(self) -> dict[str, str]:
+        """Close the experiment's runs whose process died (see `sweep_dead_runs`)."""
+        return sweep_dead_runs(self._client, self.experiment_id)
+
     def close(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:
             self._client.set_terminated(self.run_id, status=status)
@@ -256,7 +263,8 @@ def new_pipeline_id() -> str:
     return f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
 
 
-def make_pipeline_tracker(*, enabled: bool, experiment: str, uri: str | None, pipeline_id: str) -> Tracker:
+def make_pipeline_tracker(*, enabled: bool, experiment: str, uri: str | None,
+                          pipeline_id: str) -> MlflowTracker | NullTracker:
     """The parent run of one `arbor run`, owned by this process (stages nest under it by `pipeline_id`)."""
     if not enabled:
         return NullTracker()
