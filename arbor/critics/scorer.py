@@ -1,0 +1,242 @@
+"""Critic-guided node scoring with prefix-cached critics: the `NodeScorer` of AlphaLLM's node score (§4.3).
+
+    s = b_v V(s) + b_prm PRM(s) + b_orm mean_i ORM(rollout_i)        (weights normalised to sum 1)
+
+Each critic backbone keeps its own `KVStore` keyed by content (`prefix_key` of the token path, as the policy's
+store is): a new node is scored by feeding only its step's tokens on top of its parent's cached KV, and its
+own KV is stored for its children. So each token stored in the tree passes a critic once; a missing parent
+(first call, or after eviction) is recomputed and counted. Work is counted at the critic's model call,
+separately from the policy: `CachedCritic.counters.forward_tokens` (`critic_forward_tokens`).
+
+For a critic store, `PrefixState.logits` holds the last hidden state [H] of the prefix (what the heads read),
+not vocabulary logits. Terminals: the oracle reward when a gold answer is known (`reward`), else the ORM
+(`CriticsConfig.orm_at_terminals`), else the weighted V/PRM. A critic with weight 0 is never loaded or run.
+Fast rollouts continue from the node's cached KV in the policy's store; the ORM reads each rollout from the
+node's cached KV in its own store (rollouts are never stored).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from arbor.critics.config import KINDS, CriticsConfig
+from arbor.critics.models import CriticModel, left_pad, load
+from arbor.lm.base import StopRule, TokenCounters
+from arbor.lm.kvcache import KVStore, PrefixState, prefix_key
+from arbor.mcts.grow import TreeBuilder
+
+
+class CachedCritic:
+    """A critic backbone with its own content-keyed prefix KV store and token counters."""
+
+    def __init__(self, model: CriticModel, budget_bytes: int | None = None, batch_size: int = 64) -> None:
+        self.model = model.eval()
+        self.store = KVStore(budget_bytes)
+        self.counters = TokenCounters()
+        self.batch_size = batch_size
+
+    @property
+    def critic_forward_tokens(self) -> int:
+        return self.counters.forward_tokens
+
+    @torch.inference_mode()
+    def _prefill(self, prefixes: Sequence[Sequence[int]]) -> list[PrefixState]:
+        """States of whole prefixes (a cache miss pays this), one left-padded batch."""
+        ids, mask, pos = left_pad(prefixes, self.model.device)
+        self.counters.forward_tokens += int(mask.sum())
+        self.counters.padded_positions += int((mask == 0).sum())
+        h, cache = self.model.hidden(ids, mask, pos, DynamicCache())
+        lengths = mask.sum(1).tolist()
+        return [_row_state(cache, j, h[j, -1], mask.shape[1] - n, n) for j, n in enumerate(lengths)]
+
+    def _parent_states(self, parents: Sequence[Sequence[int]]) -> list[PrefixState]:
+        keys = [prefix_key(p) for p in parents]
+        states = [self.store.get(k) for k in keys]
+        missing: dict[bytes, int] = {}
+        for i, st in enumerate(states):
+            if st is None:
+                missing.setdefault(keys[i], i)
+        self.counters.cache_hits += len(parents) - len(missing)  # a prefix missing twice is computed once
+        self.counters.cache_misses += len(missing)
+        if missing:
+            for key, st in zip(missing, self._prefill([parents[i] for i in missing.values()]), strict=True):
+                self.store.put(key, st)
+            states = [self.store.get(k) if st is None else st for k, st in zip(keys, states, strict=True)]
+        return states  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def score(self, paths: Sequence[Sequence[int]], parent_lens: Sequence[int], *, kinds: Sequence[str],
+              keep: Sequence[bool] | None = None) -> dict[str, np.ndarray]:
+        """{kind: [n] sigmoid scores at the last token of each path}. Path i extends the cached prefix
+        `paths[i][:parent_lens[i]]` (recomputed and stored on a miss); only `paths[i][parent_lens[i]:]` (>= 1
+        token) is fed. `keep[i]`: store path i's own state for later children (default all)."""
+        keep = [True] * len(paths) if keep is None else list(keep)
+        out: dict[str, list[np.ndarray]] = {k: [] for k in kinds}
+        for a in range(0, len(paths), self.batch_size):
+            idx = range(a, min(len(paths), a + self.batch_size))
+            hs = self._extend([paths[i] for i in idx], [parent_lens[i] for i in idx], [keep[i] for i in idx])
+            for k, v in self.model.head_logits(hs, kinds).items():
+                out[k].append(torch.sigmoid(v).cpu().numpy())
+        return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
+
+    def _extend(self, paths: list[Sequence[int]], parent_lens: list[int], keep: list[bool]) -> torch.Tensor:
+        """Feed each path's new tokens on its parent's KV (left-padded parents, right-padded new tokens: a real
+        token never attends to a later pad); returns the last hidden states [B, H] and stores kept states."""
+        dev = self.model.device
+        if any(len(p) <= n for p, n in zip(paths, parent_lens, strict=True)):
+            raise ValueError("every scored path needs at least one token beyond its parent prefix")
+        states = self._parent_states([p[:n] for p, n in zip(paths, parent_lens, strict=True)])
+        width = max(st.length for st in states)
+        new = [list(p[n:]) for p, n in zip(paths, parent_lens, strict=True)]
+        span = max(len(x) for x in new)
+        b = len(paths)
+        ids = torch.zeros((b, span), dtype=torch.long)
+        mask = torch.zeros((b, width + span), dtype=torch.long)
+        pos = torch.zeros((b, span), dtype=torch.long)
+        for i, (st, x) in enumerate(zip(states, new, strict=True)):
+            ids[i, : len(x)] = torch.as_tensor(x)
+            mask[i, width - st.length: width + len(x)] = 1
+            pos[i] = st.length + torch.arange(span)
+        layers = []
+        for li in range(len(states[0].kv)):
+            k0 = states[0].kv[li][0]
+            keys = k0.new_zeros((b, k0.shape[0], width, k0.shape[2]))
+            values = torch.zeros_like(keys)
+            for i, st in enumerate(states):
+                keys[i, :, width - st.length:] = st.kv[li][0]
+                values[i, :, width - st.length:] = st.kv[li][1]
+            layers.append((keys, values))
+        n_new = sum(len(x) for x in new)
+        self.counters.forward_tokens += n_new
+        self.counters.padded_positions += b * span - n_new
+        h, cache = self.model.hidden(ids.to(dev), mask.to(dev), pos.to(dev), DynamicCache(ddp_cache_data=layers))
+        last = torch.stack([h[i, len(x) - 1] for i, x in enumerate(new)])
+        for i, (st, x) in enumerate(zip(states, new, strict=True)):
+            if keep[i]:
+                self.store.put(prefix_key(paths[i]), _row_state(cache, i, last[i], width - st.length,
+                                                                st.length + len(x)))
+        return last
+
+
+def _row_state(cache: DynamicCache, j: int, last_hidden: torch.Tensor, left: int, length: int) -> PrefixState:
+    """Copy row `j`'s real KV positions [left, left + length) out of a batch cache, with its last hidden [H]."""
+    kv = [(layer.keys[j, :, left: left + length].clone(), layer.values[j, :, left: left + length].clone())
+          for layer in cache.layers]
+    return PrefixState(kv, last_hidden.clone(), length)
+
+
+def load_critics(critics_dir: str | Path, kinds: Sequence[str], *, device: str = "cpu",
+                 budget_bytes: int | None = None, batch_size: int = 64) -> dict[str, CachedCritic]:
+    """{kind: CachedCritic} for `kinds` from a stage output (`<dir>/shared` with every head, or
+    `<dir>/{value,prm,orm}`); a shared backbone is one `CachedCritic` serving all its kinds. Only the named
+    kinds are loaded: a critic with weight 0 is never read."""
+    root = Path(critics_dir)
+    if (root / "shared").is_dir():
+        one = CachedCritic(load(root / "shared", device), budget_bytes, batch_size)
+        return {k: one for k in kinds}
+    return {k: CachedCritic(load(root / k, device), budget_bytes, batch_size) for k in kinds}
+
+
+class CriticScorer:
+    """`NodeScorer`: AlphaLLM's node score from prefix-cached critics (module docstring).
+
+    `critics` maps each needed kind to its `CachedCritic` (one object may serve several kinds: a shared
+    backbone runs once per node for all of them). `reward`: the oracle outcome reward at terminals when a gold
+    answer is known (training-time search); None at decoding time.
+    """
+
+    def __init__(self, critics: dict[str, CachedCritic], cfg: CriticsConfig,
+                 reward: Callable[[str], float] | None = None) -> None:
+        self.cfg, self.reward = cfg, reward
+        self.uses_oracle = reward is not None
+        self.weights = cfg.weights
+        need = set(cfg.needed(gold=reward is not None))
+        lacking = sorted(need - set(critics))
+        if lacking:
+            raise ValueError(f"critics {lacking} have a positive weight (or score terminals) but were not given")
+        self.critics = {k: c for k, c in critics.items() if k in need}
+
+    @property
+    def backbones(self) -> list[CachedCritic]:
+        """Distinct critic backbones in use (one for a shared backbone)."""
+        return list({id(c): c for c in self.critics.values()}.values())
+
+    @property
+    def critic_forward_tokens(self) -> int:
+        """Token positions computed by every critic backbone together."""
+        return sum(c.critic_forward_tokens for c in self.backbones)
+
+    def __call__(self, builder: TreeBuilder, nodes: Sequence[int], *, seed: int) -> np.ndarray:
+        tree = builder.tree
+        nodes = [int(n) for n in nodes]
+        values = np.zeros(len(nodes))
+        inner = [i for i, n in enumerate(nodes) if not tree.terminal[n]]
+        term = [i for i, n in enumerate(nodes) if tree.terminal[n]]
+        gold = self.reward is not None
+        if gold:
+            for i in term:
+                values[i] = tree.reward[nodes[i]] = self.reward(builder.text(nodes[i]))  # type: ignore[misc]
+        paths = [tree.path_tokens(n) for n in nodes]
+        parent_lens = [len(p) - int(tree.tok_len[n]) for p, n in zip(paths, nodes, strict=True)]
+        orm_terms = not gold and self.cfg.orm_at_terminals and "orm" in self.critics
+        scores: dict[str, np.ndarray] = {}
+        for critic in self.backbones:
+            kinds = [k for k in KINDS if self.critics.get(k) is critic]
+            # every backbone in use reads every new node once (inner nodes kept for their children);
+            # terminals only where this backbone scores them
+            reads_terms = not gold and (("orm" in kinds and orm_terms) or not orm_terms)
+            rows = [i for i in range(len(nodes)) if i in inner or (reads_terms and i in term)]
+            if not rows:
+                continue
+            got = critic.score([paths[i] for i in rows], [parent_lens[i] for i in rows], kinds=kinds,
+                               keep=[not tree.terminal[nodes[i]] for i in rows])
+            for k, v in got.items():
+                full = np.full(len(nodes), np.nan)
+                full[rows] = v
+                scores[k] = full
+        w = self.weights
+        if inner:
+            mix = np.zeros(len(inner))
+            for k in ("value", "prm"):
+                if w[k] > 0:
+                    mix += w[k] * scores[k][inner]
+            if w["orm"] > 0:
+                mix += w["orm"] * self._rollout_orm(builder, [nodes[i] for i in inner], [paths[i] for i in inner],
+                                                    seed)
+            values[inner] = mix if sum(w.values()) > 0 else 0.5  # only terminals are scored: neutral inner
+        if term and not gold:
+            if orm_terms:
+                values[term] = scores["orm"][term]
+            else:  # no ORM at terminals: the weighted V/PRM of the complete solution
+                vp = w["value"] + w["prm"]
+                values[term] = sum(w[k] * scores[k][term] for k in ("value", "prm") if w[k] > 0) / max(vp, 1e-12)
+        return np.clip(values, 0.0, 1.0)
+
+    def _rollout_orm(self, builder: TreeBuilder, nodes: list[int], paths: list[np.ndarray], seed: int) -> np.ndarray:
+        """mean_i ORM(rollout_i) over `cfg.n_rollouts` fast rollouts from each node (policy's cached KV; the
+        ORM reads each rollout from the node's cached KV in its own store)."""
+        stop = StopRule(at_newline=False, max_new_tokens=self.cfg.rollout_tokens, line_tokens=builder.step_tokens,
+                        final_line=builder.is_terminal)
+        outs = builder.policy.expand(builder.parents(nodes), self.cfg.n_rollouts, temperature=builder.temperature,
+                                     seed=seed, stop=stop, store=builder.store, final=lambda _i, _text: True)
+        seqs, parent_lens, owner = [], [], []
+        for j, conts in enumerate(outs):
+            for c in conts:
+                toks = c.token_ids[:-1] if c.finish == "eos" else c.token_ids
+                if toks:
+                    seqs.append([*paths[j].tolist(), *toks])
+                    parent_lens.append(len(paths[j]))
+                    owner.append(j)
+        means = np.full(len(nodes), 0.5)
+        if seqs:
+            orm = self.critics["orm"].score(seqs, parent_lens, kinds=["orm"], keep=[False] * len(seqs))["orm"]
+            own = np.asarray(owner)
+            for j in range(len(nodes)):
+                if np.any(own == j):
+                    means[j] = float(orm[own == j].mean())
+        return means

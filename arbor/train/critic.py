@@ -1,0 +1,224 @@
+"""Critic training (value, PRM, ORM) with Lightning on packed tree paths, held-out early stopping.
+
+Data: a label table (arbor/critics/labels.py) is packed per problem into the token paths of its `owner`
+leaves; one forward over a path gives every labelled node on it its score at its step end (a node is labelled
+in exactly one path). A batch holds all paths of `problems_per_batch` problems, so sibling steps share a batch.
+
+Losses, each a mean over the labelled positions of its kind, summed over kinds (s = sigmoid(logit)):
+- value: MSE(s, V_MC) or BCE(logit, V_MC) with soft targets;
+- PRM: BCE(logit, y) (or MSE) with y the Math-Shepherd soft (fraction correct) or hard label, steps only;
+  optionally + `pairwise_weight` * mean over sibling pairs of -log sigmoid(r+ - r-) (rStar-Math PPM,
+  arXiv 2501.04519 §3.3, eq. 5), r the PRM logit, pairs = siblings whose soft labels differ by >= margin;
+- ORM: BCE(logit, is_solved) at terminals.
+Three separate critics train side by side in one module (one optimizer, summed losses), a shared backbone
+with three heads the same way. The weights of the epoch with the lowest validation loss are restored at the end.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from arbor.critics.config import KINDS, CriticsConfig
+from arbor.critics.models import CriticModel
+
+Item = dict[str, Any]
+
+
+def pack_problems(table: pa.Table, *, prm_label: str = "soft", pair_margin: float = 0.3) -> list[Item]:
+    """One item per problem: `seqs` (owner paths), `positions` (step-end index per labelled node),
+    `targets[kind]` (float, NaN where a kind has no label: PRM at the root, ORM off terminals), `rows` (the
+    label-table row of each position) and `pairs` [(seq+, pos+, seq-, pos-)] of sibling steps."""
+    d = table.to_pydict()
+    by_problem: dict[str, list[int]] = {}
+    for i, p in enumerate(d["problem_id"]):
+        by_problem.setdefault(p, []).append(i)
+    items = []
+    for pid, rows in by_problem.items():
+        groups: dict[int, list[int]] = {}
+        for r in rows:
+            groups.setdefault(d["owner"][r], []).append(r)
+        seqs, positions, where, out_rows = [], [], {}, []
+        targets: dict[str, list[list[float]]] = {k: [] for k in KINDS}
+        for members in groups.values():
+            members.sort(key=lambda r: len(d["tokens"][r]))
+            s = len(seqs)
+            seqs.append(list(d["tokens"][members[-1]]))
+            positions.append([len(d["tokens"][r]) - 1 for r in members])
+            out_rows.append(members)
+            for j, r in enumerate(members):
+                where[r] = (s, j)
+            targets["value"].append([float(d["value"][r]) for r in members])
+            prm = d["prm_soft"] if prm_label == "soft" else d["prm_hard"]
+            targets["prm"].append([float(prm[r]) if d["depth"][r] > 0 else np.nan for r in members])
+            targets["orm"].append([np.nan if d["orm"][r] is None else float(d["orm"][r]) for r in members])
+        sib: dict[int, list[int]] = {}
+        for r in rows:
+            if d["depth"][r] > 0:
+                sib.setdefault(d["parent"][r], []).append(r)
+        pairs = [(*where[a], *where[b]) for kids in sib.values() for a in kids for b in kids
+                 if d["prm_soft"][a] - d["prm_soft"][b] >= pair_margin]
+        items.append({"problem_id": pid, "seqs": seqs, "positions": positions, "targets": targets,
+                      "rows": out_rows, "pairs": pairs})
+    return items
+
+
+def collate(items: Sequence[Item], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded `input_ids`/`attention_mask` [B, T], `positions`/`pos_mask` [B, P], `target_<kind>` [B, P]
+    (NaN = no label) and `pairs` [K, 4] (batch-level sequence indices)."""
+    seqs = [s for it in items for s in it["seqs"]]
+    poss = [p for it in items for p in it["positions"]]
+    b, t, p = len(seqs), max(len(s) for s in seqs), max(len(x) for x in poss)
+    ids = torch.full((b, t), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, t), dtype=torch.long)
+    positions = torch.zeros((b, p), dtype=torch.long)
+    pos_mask = torch.zeros((b, p), dtype=torch.bool)
+    out: dict[str, torch.Tensor] = {}
+    for i, (s, x) in enumerate(zip(seqs, poss, strict=True)):
+        ids[i, : len(s)] = torch.as_tensor(s)
+        mask[i, : len(s)] = 1
+        positions[i, : len(x)] = torch.as_tensor(x)
+        pos_mask[i, : len(x)] = True
+    for k in KINDS:
+        tgt = torch.full((b, p), float("nan"))
+        rows = [r for it in items for r in it["targets"][k]]
+        for i, r in enumerate(rows):
+            tgt[i, : len(r)] = torch.as_tensor(r, dtype=torch.float32)
+        out[f"target_{k}"] = tgt
+    pairs, offset = [], 0
+    for it in items:
+        pairs += [(a + offset, ja, c + offset, jc) for a, ja, c, jc in it["pairs"]]
+        offset += len(it["seqs"])
+    out.update(input_ids=ids, attention_mask=mask, positions=positions, pos_mask=pos_mask,
+               pairs=torch.as_tensor(pairs, dtype=torch.long).reshape(-1, 4))
+    return out
+
+
+def critic_logits(models: dict[str, CriticModel], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{kind: logits [B, P]}, one forward per distinct backbone."""
+    out: dict[str, torch.Tensor] = {}
+    for model in {id(m): m for m in models.values()}.values():
+        got = model(batch["input_ids"], batch["attention_mask"], batch["positions"])
+        out.update({k: v for k, v in got.items() if models.get(k) is model})
+    return out
+
+
+def critic_losses(logits: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], cfg: CriticsConfig,
+                  ) -> dict[str, torch.Tensor]:
+    """Per-kind losses (module docstring) and `pairwise` when enabled; kinds without labels in the batch are
+    left out."""
+    losses: dict[str, torch.Tensor] = {}
+    for k, z in logits.items():
+        y = batch[f"target_{k}"]
+        m = batch["pos_mask"] & ~torch.isnan(y)
+        if not bool(m.any()):
+            continue
+        zk, yk = z[m], y[m]
+        use_mse = (k == "value" and cfg.value_loss == "mse") or (k == "prm" and cfg.prm_loss == "mse")
+        losses[k] = F.mse_loss(torch.sigmoid(zk), yk) if use_mse else F.binary_cross_entropy_with_logits(zk, yk)
+    pairs = batch["pairs"]
+    if cfg.prm_pairwise and "prm" in logits and pairs.shape[0] > 0:
+        z = logits["prm"]
+        r_pos, r_neg = z[pairs[:, 0], pairs[:, 1]], z[pairs[:, 2], pairs[:, 3]]
+        losses["pairwise"] = cfg.pairwise_weight * -F.logsigmoid(r_pos - r_neg).mean()
+    return losses
+
+
+class CriticModule(L.LightningModule):
+    """The critics of `models` ({kind: CriticModel}; one object may serve several kinds) trained together."""
+
+    def __init__(self, models: dict[str, CriticModel], cfg: CriticsConfig) -> None:
+        super().__init__()
+        self.kind_models = models
+        self.nets = torch.nn.ModuleList(list({id(m): m for m in models.values()}.values()))
+        self.cfg = cfg
+
+    def _common_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        losses = critic_losses(critic_logits(self.kind_models, batch), batch, self.cfg)
+        loss = torch.stack(list(losses.values())).sum() if losses else batch["input_ids"].new_zeros((), dtype=float)
+        n = int(batch["input_ids"].shape[0])
+        self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=n, on_epoch=True, on_step=False)
+        for k, v in losses.items():
+            self.log(f"{stage}_{k}_loss", v, batch_size=n, on_epoch=True, on_step=False)
+        return loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._common_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._common_step(batch, "val")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        heads = [p for m in self.nets for p in m.heads.parameters()]
+        body = [p for m in self.nets for p in m.backbone.parameters()]
+        return torch.optim.AdamW([{"params": body, "lr": self.cfg.lr}, {"params": heads, "lr": self.cfg.head_lr}],
+                                 weight_decay=self.cfg.weight_decay)
+
+
+class BestWeights(L.Callback):
+    """Keep the weights of the epoch with the lowest `val_loss`; put them back when training ends."""
+
+    def __init__(self) -> None:
+        self.best = float("inf")
+        self.state: dict[str, torch.Tensor] | None = None
+        self.epoch = -1
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        v = trainer.callback_metrics.get("val_loss")
+        if v is not None and not trainer.sanity_checking and float(v) < self.best:
+            self.best, self.epoch = float(v), trainer.current_epoch
+            self.state = copy.deepcopy(module.state_dict())
+
+    def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self.state is not None:
+            module.load_state_dict(self.state)
+
+
+def train_critics(models: dict[str, CriticModel], train: list[Item], val: list[Item], cfg: CriticsConfig, *,
+                  seed: int = 0, logger: Any = False, accelerator: str = "cpu", devices: Any = 1,
+                  progress: bool = True) -> dict[str, float]:
+    """Fit the critics on `train` items with early stopping on `val`; returns summary metrics."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    L.seed_everything(seed, workers=True, verbose=False)
+    g = torch.Generator().manual_seed(seed)
+    train_dl = DataLoader(train, batch_size=cfg.problems_per_batch, shuffle=True, collate_fn=collate, generator=g)
+    val_dl = DataLoader(val, batch_size=cfg.problems_per_batch, collate_fn=collate)
+    for m in models.values():
+        m.train()
+    module = CriticModule(models, cfg)
+    best = BestWeights()
+    trainer = L.Trainer(max_epochs=cfg.max_epochs, accelerator=accelerator, devices=devices, logger=logger,
+                        enable_checkpointing=False, enable_model_summary=False, gradient_clip_val=1.0,
+                        num_sanity_val_steps=0, enable_progress_bar=progress, log_every_n_steps=1,
+                        callbacks=[EarlyStopping("val_loss", patience=cfg.patience), best])
+    trainer.fit(module, train_dataloaders=train_dl, val_dataloaders=val_dl)
+    for m in models.values():
+        m.eval()
+    return {"critic_epochs": trainer.current_epoch, "critic_best_epoch": best.epoch, "critic_best_val_loss": best.best}
+
+
+@torch.inference_mode()
+def predict(models: dict[str, CriticModel], items: list[Item], batch_problems: int = 8) -> dict[str, np.ndarray]:
+    """{kind: [R] scores} in label-table row order of the packed `items` ({"row": [R] row ids} included)."""
+    for m in models.values():
+        m.eval()
+    out: dict[str, list[float]] = {k: [] for k in models}
+    rows: list[int] = []
+    for a in range(0, len(items), batch_problems):
+        chunk = items[a: a + batch_problems]
+        batch = collate(chunk)
+        logits = critic_logits(models, batch)
+        flat = [r for it in chunk for rs in it["rows"] for r in rs]
+        for k, z in logits.items():
+            out[k] += torch.sigmoid(z[batch["pos_mask"]]).tolist()
+        rows += flat
+    return {"row": np.asarray(rows), **{k: np.asarray(v) for k, v in out.items()}}

@@ -1,0 +1,186 @@
+"""Critics: calibration metrics by hand, model save/load and batching, prefix-cached scoring == uncached scoring
+with critic_forward_tokens == stored tree tokens, and each critic learning a planted rule (held-out AUROC)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from arbor.critics import calibration as cal
+from arbor.critics.config import CriticsConfig
+from arbor.critics.labels import assign_splits, build_labels, read_tree_files
+from arbor.critics.models import CriticModel, load
+from arbor.critics.scorer import CachedCritic, CriticScorer
+from arbor.lm.hf import HFPolicy
+from arbor.lm.kvcache import KVStore
+from arbor.mcts.grow import TreeBuilder
+from arbor.mcts.tree import add_child, new_tree
+from arbor.mcts.treeio import tree_rows, write_trees
+from arbor.pipeline.config import ConfigError
+from arbor.tasks import is_terminal_step
+from arbor.train.critic import collate, pack_problems, predict, train_critics
+
+from .conftest import tiny_model
+
+
+# -- calibration ---------------------------------------------------------------------------------------------
+def test_auroc_by_hand_with_ties_and_degenerate_cases():
+    # positives 0.8, 0.4, 0.4; negatives 0.4, 0.1: pairs won 2 + 0.5 + 1 + 0.5 + 1 = 5 of 6
+    assert cal.auroc(np.array([0.8, 0.4, 0.4, 0.4, 0.1]), np.array([1, 1, 1, 0, 0])) == pytest.approx(5 / 6)
+    assert cal.auroc(np.array([0.9, 0.1]), np.array([0, 1])) == 0.0
+    assert np.isnan(cal.auroc(np.array([0.3, 0.6]), np.array([1, 1])))
+
+
+def test_ece_precision_recall_with_known_bins():
+    s = np.array([0.05, 0.15, 0.15, 0.72, 0.78, 0.95])
+    y = np.array([0, 0, 1, 1, 0, 1])
+    # bins (10): [0,.1): conf .05 freq 0 -> 1/6*.05; [.1,.2): .15 vs .5 -> 2/6*.35; [.7,.8): .75 vs .5 -> 2/6*.25;
+    # [.9,1]: .95 vs 1 -> 1/6*.05
+    expected = (0.05 + 2 * 0.35 + 2 * 0.25 + 0.05) / 6
+    assert cal.ece(s, y, n_bins=10) == pytest.approx(expected)
+    count, conf, _freq = cal.reliability_bins(s, y, 10)
+    assert count.tolist() == [1, 2, 0, 0, 0, 0, 0, 2, 0, 1] and np.isnan(conf[2])
+    assert cal.precision_recall(s, y, 0.5) == pytest.approx((2 / 3, 2 / 3))
+    m = cal.critic_metrics("orm", s, y)
+    assert set(m) == {"orm_auroc", "orm_precision", "orm_recall", "orm_ece", "orm_n"} and m["orm_n"] == 6
+
+
+def test_reliability_diagram_writes_a_png(tmp_path):
+    rng = np.random.default_rng(0)
+    s = rng.random(50)
+    cal.reliability_diagram({"value": (s, s > 0.5), "orm": (s, rng.random(50) < s)}, tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_config_weights_and_validation():
+    cfg = CriticsConfig(b_value=1.0, b_prm=3.0, b_orm=0.0)
+    assert cfg.weights == {"value": 0.25, "prm": 0.75, "orm": 0.0}
+    assert cfg.needed(gold=True) == ("value", "prm") and cfg.needed(gold=False) == ("value", "prm", "orm")
+    with pytest.raises(ConfigError, match="no critic"):
+        CriticsConfig(b_value=0.0, b_prm=0.0, b_orm=0.0, orm_at_terminals=False)
+    with pytest.raises(ConfigError, match="no training problems"):
+        CriticsConfig(heldout_fraction=0.5, val_fraction=0.5)
+
+
+# -- models and prefix-cached scoring -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def policy(char_tok):
+    return HFPolicy(tiny_model(char_tok, seed=1), char_tok)
+
+
+def grown_tree(policy: HFPolicy) -> tuple[TreeBuilder, list[list[int]]]:
+    """A random tree of the tiny policy (3 levels), and its nodes in batches of creation (parents first)."""
+    b = TreeBuilder.start(policy, policy.encode_prompt("Q: 7 +5 *3\n"), store=KVStore(), max_nodes=64,
+                          max_tokens=4096, is_terminal=is_terminal_step, step_tokens=5, max_depth=3)
+    batches, frontier = [], [0]
+    for width in (3, 2, 2):
+        kids = [k for ks in b.expand(frontier, width, seed=len(batches)) for k in ks]
+        batches.append(kids)
+        frontier = [k for k in kids if not b.tree.terminal[k]]
+    return b, batches
+
+
+def test_cached_scoring_equals_uncached_and_reads_each_stored_token_once(policy):
+    model = CriticModel.from_policy(policy.model, ["value", "prm", "orm"])
+    b, batches = grown_tree(policy)
+    tree = b.tree
+    assert tree.terminal[: tree.num_nodes].sum() > 0 and tree.num_nodes > 10
+    cfg = CriticsConfig(b_value=1.0, b_prm=0.0, b_orm=0.0, batch_size=3)  # batches of 3 mix parents of any length
+    critic = CachedCritic(model, batch_size=3)
+    scorer = CriticScorer({"value": critic, "orm": critic}, cfg)  # no gold: terminals get the ORM
+    got = np.concatenate([scorer(b, batch, seed=0) for batch in batches])
+    nodes = [n for batch in batches for n in batch]
+    ref = model.score([tree.path_tokens(n).tolist() for n in nodes], batch_size=4)
+    want = np.where(tree.terminal[nodes], ref["orm"], ref["value"])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert critic.critic_forward_tokens == tree.num_tokens  # prompt once + every step once
+    assert critic.counters.cache_misses == 1  # the prompt, once
+    # the cached state of a node also reproduces every head
+    path = tree.path_tokens(nodes[-1]).tolist()
+    again = critic.score([path], [len(path) - int(tree.tok_len[nodes[-1]])], kinds=["value", "prm", "orm"])
+    for k in ("value", "prm", "orm"):
+        np.testing.assert_allclose(again[k], ref[k][-1:], atol=1e-5)
+
+
+def test_zero_weight_critic_is_never_run_and_gold_terminals_use_the_reward(policy):
+    b, batches = grown_tree(policy)
+    value = CachedCritic(CriticModel.from_policy(policy.model, ["value"]))
+    prm = CachedCritic(CriticModel.from_policy(policy.model, ["prm"]))
+    scorer = CriticScorer({"value": value, "prm": prm}, CriticsConfig(b_value=1.0, b_prm=0.0, b_orm=0.0),
+                          reward=lambda text: 1.0)
+    for batch in batches:
+        out = scorer(b, batch, seed=0)
+        terms = b.tree.terminal[batch]
+        assert np.all(out[terms] == 1.0) and np.all((out >= 0) & (out <= 1))
+    assert prm.critic_forward_tokens == 0 and value.critic_forward_tokens > 0
+    assert scorer.uses_oracle
+
+
+def test_save_load_gives_identical_scores_and_batching_shapes(policy, char_tok, tmp_path):
+    model = CriticModel.from_policy(policy.model, ["value", "orm"])
+    seqs = [policy.encode_prompt(t) for t in ("Q: 1\n", "Q: 12 +3\nx", "Q\n7+5=12\nAnswer: 12\n")]
+    before = model.score(seqs, batch_size=2)
+    model.save(tmp_path / "critic", tokenizer=char_tok)
+    assert {p.name for p in (tmp_path / "critic").iterdir()} >= {"config.json", "model.safetensors",
+                                                                 "heads.safetensors", "critic.json"}
+    loaded = load(tmp_path / "critic")
+    assert loaded.kinds == ("value", "orm")
+    after = loaded.score(seqs, batch_size=64)
+    for k in ("value", "orm"):
+        assert before[k].shape == (3,)
+        np.testing.assert_allclose(after[k], before[k], atol=1e-6)
+    ids = torch.tensor([seqs[2], [*seqs[2][:-3], 0, 0, 0]])
+    mask = torch.tensor([[1] * len(seqs[2]), [1] * (len(seqs[2]) - 3) + [0] * 3])
+    out = loaded(ids, mask, torch.tensor([[1, 4, 9, 20], [0, 2, 3, 3]]))
+    assert out["value"].shape == (2, 4) and out["orm"].shape == (2, 4)
+
+
+# -- training: a planted rule ---------------------------------------------------------------------------------
+def planted_trees(tok, n_problems: int, seed: int):
+    """Trees whose paths die (reward 0) once a step 'b' appears; terminals answer 1 (correct) or 2."""
+    rng = np.random.default_rng(seed)
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    parts = []
+    for p in range(n_problems):
+        tree = new_tree(64, 2048, [tok.bos_token_id, *enc(f"Q{p % 10}\n")])
+        frontier = [(0, False)]
+        for _depth in range(3):
+            nxt = []
+            for node, dead in frontier:
+                for step in rng.choice(["a\n", "b\n", "c\n"], size=2, replace=False):
+                    kid_dead = dead or step == "b\n"
+                    nxt.append((add_child(tree, node, enc(step)), kid_dead))
+            frontier = nxt
+        for node, dead in frontier:
+            add_child(tree, node, enc("Answer: 2\n" if dead else "Answer: 1\n"), terminal=True,
+                      reward=0.0 if dead else 1.0)
+        parts.append(tree_rows(f"p{p}", tree, tok.decode))
+    return parts
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_each_critic_learns_a_planted_rule(char_tok, tmp_path, shared):
+    write_trees(tmp_path / "t.parquet", planted_trees(char_tok, 24, seed=0))
+    labels = build_labels(read_tree_files([tmp_path / "t.parquet"]))
+    split = assign_splits(labels.column("problem_id").to_pylist(), heldout_fraction=0.25, val_fraction=0.15, seed=0)
+    cfg = CriticsConfig(max_epochs=12, patience=12, problems_per_batch=2, lr=3e-3, head_lr=3e-2,
+                        prm_pairwise=not shared)
+    items = pack_problems(labels, prm_label=cfg.prm_label, pair_margin=cfg.pair_margin)
+    assert any(it["pairs"] for it in items)
+    batch = collate(items[:2])
+    assert batch["positions"].shape == batch["pos_mask"].shape == batch["target_value"].shape
+    parts = {s: [it for it in items if split[it["problem_id"]] == s] for s in ("train", "val", "heldout")}
+    base = tiny_model(char_tok, seed=2)
+    models = ({k: m for m in [CriticModel.from_policy(base, ["value", "prm", "orm"])] for k in m.kinds} if shared
+              else {k: CriticModel.from_policy(base, [k]) for k in ("value", "prm", "orm")})
+    before = {k: p.detach().clone() for k, p in models["prm"].backbone.named_parameters()}
+    train_critics(models, parts["train"], parts["val"], cfg, seed=0, progress=False)
+    assert any(not torch.equal(before[k], p) for k, p in models["prm"].backbone.named_parameters())
+    pred = predict(models, parts["heldout"])
+    d = labels.take(pred["row"]).to_pydict()
+    depth = np.asarray(d["depth"])
+    term = np.asarray(d["terminal"])
+    assert cal.auroc(pred["value"], np.asarray(d["value"]) >= 0.5) >= 0.9
+    assert cal.auroc(pred["prm"][depth > 0], np.asarray(d["prm_hard"])[depth > 0]) >= 0.9
+    assert cal.auroc(pred["orm"][term], np.asarray([x for x in d["orm"] if x is not None])) >= 0.9
