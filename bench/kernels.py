@@ -1,21 +1,31 @@
-"""Benchmark: numba tree kernels vs a pure-Python object tree, and bookkeeping's share of a real expansion.
+"""Benchmark: numba tree kernels vs Python object trees, and tree work's share of a real eta-MCTS search.
 
-    python -m bench.kernels [--quick]
+    python -m bench.kernels [--quick] [--reference | --out PATH]
 
-1. select + backup throughput (simulations/s) on random trees of 1k, 10k, 100k nodes, numba kernels vs
-   `arbor.mcts.pytree.PyTree`; both must select the same leaves (checked). Both trees are first warmed with
-   the same simulations (so UCT compares visited children all the way down), then timed. Numba is timed two
-   ways: the compiled simulation loop (`simulate`, JSON `speedup_vs_python` at 10k nodes) and one Python call
-   per simulation (`speedup_per_call`, bounded by numba's dispatch cost of ~1-2 us per call).
-2. `bookkeeping_fraction`: the share of wall time spent in tree bookkeeping (arrays, paths) during a real
-   `expand_tree` run (siblings without replacement, as in `bench.tokens`) with the tiny policy
-   (models/iter_0/policy if present, else a fresh tiny model).
-Writes bench/results/kernels.json and prints a table.
+1. select + backup throughput (simulations/s) on random AlphaLLM-shaped trees of 1k, 10k, 100k nodes. Three
+   implementations, all warmed with the same simulations (so UCT compares visited children all the way down),
+   then timed on the same further simulations; all must select the same leaves (checked):
+   - numba: `kernels.simulate`, one compiled loop over the children table (`speedup_vs_object_tree`, target
+     >= 100 at 10k nodes), and one Python call per simulation (`numba_per_call`, bounded by numba's dispatch
+     cost of ~1-2 us per call);
+   - `ObjectTree` below: the baseline, a faithful object tree as AlphaLLM's released MCTS keeps it (a node
+     object with a dict of children and Python statistics, `n()`/`q()` methods, selection by max over the
+     children's UCT/PUCT, backup walking parent pointers);
+   - `arbor.mcts.pytree.PyTree`: the lean pure-Python reference the kernels are tested against (a list of
+     children, the score loop inlined) — what a careful Python programmer would write.
+2. `bookkeeping_fraction`: the share of wall time that is tree work (everything but `Policy` calls: selection,
+   backup, path assembly, merge, sibling stats, scoring glue, read-outs; `SearchResult.timing`) over real
+   `eta_mcts` searches with the default config and the oracle-reward scorer (as `arbor search`) on synthetic
+   problems, with the tiny policy (models/iter_0/policy if present, else a fresh tiny model).
+
+Results: `--quick` writes bench/results/kernels.quick.json, a full run bench/results/kernels.local.json; only
+`--reference` writes the committed reference bench/results/kernels.json (or `--out PATH`).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -24,16 +34,82 @@ import numpy as np
 from arbor.mcts.kernels import UCT, backup, select_leaves, simulate
 from arbor.mcts.pytree import PyTree
 from arbor.mcts.tree import add_child, new_tree
-from bench.common import save, table
+from bench.common import RESULTS, machine, table
 
 
-def random_trees(n: int, seed: int) -> tuple[object, PyTree, np.ndarray]:
-    """Same random eta-MCTS-shaped tree in both representations (AlphaLLM Table 5 widths: the root has 60
+class Node:
+    """A search node as AlphaLLM's released MCTS keeps it: statistics and a dict of children on the object."""
+
+    def __init__(self, index: int, parent: Node | None = None, prior: float = 1.0) -> None:
+        self.index = index
+        self.parent = parent
+        self.children: dict[int, Node] = {}  # action id -> child
+        self.prior = prior
+        self.visit_count = 0
+        self.value_sum = 0.0
+        self.virtual_loss = 0
+        self.expanded = False
+        self.terminal = False
+
+    def n(self) -> int:
+        return self.visit_count + self.virtual_loss
+
+    def q(self, vl_value: float) -> float:
+        return (self.value_sum - self.virtual_loss * vl_value) / self.n()
+
+    def is_leaf(self) -> bool:
+        return not self.expanded or self.terminal or not self.children
+
+
+class ObjectTree:
+    """The baseline: selection takes the max over `node.children.values()` of the child's UCT/PUCT score
+    (ties: the first child, as the kernels), backup walks parent pointers. Same formulas as the kernels."""
+
+    def __init__(self) -> None:
+        self.root = Node(0)
+        self.nodes = [self.root]
+
+    def add_child(self, parent: int, prior: float = 1.0) -> int:
+        p = self.nodes[parent]
+        child = Node(len(self.nodes), p, prior)
+        p.children[len(p.children)] = child
+        self.nodes.append(child)
+        return child.index
+
+    def ucb(self, parent: Node, child: Node, c: float, rule: int, vl_value: float) -> float:
+        if rule == UCT:
+            if child.n() == 0:
+                return math.inf
+            return child.q(vl_value) + c * math.sqrt(math.log(max(parent.n(), 1)) / child.n())
+        q = child.q(vl_value) if child.n() > 0 else 0.0
+        return q + c * child.prior * math.sqrt(parent.n()) / (1.0 + child.n())
+
+    def select(self, c: float = 1.0, rule: int = UCT, vl_value: float = 1.0) -> Node:
+        node = self.root
+        while not node.is_leaf():
+            node = max(node.children.values(), key=lambda ch, p=node: self.ucb(p, ch, c, rule, vl_value))
+        x: Node | None = node
+        while x is not None:
+            x.virtual_loss += 1
+            x = x.parent
+        return node
+
+    def backup(self, leaf: Node, value: float) -> None:
+        x: Node | None = leaf
+        while x is not None:
+            x.visit_count += 1
+            x.value_sum += value
+            x.virtual_loss -= 1
+            x = x.parent
+
+
+def random_trees(n: int, seed: int) -> tuple[object, np.ndarray, PyTree, ObjectTree]:
+    """The same random eta-MCTS-shaped tree in three representations (AlphaLLM Table 5 widths: the root has 60
     children, other expanded nodes 2-10), grown by expanding random leaves until `n` nodes; every node with
     children is marked expanded."""
     rng = np.random.default_rng(seed)
-    tree = new_tree(n, n + 1, [0])
-    py = PyTree()
+    tree = new_tree(n, n + 1, [0], max_children=60)
+    py, obj = PyTree(), ObjectTree()
     leaves = [0]
     count = 1
     while count < n:
@@ -41,71 +117,106 @@ def random_trees(n: int, seed: int) -> tuple[object, PyTree, np.ndarray]:
         k = min(60 if node == 0 else int(rng.integers(2, 11)), n - count)
         for _ in range(k):
             add_child(tree, node, [])
+            obj.add_child(node)
             leaves.append(py.add_child(node))
         count += k
-    expanded = tree.first_child[:n] != -1
-    for node, e in zip(py.nodes, expanded, strict=True):
-        node.expanded = bool(e)
-    return tree, py, expanded
+    expanded = tree.num_children[:n] > 0
+    for a, b, e in zip(py.nodes, obj.nodes, expanded, strict=True):
+        a.expanded = b.expanded = bool(e)
+    return tree, expanded, py, obj
 
 
-def time_kernels(tree, expanded: np.ndarray, values: np.ndarray) -> tuple[float, list[int]]:
+def time_simulate(tree, expanded: np.ndarray, values: np.ndarray) -> tuple[float, list[int]]:
+    t0 = time.perf_counter()
+    leaves = simulate(tree.parent, tree.children_index, tree.num_children, tree.visits, tree.value_sum,
+                      tree.virtual, tree.prior, expanded, tree.terminal, values, 1.0, UCT, 1.0)
+    return time.perf_counter() - t0, leaves.tolist()
+
+
+def time_per_call(tree, expanded: np.ndarray, values: np.ndarray) -> tuple[float, list[int]]:
     leaves = []
     t0 = time.perf_counter()
     for v in values:
-        leaf = select_leaves(tree.parent, tree.first_child, tree.next_sibling, tree.visits, tree.value_sum,
+        leaf = select_leaves(tree.parent, tree.children_index, tree.num_children, tree.visits, tree.value_sum,
                              tree.virtual, tree.prior, expanded, tree.terminal, 1, 1.0, UCT, 1.0)
         backup(tree.parent, tree.visits, tree.value_sum, tree.virtual, leaf, np.array([v]))
         leaves.append(int(leaf[0]))
     return time.perf_counter() - t0, leaves
 
 
-def time_simulate(tree, expanded: np.ndarray, values: np.ndarray) -> tuple[float, list[int]]:
-    t0 = time.perf_counter()
-    leaves = simulate(tree.parent, tree.first_child, tree.next_sibling, tree.visits, tree.value_sum, tree.virtual,
-                      tree.prior, expanded, tree.terminal, values, 1.0, UCT, 1.0)
-    return time.perf_counter() - t0, leaves.tolist()
-
-
-def time_python(py: PyTree, values: np.ndarray) -> tuple[float, list[int]]:
+def time_pytree(py: PyTree, values: np.ndarray) -> tuple[float, list[int]]:
     leaves = []
     t0 = time.perf_counter()
-    for v in values:
+    for v in values.tolist():
         leaf = py.select(1)
-        py.backup(leaf, [float(v)])
+        py.backup(leaf, [v])
         leaves.append(leaf[0])
     return time.perf_counter() - t0, leaves
 
 
-def kernel_rows(sizes: list[int], sims: int) -> list[dict]:
+def time_object_tree(obj: ObjectTree, values: np.ndarray) -> tuple[float, list[int]]:
+    leaves = []
+    t0 = time.perf_counter()
+    for v in values.tolist():
+        leaf = obj.select()
+        obj.backup(leaf, v)
+        leaves.append(leaf.index)
+    return time.perf_counter() - t0, leaves
+
+
+def kernel_rows(sizes: list[int], sims: int, rounds: int) -> list[dict]:
+    """Side by side in one process: per size, `rounds` rounds of `sims` simulations; in each round the four
+    implementations run back to back on the same values (the CPU is shared, so every ratio is the median of
+    per-round ratios and every rate is the best round's)."""
     rows = []
-    warm, _, we = random_trees(64, 0)  # compile (or load the numba cache) outside the timing
-    time_kernels(warm, we, np.zeros(4))
+    warm, we, _, _ = random_trees(64, 0)  # compile (or load the numba cache) outside the timing
     time_simulate(warm, we, np.zeros(4))
+    time_per_call(warm, we, np.zeros(4))
     rng = np.random.default_rng(1)
     for n in sizes:
-        tree, py, expanded = random_trees(n, seed=n)
+        tree, expanded, py, obj = random_trees(n, seed=n)
         warmup = rng.random(sims)
-        _, l_nb = time_simulate(tree, expanded, warmup)
-        _, l_py = time_python(py, warmup)
-        values = rng.random(sims)
-        t_loop, l_loop = time_simulate(tree, expanded, values)
-        t_py, l_py2 = time_python(py, values)
-        t_call, _ = time_kernels(tree, expanded, values)  # continues from the same state as python's next
-        if l_nb != l_py or l_loop != l_py2:
-            raise AssertionError(f"numba and python selected different leaves on the {n}-node tree")
-        rows.append({"nodes": n, "simulations": sims, "numba_sims_per_s": sims / t_loop,
-                     "numba_per_call_sims_per_s": sims / t_call, "python_sims_per_s": sims / t_py,
-                     "speedup": t_py / t_loop, "speedup_per_call": t_py / t_call, "same_leaves": True,
-                     "max_depth": int(tree.depth[:n].max())})
+        l_nb = time_simulate(tree, expanded, warmup)[1]
+        if l_nb != time_pytree(py, warmup)[1] or l_nb != time_object_tree(obj, warmup)[1]:
+            raise AssertionError(f"implementations selected different leaves on the {n}-node tree (warm-up)")
+        t: dict[str, list[float]] = {"numba": [], "per_call": [], "object_tree": [], "pytree": []}
+        depths = []
+        for _ in range(rounds):
+            values = rng.random(sims)
+            dt, l_loop = time_simulate(tree, expanded, values)
+            t["numba"].append(dt)
+            dt, l_obj = time_object_tree(obj, values)
+            t["object_tree"].append(dt)
+            dt, l_py = time_pytree(py, values)
+            t["pytree"].append(dt)
+            if not l_loop == l_obj == l_py:
+                raise AssertionError(f"implementations selected different leaves on the {n}-node tree")
+            more = rng.random(sims)  # per-call numba: the same work, one dispatch per simulation
+            dt, l_call = time_per_call(tree, expanded, more)
+            t["per_call"].append(dt)
+            if l_call != time_pytree(py, more)[1] or l_call != time_object_tree(obj, more)[1]:
+                raise AssertionError(f"per-call numba and python differ on the {n}-node tree")
+            depths += [int(tree.depth[x]) for x in l_loop]
+        tt = {k: np.array(v) for k, v in t.items()}
+        rows.append({"nodes": n, "simulations": sims, "rounds": rounds, "max_depth": int(tree.depth[:n].max()),
+                     "mean_leaf_depth": float(np.mean(depths)),
+                     **{f"{k}_us_per_sim": 1e6 * float(v.min()) / sims for k, v in tt.items()},
+                     "speedup_vs_object_tree": float(np.median(tt["object_tree"] / tt["numba"])),
+                     "speedup_vs_pytree": float(np.median(tt["pytree"] / tt["numba"])),
+                     "speedup_per_call_vs_object_tree": float(np.median(tt["object_tree"] / tt["per_call"])),
+                     "object_tree_vs_pytree": float(np.median(tt["object_tree"] / tt["pytree"])),
+                     "same_leaves": True})
     return rows
 
 
-def bookkeeping(quick: bool) -> dict:
+def bookkeeping(n_problems: int) -> dict:
+    """Tree work / total wall time over real eta-MCTS searches (see module docstring)."""
     from arbor.lm.hf import HFPolicy
     from arbor.lm.kvcache import KVStore
-    from arbor.mcts.samplers import expand_tree
-    from arbor.tasks.answers import is_terminal_step
+    from arbor.mcts.scoring import RewardScorer
+    from arbor.mcts.search import PHASES, eta_mcts
+    from arbor.pipeline.config import EtaMCTSConfig, SearchConfig, TaskConfig
+    from arbor.tasks import build_task, is_terminal_step, make_splits
 
     path = Path("models/iter_0/policy")
     if path.exists():
@@ -117,39 +228,63 @@ def bookkeeping(quick: bool) -> dict:
 
         tok = char_tokenizer()
         policy, source = HFPolicy(build_tiny_model(ModelConfig(), tok), tok), "fresh tiny model (untrained)"
-    # warm-up (untimed): loads the numba cache of every kernel the builder calls
-    expand_tree(policy, policy.encode_prompt("Q: 1 +1\n"), branching=2, branch_depth=1, max_depth=2, step_tokens=8,
-                is_terminal=is_terminal_step, temperature=1.0, seed=0, store=KVStore(), distinct=True)
-    timing_model = timing_tree = 0.0
-    nodes = 0
-    for i, q in enumerate(["Q: 7 +5 *3 -4\n", "Q: 9 -2 *6 +8 -1\n", "Q: 4 *4 +3\n", "Q: 8 +9 -3 *2 +5\n"]):
-        s = expand_tree(policy, policy.encode_prompt(q), branching=2, branch_depth=3 if quick else 5,
-                        max_depth=8, step_tokens=16, is_terminal=is_terminal_step, temperature=1.0, seed=i,
-                        store=KVStore(), distinct=True)
-        timing_model += s.timing.model
-        timing_tree += s.timing.tree
-        nodes += s.tree.num_nodes
-    return {"policy": source, "nodes": nodes, "model_seconds": timing_model, "tree_seconds": timing_tree,
-            "bookkeeping_fraction": timing_tree / (timing_tree + timing_model)}
+    task_cfg, search_cfg, cfg = TaskConfig(), SearchConfig(), EtaMCTSConfig()
+    task = build_task(task_cfg)
+    problems = make_splits(task_cfg, n_problems + 1, 0, seed=1234)[0]
+    model = total = 0.0
+    phases = dict.fromkeys(PHASES, 0.0)
+    nodes = sims = 0
+    for i, problem in enumerate(problems):
+        scorer = RewardScorer(lambda text, p=problem: task.reward(p, text), n_rollouts=search_cfg.n_rollouts,
+                              rollout_tokens=search_cfg.rollout_tokens)
+        res = eta_mcts(policy, policy.encode_prompt(task.prompt(problem)), scorer=scorer,
+                       is_terminal=is_terminal_step, cfg=cfg, seed=i, store=KVStore())
+        if i == 0:
+            continue  # warm-up (untimed): loads the numba cache of every kernel the search calls
+        model += res.timing.model
+        total += res.timing.total
+        for k, v in res.timing.phases.items():
+            phases[k] += v
+        nodes += res.builder.tree.num_nodes
+        sims += res.simulations
+    tree = total - model
+    return {"policy": source, "problems": n_problems, "nodes": nodes, "simulations": sims,
+            "model_seconds": model, "tree_seconds": tree, "total_seconds": total,
+            "tree_seconds_by_phase": phases, "tree_us_per_node": 1e6 * tree / max(nodes, 1),
+            "bookkeeping_fraction": tree / total}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="Smaller run (well under 2 minutes).")
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument("--reference", action="store_true",
+                       help="Write the committed reference results, bench/results/kernels.json.")
+    where.add_argument("--out", type=Path, help="Write the results here.")
     args = ap.parse_args()
+    out = args.out or RESULTS / ("kernels.json" if args.reference else
+                                 "kernels.quick.json" if args.quick else "kernels.local.json")
     sizes = [1_000, 10_000] if args.quick else [1_000, 10_000, 100_000]
-    rows = kernel_rows(sizes, sims=2000 if args.quick else 5000)
-    book = bookkeeping(args.quick)
+    rows = kernel_rows(sizes, sims=1000 if args.quick else 2000, rounds=3 if args.quick else 7)
+    book = bookkeeping(n_problems=4 if args.quick else 16)
     at10k = next(r for r in rows if r["nodes"] == 10_000)
-    result = {"speedup_vs_python": at10k["speedup"], "speedup_per_call_vs_python": at10k["speedup_per_call"],
+    result = {"speedup_vs_object_tree": at10k["speedup_vs_object_tree"],
+              "speedup_vs_pytree": at10k["speedup_vs_pytree"],
+              "speedup_per_call_vs_object_tree": at10k["speedup_per_call_vs_object_tree"],
               "bookkeeping_fraction": book["bookkeeping_fraction"],
-              "select_backup": rows, "bookkeeping": book, "quick": args.quick}
-    path = save("kernels", result)
-    print(table(rows, ["nodes", "max_depth", "simulations", "numba_sims_per_s", "numba_per_call_sims_per_s",
-                       "python_sims_per_s", "speedup", "speedup_per_call"]))
+              "select_backup": rows, "bookkeeping": book, "quick": args.quick,
+              "machine": machine(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    from arbor.pipeline.io import write_json
+
+    write_json(out, result)
+    print(table(rows, ["nodes", "max_depth", "mean_leaf_depth", "numba_us_per_sim", "per_call_us_per_sim",
+                       "object_tree_us_per_sim", "pytree_us_per_sim", "speedup_vs_object_tree",
+                       "speedup_vs_pytree", "speedup_per_call_vs_object_tree"]))
     print(f"\nbookkeeping_fraction = {book['bookkeeping_fraction']:.4f}  (tree {book['tree_seconds']:.3f}s, "
-          f"model {book['model_seconds']:.3f}s, {book['nodes']} nodes, policy: {book['policy']})")
-    print(f"speedup_vs_python (10k nodes) = {result['speedup_vs_python']:.1f}   -> {path}")
+          f"model {book['model_seconds']:.3f}s over {book['problems']} eta-MCTS searches, {book['nodes']} nodes, "
+          f"{book['tree_us_per_node']:.0f} us tree work per node; policy: {book['policy']})")
+    print("tree seconds by phase: " + ", ".join(f"{k} {v:.3f}" for k, v in book["tree_seconds_by_phase"].items()))
+    print(f"speedup_vs_object_tree (select + backup, 10k nodes) = {result['speedup_vs_object_tree']:.1f}   -> {out}")
 
 
 if __name__ == "__main__":

@@ -22,23 +22,72 @@ PUCT = 1
 
 
 @nb.njit(cache=True)
-def _child_score(child, parent_term, visits, value_sum, virtual, prior, c, rule, vl_value):  # pragma: no cover
-    """UCT/PUCT score; `parent_term` is ln N(s) (UCT) or sqrt N(s) (PUCT), computed once per node.
-
-    A NaN Q (a NaN value was backed up) counts as 0, the value PUCT gives an unknown (unvisited) node.
-    """
-    n = visits[child] + virtual[child]
-    if rule == UCT:
-        if n == 0:
-            return np.inf
-        q = (value_sum[child] - virtual[child] * vl_value) / n
-        if np.isnan(q):
-            q = 0.0
-        return q + c * np.sqrt(parent_term / n)
-    q = 0.0 if n == 0 else (value_sum[child] - virtual[child] * vl_value) / n
+def _uct(n, w, v, log_n_parent, c, vl_value):  # pragma: no cover - numba
+    """UCT of a child with N' = n visits (virtual included), W = w, v virtual losses; inf while unvisited.
+    A NaN Q (a NaN value was backed up) counts as 0."""
+    if n == 0:
+        return np.inf
+    q = (w - v * vl_value) / n
     if np.isnan(q):
         q = 0.0
-    return q + c * prior[child] * parent_term / (1.0 + n)
+    return q + c * np.sqrt(log_n_parent / n)
+
+
+@nb.njit(cache=True)
+def _puct(n, w, v, p, sqrt_n_parent, c, vl_value):  # pragma: no cover - numba
+    """PUCT of a child with prior p; an unvisited child (and a NaN Q) has Q = 0."""
+    q = 0.0 if n == 0 else (w - v * vl_value) / n
+    if np.isnan(q):
+        q = 0.0
+    return q + c * p * sqrt_n_parent / (1.0 + n)
+
+
+@nb.njit(cache=True)
+def _select_one(children_index, num_children, visits, value_sum, virtual, prior, expanded, terminal, c, rule,
+                vl_value):  # pragma: no cover - numba
+    """Walk from the root to a leaf by the highest child score (ties and all-NaN scores: the earliest child).
+
+    One loop per rule, with the rule tested once per node: a per-child branch on `rule` made the loop 5x
+    slower (bench/kernels.py). The parent term (ln N(s) or sqrt N(s)) is computed once per node.
+    """
+    node = 0
+    while expanded[node] and not terminal[node] and num_children[node] > 0:
+        n_parent = visits[node] + virtual[node]
+        row = children_index[node]
+        best, best_score = row[0], -np.inf
+        if rule == UCT:
+            log_n = np.log(max(n_parent, 1))
+            for i in range(num_children[node]):
+                ch = row[i]
+                s = _uct(visits[ch] + virtual[ch], value_sum[ch], virtual[ch], log_n, c, vl_value)
+                if s > best_score:
+                    best, best_score = ch, s
+        else:
+            sqrt_n = np.sqrt(n_parent)
+            for i in range(num_children[node]):
+                ch = row[i]
+                s = _puct(visits[ch] + virtual[ch], value_sum[ch], virtual[ch], prior[ch], sqrt_n, c, vl_value)
+                if s > best_score:
+                    best, best_score = ch, s
+        node = best
+    return node
+
+
+@nb.njit(cache=True)
+def _add_virtual(parent, virtual, node, delta):  # pragma: no cover - numba
+    while node != -1:
+        virtual[node] += delta
+        node = parent[node]
+
+
+@nb.njit(cache=True)
+def _backup_one(parent, visits, value_sum, virtual, node, value, undo_virtual):  # pragma: no cover - numba
+    while node != -1:
+        visits[node] += 1
+        value_sum[node] += value
+        if undo_virtual:
+            virtual[node] -= 1
+        node = parent[node]
 
 
 @nb.njit(cache=True)
@@ -52,22 +101,9 @@ def select_leaves(parent, children_index, num_children, visits, value_sum, virtu
     """
     out = np.empty(num_select, np.int32)
     for b in range(num_select):
-        node = 0
-        while expanded[node] and not terminal[node] and num_children[node] > 0:
-            n_parent = visits[node] + virtual[node]
-            parent_term = np.log(max(n_parent, 1)) if rule == UCT else np.sqrt(n_parent)
-            row = children_index[node]
-            best, best_score = row[0], -np.inf
-            for i in range(num_children[node]):
-                s = _child_score(row[i], parent_term, visits, value_sum, virtual, prior, c, rule, vl_value)
-                if s > best_score:
-                    best, best_score = row[i], s
-            node = best
-        out[b] = node
-        x = node
-        while x != -1:
-            virtual[x] += 1
-            x = parent[x]
+        out[b] = _select_one(children_index, num_children, visits, value_sum, virtual, prior, expanded, terminal,
+                             c, rule, vl_value)
+        _add_virtual(parent, virtual, out[b], 1)
     return out
 
 
@@ -79,13 +115,7 @@ def backup(parent, visits, value_sum, virtual, leaves, values, undo_virtual=True
     virtual loss was reverted separately).
     """
     for i in range(leaves.shape[0]):
-        x = leaves[i]
-        while x != -1:
-            visits[x] += 1
-            value_sum[x] += values[i]
-            if undo_virtual:
-                virtual[x] -= 1
-            x = parent[x]
+        _backup_one(parent, visits, value_sum, virtual, leaves[i], values[i], undo_virtual)
 
 
 @nb.njit(cache=True)
@@ -97,10 +127,11 @@ def simulate(parent, children_index, num_children, visits, value_sum, virtual, p
     """
     out = np.empty(values.shape[0], np.int32)
     for i in range(values.shape[0]):
-        leaf = select_leaves(parent, children_index, num_children, visits, value_sum, virtual, prior, expanded,
-                             terminal, 1, c, rule, vl_value)
-        backup(parent, visits, value_sum, virtual, leaf, values[i : i + 1], True)
-        out[i] = leaf[0]
+        leaf = _select_one(children_index, num_children, visits, value_sum, virtual, prior, expanded, terminal, c,
+                           rule, vl_value)
+        _add_virtual(parent, virtual, leaf, 1)
+        _backup_one(parent, visits, value_sum, virtual, leaf, values[i], True)
+        out[i] = leaf
     return out
 
 

@@ -46,7 +46,7 @@ from arbor.mcts.tree import ROOT, Tree, reserve_children
 from arbor.pipeline.config import EtaMCTSConfig
 from arbor.tasks.answers import final_answer_line, parse_number
 
-PHASES = ("select", "expand", "score", "backup", "widen", "readout")
+PHASES = ("setup", "select", "expand", "score", "backup", "widen", "readout")
 
 
 @dataclass
@@ -54,7 +54,8 @@ class SearchTiming:
     """Wall seconds of one search, split at the model boundary.
 
     model: inside `Policy` calls (expansions and the scorer's rollouts: the forward passes).
-    phases: tree work by phase, model time excluded: select (kernel, duplicates, virtual-loss reverts), expand
+    phases: tree work by phase, model time excluded: setup (allocating the tree), select (kernel, duplicates,
+    virtual-loss reverts), expand
     (TreeBuilder: path assembly, exclusion lists, state merge, adding children), score (the scorer callback:
     rewards, path walks), backup (kernel), widen (sibling stats, branching targets, reopening, budget checks),
     readout (the four read-outs).
@@ -161,6 +162,7 @@ def eta_mcts(policy: Policy, prompt_ids: Sequence[int], *, scorer: NodeScorer, i
     expanded = np.zeros(max_nodes, np.bool_)
     attempts = np.zeros(max_nodes, np.int32)
     rule = UCT if cfg.rule == "uct" else PUCT
+    lap("setup")
     start_tokens = policy.counters.forward_tokens
     sims = step = stalled = 0
     while sims < cfg.num_simulations and stalled < 64:  # 64 terminal-only selections in a row: nothing to add
