@@ -89,7 +89,7 @@ class StepWorld:
     def decode(self, ids):
         return "".join(chr(i) for i in ids)
 
-    def expand(self, parents, num_samples, *, stop, temperature, seed, store, exclude=None):
+    def expand(self, parents, num_samples, *, stop, temperature, seed, store, exclude=None, final=None):
         counts = [num_samples] * len(parents) if isinstance(num_samples, int) else list(num_samples)
         rng = np.random.default_rng(seed)
         out = []

@@ -87,3 +87,41 @@ def test_from_pretrained_round_trip(char_tok, tmp_path):
 def test_missing_model_path_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         HFPolicy.from_pretrained(tmp_path / "nowhere")
+
+
+def test_padded_kv_positions_count_attention_over_left_padding(char_tok):
+    policy = HFPolicy(tiny_model(char_tok), char_tok)
+    short, long = policy.encode_prompt("Q: 1\n"), policy.encode_prompt("Q: 45 -6 *2\n")
+    pad = len(long) - len(short)
+    outs = policy.sample([short, long], stop=StopRule(max_new_tokens=7), temperature=0.0, seed=0)
+    c = policy.counters
+    assert c.padded_positions == pad  # only the prefill has padded query positions
+    # each real query of the short row (its prompt, then each fed token) attends over its `pad` masked slots;
+    # the long row has none
+    assert c.padded_kv_positions == pad * (len(short) + len(outs[0].token_ids) - 1)
+    before = c.snapshot()
+    policy.score([short, long], [o.token_ids for o in outs])
+    used = policy.counters.since(before)
+    a, b = len(short) + len(outs[0].token_ids), len(long) + len(outs[1].token_ids)
+    assert used.padded_kv_positions == min(a, b) * abs(a - b)
+
+
+def test_line_stop_rule_ends_after_the_first_final_line_or_max_lines(char_tok):
+    policy = HFPolicy(tiny_model(char_tok, seed=4), char_tok)
+    nl = char_tok.convert_tokens_to_ids("\n")
+    prompts = [policy.encode_prompt("Q: 3 *3\n")] * 8
+    one = StopRule(max_new_tokens=40, line_tokens=3, final_line=lambda line: True)
+    for o in policy.sample(prompts, stop=one, temperature=1.0, seed=2):
+        # one line: up to its newline, or 3 tokens, or EOS
+        assert len(o.token_ids) <= 3 and nl not in o.token_ids[:-1]
+        assert o.finish in ("stop", "eos")
+    two = StopRule(max_new_tokens=40, line_tokens=3, max_lines=2)
+    for o in policy.sample(prompts, stop=two, temperature=1.0, seed=2):
+        assert len(o.token_ids) <= 6 and o.finish in ("stop", "eos")
+        if o.finish == "stop":  # exactly two lines
+            lines, cur = 0, 0
+            for t in o.token_ids:
+                cur += 1
+                if t == nl or cur == 3:
+                    lines, cur = lines + 1, 0
+            assert lines == 2 and cur == 0

@@ -7,7 +7,7 @@ a backend computes is counted at this boundary in `TokenCounters` (DESIGN.md, "T
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -19,12 +19,16 @@ class TokenCounters:
     """Work done at the model boundary.
 
     forward_tokens: real (non-padding) token positions computed, prefill and decode.
-    padded_positions: positions computed only because of batching (left padding, finished rows).
+    padded_positions: query positions computed only because of batching (left padding of prompts).
+    padded_kv_positions: attention work over padding: per forward, for every real query position, the
+        masked (padding) KV slots it attends over, summed over rows. Rows of different lengths in one batch
+        (left-padded prompts or parent caches) cost this even when `padded_positions` is 0.
     cache_hits / cache_misses: prefix KV-cache look-ups (a miss recomputes the prefix).
     """
 
     forward_tokens: int = 0
     padded_positions: int = 0
+    padded_kv_positions: int = 0
     cache_hits: int = 0
     cache_misses: int = 0
 
@@ -41,10 +45,29 @@ class TokenCounters:
 
 @dataclass(frozen=True)
 class StopRule:
-    """When a continuation ends: EOS always; a newline too if `at_newline` (one reasoning step, an option)."""
+    """When a continuation ends.
+
+    EOS always; a newline too if `at_newline` (one reasoning step, an option); `max_new_tokens` in all.
+    A whole trajectory ends like a path of tree steps (`trajectory`): the text is cut into lines, a line
+    ending at a newline or after `line_tokens` tokens (as a step does), and decoding stops after the first
+    line satisfying `final_line` (the task's terminal-step predicate) or after `max_lines` lines.
+    """
 
     at_newline: bool = False
     max_new_tokens: int = 64
+    line_tokens: int | None = None
+    max_lines: int | None = None
+    final_line: Callable[[str], bool] | None = None
+
+    @classmethod
+    def trajectory(cls, *, step_tokens: int, max_depth: int, is_terminal: Callable[[str], bool]) -> StopRule:
+        """The stop rule of one root-to-terminal path of a tree grown with these step limits."""
+        return cls(at_newline=False, max_new_tokens=step_tokens * max_depth, line_tokens=step_tokens,
+                   max_lines=max_depth, final_line=is_terminal)
+
+    @property
+    def by_lines(self) -> bool:
+        return self.line_tokens is not None or self.max_lines is not None or self.final_line is not None
 
 
 @dataclass
@@ -53,14 +76,14 @@ class Continuation:
 
     token_ids: [T] generated ids, including the stop token (newline or EOS) when one was produced.
     logprobs: [T] log pi(token | prefix) under the untempered policy.
-    finish: "newline" | "eos" | "length".
+    finish: "newline" | "eos" | "length" | "stop" (a line rule of `StopRule` ended it).
     """
 
     token_ids: list[int]
     logprobs: np.ndarray
     finish: str
     text: str = ""
-    key: Hashable | None = None  # prefix-cache key of (prefix + this continuation), set by `expand`
+    key: Hashable | None = None  # content key of (prefix + this continuation) when `expand` stored its state
     state: Any = None  # backend-private prefix state while in flight; None once stored
 
 
@@ -93,11 +116,14 @@ class Policy(Protocol):
 
     def expand(self, parents: Sequence[tuple[Hashable, Sequence[int]]], num_samples: int | Sequence[int], *,
                stop: StopRule, temperature: float, seed: int, store: Any,
-               exclude: Sequence[Sequence[Excluded]] | None = None) -> list[list[Continuation]]:
+               exclude: Sequence[Sequence[Excluded]] | None = None,
+               final: Callable[[int, str], bool] | None = None) -> list[list[Continuation]]:
         """Sample continuations of each `(cache_key, prefix_ids)` parent, reusing its cached prefix state in
-        `store`; continuations that can be continued carry a new `key` for their own cached state.
+        `store`. The key is content-based: `arbor.lm.kvcache.prefix_key(prefix_ids)`, so equal prefixes share
+        one state. Continuations that can be continued carry the `key` of their own stored state.
         `exclude[i]` lists continuations that parent i's samples must not repeat (sampling without
-        replacement against existing children)."""
+        replacement against existing children). `final(i, text)`: whether a continuation of parent i ends its
+        trajectory (never continued): it gets no state, and its last token is not fed."""
         ...
 
     def score(self, prefixes: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],

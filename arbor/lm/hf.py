@@ -14,9 +14,8 @@ masked out and never computed.
 from __future__ import annotations
 
 import importlib.util
-import itertools
 import json
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 
 from arbor.lm.base import Continuation, Excluded, StopRule, TokenCounters
-from arbor.lm.kvcache import KVStore, PrefixState
+from arbor.lm.kvcache import KVStore, PrefixState, prefix_key
 from arbor.pipeline.config import ArborInputError
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
@@ -153,7 +152,6 @@ class HFPolicy:
         self.eos_token_id: int = int(tokenizer.eos_token_id)  # type: ignore[attr-defined]
         self.pad_token_id: int = int(tokenizer.pad_token_id)  # type: ignore[attr-defined]
         self._newline_ids: torch.Tensor | None = None
-        self._keys = itertools.count()
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu") -> HFPolicy:
@@ -183,15 +181,22 @@ class HFPolicy:
 
     # -- model calls -----------------------------------------------------------------------------------------
     def _count(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
-        """Count the positions of one forward over `ids`: real ones (mask 1) and padding."""
-        real = int(mask.sum())
+        """Count one forward over `ids` [B, T] whose full attention mask (cache + new) is `mask` [B, S >= T].
+
+        Real query positions (mask 1) and padded ones; and, per real query, the masked KV slots it attends
+        over. Padding is always on the left, so every masked slot of a row precedes all its real queries.
+        """
+        q = mask[:, -ids.shape[1]:]
+        real_q = q.sum(1)
+        real = int(real_q.sum())
         self.counters.forward_tokens += real
         self.counters.padded_positions += ids.numel() - real
+        self.counters.padded_kv_positions += int((real_q * (mask == 0).sum(1)).sum())
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
                  cache: DynamicCache | None) -> tuple[torch.Tensor, DynamicCache]:
         """One forward over `ids` [B, T] with full `mask` [B, past+T]; returns last logits [B, V] and cache."""
-        self._count(ids, mask[:, -ids.shape[1]:])
+        self._count(ids, mask)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
                          cache=cache if cache is not None else DynamicCache(), use_cache=True)
         return out.logits[:, -1, :].float(), out.cache
@@ -200,16 +205,18 @@ class HFPolicy:
     def decode_loop(self, logits: torch.Tensor, cache: DynamicCache, mask: torch.Tensor, next_pos: torch.Tensor,
                     *, stop: StopRule, temperature: float, generator: torch.Generator | None,
                     capture: bool = False, exclude: Sequence[Sequence[Excluded]] | None = None,
-                    ) -> list[Continuation]:
+                    final: Callable[[int, str], bool] | None = None) -> list[Continuation]:
         """Sample from `logits` [B, V] onward, feeding each sampled token back through the cached model.
 
         `mask` [B, S] is the attention mask of what `cache` holds; `next_pos` [B] the position of the next token.
-        Rows stop at EOS, at a newline token if `stop.at_newline`, or after `stop.max_new_tokens`. Finished
-        rows leave the batch (the cache is index-selected), so they cost nothing further.
+        Rows stop at EOS, at a newline token if `stop.at_newline`, by the line rule of `stop` (see `StopRule`),
+        or after `stop.max_new_tokens`. Finished rows leave the batch (the cache is index-selected), so they
+        cost nothing further; a row's last sampled token is never fed.
 
         With `capture`, a row that ends on a newline or the length limit has its last token fed too, and its
         `PrefixState` (KV of prefix + continuation, next-token logits) is returned in `Continuation.state`,
-        ready for expanding its children. A row ending in EOS is terminal and gets no state (EOS is not fed).
+        ready for expanding its children. A row ending in EOS is terminal and gets no state (EOS is not fed);
+        so does a row r whose text `final(r, text)` says ends its trajectory (nothing will continue it).
 
         `exclude[r]` lists continuations row r must not repeat, each as (token ids, their log-probs under this
         policy). Sampling is then from pi(. | prefix, continuation not in exclude), exactly at temperature 1:
@@ -222,6 +229,8 @@ class HFPolicy:
         lps: list[list[float]] = [[] for _ in range(b)]
         finish = ["length"] * b
         states: list[PrefixState | None] = [None] * b
+        line_start, lines = [0] * b, [0] * b  # for the line rule of `stop`
+        last = stop.max_new_tokens - 1
         rows = torch.arange(b, device=self.device)  # original row index of each live batch row
         for step in range(stop.max_new_tokens):
             logp = torch.log_softmax(logits, dim=-1)
@@ -233,32 +242,43 @@ class HFPolicy:
             else:
                 nxt = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(-1)
             chosen = logp.gather(1, nxt[:, None]).squeeze(1)
-            eos = nxt == self.eos_token_id
-            closing = torch.isin(nxt, self.newline_ids) & ~eos if stop.at_newline else torch.zeros_like(eos)
-            if step == stop.max_new_tokens - 1:
-                closing = ~eos
-            for r, t, lp, e, c in zip(rows.tolist(), nxt.tolist(), chosen.tolist(), eos.tolist(),
-                                      closing.tolist(), strict=True):
+            newline = torch.isin(nxt, self.newline_ids).tolist()
+            ended: list[bool] = []  # row done, nothing fed (EOS, a stop, a final continuation)
+            closing: list[bool] = []  # row done, its last token fed and its state captured
+            for r, t, lp, nl in zip(rows.tolist(), nxt.tolist(), chosen.tolist(), newline, strict=True):
                 tokens[r].append(t)
                 lps[r].append(lp)
-                if e:
+                if t == self.eos_token_id:
                     finish[r] = "eos"
-                elif c and step < stop.max_new_tokens - 1:
+                elif stop.by_lines and (nl or len(tokens[r]) - line_start[r] == stop.line_tokens):
+                    lines[r] += 1
+                    line = self.decode(tokens[r][line_start[r]:])
+                    line_start[r] = len(tokens[r])
+                    if (stop.final_line is not None and stop.final_line(line)) or lines[r] == stop.max_lines:
+                        finish[r] = "stop"
+                elif stop.at_newline and nl and step < last:
                     finish[r] = "newline"
-            drop = eos if capture else eos | closing
+                done = finish[r] != "length" or step == last
+                fin = finish[r] in ("eos", "stop") or (done and (not capture or (
+                    final is not None and final(r, self.decode(tokens[r])))))
+                ended.append(fin)
+                closing.append(done and not fin)
+            drop = torch.tensor(ended, device=self.device)
             if bool(drop.all()):
                 break
             if bool(drop.any()):
                 keep = (~drop).nonzero().squeeze(-1)
                 cache.batch_select_indices(keep)
-                rows, nxt, mask, next_pos, closing = rows[keep], nxt[keep], mask[keep], next_pos[keep], closing[keep]
+                rows, nxt, mask, next_pos = rows[keep], nxt[keep], mask[keep], next_pos[keep]
+                closing = [c for c, d in zip(closing, ended, strict=True) if not d]
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             logits, cache = self._forward(nxt[:, None], mask, next_pos[:, None], cache)
             next_pos = next_pos + 1
-            if capture and bool(closing.any()):
-                for j in closing.nonzero().squeeze(-1).tolist():
+            if any(closing):
+                for j in (j for j, c in enumerate(closing) if c):
                     states[int(rows[j])] = self._row_state(cache, mask, logits, j)
-                keep = (~closing).nonzero().squeeze(-1)
+                keep = torch.tensor([j for j, c in enumerate(closing) if not c], dtype=torch.long,
+                                    device=self.device)
                 if keep.numel() == 0:
                     break
                 cache.batch_select_indices(keep)
@@ -322,13 +342,17 @@ class HFPolicy:
     @torch.inference_mode()
     def expand(self, parents: Sequence[tuple[Hashable, Sequence[int]]], num_samples: int | Sequence[int], *,
                stop: StopRule, temperature: float, seed: int, store: KVStore,
-               exclude: Sequence[Sequence[Excluded]] | None = None) -> list[list[Continuation]]:
+               exclude: Sequence[Sequence[Excluded]] | None = None,
+               final: Callable[[int, str], bool] | None = None) -> list[list[Continuation]]:
         """Sample `num_samples` continuations of each parent, reusing the parents' cached KV.
 
-        `parents` are `(key, prefix_ids)`; a key found in `store` costs no forward pass, a missing one is
-        recomputed from `prefix_ids` (batched) and stored. Each continuation that did not end in EOS gets a
-        fresh key (`Continuation.key`) under which its own state is stored for its children. Only new tokens
-        are computed: with no eviction, forward tokens = prompt + every generated (non-EOS) token, once.
+        `parents` are `(key, prefix_ids)` with the content key `prefix_key(prefix_ids)`; a key found in `store`
+        costs no forward pass, a missing one is recomputed from `prefix_ids` (batched) and stored. Each
+        continuation that can be continued is stored under `Continuation.key = prefix_key(prefix + its ids)`,
+        so equal token prefixes share one state. Only new tokens are computed: with no eviction, forward
+        tokens = prompt + every generated token except the last one of a continuation that ends its
+        trajectory (EOS, a stop of the line rule, or `final(i, text)` true for a continuation of parent i):
+        such a continuation is never continued, so its last token is not fed and no state is kept for it.
         `exclude[i]`: continuations of parent i that its samples must not repeat (see `decode_loop`).
         """
         counts = [num_samples] * len(parents) if isinstance(num_samples, int) else list(num_samples)
@@ -347,18 +371,17 @@ class HFPolicy:
         gen = torch.Generator(device=self.device).manual_seed(int(seed))
         logits, cache, mask, next_pos = self._batch_from_states([states[i] for i in live],  # type: ignore[misc]
                                                                 [counts[i] for i in live])
-        row_exclude = None if exclude is None else [exclude[i] for i in live for _ in range(counts[i])]
+        row_parent = [i for i in live for _ in range(counts[i])]
+        row_exclude = None if exclude is None else [exclude[i] for i in row_parent]
+        row_final = None if final is None else (lambda r, text: final(row_parent[r], text))
         conts = self.decode_loop(logits, cache, mask, next_pos, stop=stop, temperature=temperature,
-                                 generator=gen, capture=True, exclude=row_exclude)
-        it = iter(conts)
-        for i in live:
-            for _ in range(counts[i]):
-                c = next(it)
-                if c.state is not None:
-                    c.key = next(self._keys)
-                    store.put(c.key, c.state)
-                    c.state = None
-                out[i].append(c)
+                                 generator=gen, capture=True, exclude=row_exclude, final=row_final)
+        for i, c in zip(row_parent, conts, strict=True):
+            if c.state is not None:
+                c.key = prefix_key([*parents[i][1], *c.token_ids])
+                store.put(c.key, c.state)
+                c.state = None
+            out[i].append(c)
         return out
 
     def _left_pad(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

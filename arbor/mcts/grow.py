@@ -8,6 +8,11 @@ until a terminal (a branch, a rollout kept in the tree). Sibling de-duplication 
 so every algorithm gets them the same way. With `exclude_existing`, a node's new steps are sampled without
 replacement against its existing children (`Policy.expand(exclude=...)`), so widening a node where the policy
 is confident costs no repeated samples. The builder knows nothing about which model it drives.
+
+Cache keys are content-based (`prefix_key` of a node's path tokens), so nodes with equal token paths share one
+stored state. A step that ends its trajectory (the task's terminal step, or a step at `max_depth`) is never
+continued: the policy is told so (`Policy.expand(final=...)`), stores no state for it and does not feed its last
+token; `compute_tokens()` is what a perfect prefix cache computes for the tree.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from arbor.lm.base import Continuation, Policy, StopRule
+from arbor.lm.kvcache import prefix_key
 from arbor.mcts.kernels import edit_distance
-from arbor.mcts.tree import ROOT, Tree, add_child, new_tree
+from arbor.mcts.tree import Tree, add_child, new_tree
 
 
 @dataclass
@@ -34,7 +40,7 @@ class Timing:
 
 @dataclass
 class TreeBuilder:
-    """A tree under construction: the arrays, per-node cache keys, and how to grow it."""
+    """A tree under construction: the arrays and how to grow them (step stop rule, merge, exclusion)."""
 
     policy: Policy
     store: object
@@ -46,17 +52,40 @@ class TreeBuilder:
     merge_distance: int = -1  # -1: keep duplicates; 0: drop exact repeats; d > 0: merge within edit distance d
     exclude_existing: bool = False  # sample new steps of a node without replacement against its children
     batch_size: int = 256
-    keys: dict[int, Hashable] = field(default_factory=dict)
     timing: Timing = field(default_factory=Timing)
     merged: int = 0
+    unfed: int = 0  # stored tokens never fed to the model: the last token of each non-EOS trajectory end
     samples: dict[int, tuple[list[int], np.ndarray]] = field(default_factory=dict)  # node -> its sampled step
 
     @classmethod
-    def start(cls, policy: Policy, prompt_ids: Sequence[int], *, store: object, seed: int,
+    def start(cls, policy: Policy, prompt_ids: Sequence[int], *, store: object, seed: int | None = None,
               max_nodes: int = 100_000, max_tokens: int = 2_000_000, **kw: object) -> TreeBuilder:
-        b = cls(policy, store, new_tree(max_nodes, max_tokens, prompt_ids), **kw)  # type: ignore[arg-type]
-        b.keys[ROOT] = ("prompt", seed, id(b))
-        return b
+        """A tree holding only the prompt. `seed` is accepted for callers' convenience and unused: nothing
+        about the tree's cache keys depends on it (they are content-based)."""
+        return cls(policy, store, new_tree(max_nodes, max_tokens, prompt_ids), **kw)  # type: ignore[arg-type]
+
+    def parents(self, nodes: Sequence[int]) -> list[tuple[Hashable, list[int]]]:
+        """`(content key, path token ids)` of each node: what `Policy.expand` takes as parents."""
+        out = []
+        for n in nodes:
+            ids = self.tree.path_tokens(int(n))
+            out.append((prefix_key(ids), ids.tolist()))
+        return out
+
+    def ends_trajectory(self, node: int, step_text: str) -> bool:
+        """Whether a step `step_text` sampled under `node` is terminal (answer step or depth limit)."""
+        return int(self.tree.depth[node]) + 1 >= self.max_depth or self.is_terminal(step_text)
+
+    def compute_tokens(self) -> int:
+        """Token positions a perfect prefix cache computes for this tree: every stored token (prompt and
+        steps) except the last token of each trajectory-ending step that did not end in EOS (sampled from its
+        predecessor's logits, never fed). With no eviction, forward tokens equal this."""
+        return self.tree.num_tokens - self.unfed
+
+    def trajectory_stop(self) -> StopRule:
+        """The stop rule of one root-to-terminal path of this tree, for a chain sampled without a tree."""
+        return StopRule.trajectory(step_tokens=self.step_tokens, max_depth=self.max_depth,
+                                   is_terminal=self.is_terminal)
 
     def text(self, node: int) -> str:
         """The solution text from the first step through `node` (prompt excluded)."""
@@ -102,14 +131,15 @@ class TreeBuilder:
         for i in range(0, len(nodes), per_call):
             chunk, chunk_counts = list(nodes[i : i + per_call]), counts[i : i + per_call]
             t0 = time.perf_counter()
-            parents = [(self.keys[n], self.tree.path_tokens(n).tolist()) for n in chunk]
+            parents = self.parents(chunk)
             exclude = None
             if self.exclude_existing:
                 exclude = [[self.samples[int(c)] for c in self.tree.children(n) if int(c) in self.samples]
                            for n in chunk]
             t1 = time.perf_counter()
             results = self.policy.expand(parents, chunk_counts, stop=stop, temperature=self.temperature,
-                                         seed=seed * 1_000_003 + i, store=self.store, exclude=exclude)
+                                         seed=seed * 1_000_003 + i, store=self.store, exclude=exclude,
+                                         final=lambda j, text, chunk=chunk: self.ends_trajectory(chunk[j], text))
             t2 = time.perf_counter()
             for node, conts in zip(chunk, results, strict=True):
                 out.append(self._add(node, conts, merge))
@@ -127,11 +157,9 @@ class TreeBuilder:
             if merge and self._is_duplicate(node, toks, new_toks):
                 self.merged += 1
                 continue
-            depth = int(self.tree.depth[node]) + 1
-            done = c.finish == "eos" or self.is_terminal(c.text) or depth >= self.max_depth
+            done = c.finish == "eos" or self.ends_trajectory(node, c.text)
             child = add_child(self.tree, node, toks, log_prior=float(np.sum(c.logprobs, dtype=float)), terminal=done)
-            if c.key is not None:
-                self.keys[child] = c.key
+            self.unfed += int(done and c.finish != "eos")
             self.samples[child] = (c.token_ids, c.logprobs)
             added.append(child)
             new_toks.append(toks)

@@ -9,8 +9,10 @@ All grow trees through `TreeBuilder` (arbor/mcts/grow.py), so every count is the
 - `tree_grpo`: Tree-GRPO (arXiv 2509.21240 §3): M trees per prompt, each started from one chain; then L rounds
   in which N non-leaf nodes per tree are picked at random and each expanded by a new branch to a terminal.
   Rollouts per prompt: G = M * (L*N + 1). Expected tokens for trajectory length B: M*B + M*L*N*B/2.
-- `chain_tree`: G independent chains in the same engine (the baseline at the same counters).
-- `sample_chains`: G complete solutions without a tree, naive (each recomputes the prompt) or prompt-cached.
+- `chain_tree`: G independent chains in the same engine, step by step (the baseline at the same counters).
+- `sample_chains`: G complete solutions without a tree, decoded in one pass each, naive (each recomputes the
+  prompt) or prompt-cached (the prompt's state stored under its content key, shared by every batch). Give them
+  the tree's stop rule (`TreeBuilder.trajectory_stop()` / `StopRule.trajectory`) to compare with a tree.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from arbor.lm.base import Continuation, Policy, StopRule
+from arbor.lm.kvcache import prefix_key
 from arbor.mcts.grow import TreeBuilder
 from arbor.mcts.tree import ROOT
 
@@ -96,17 +99,21 @@ def chain_tree(policy: Policy, prompt_ids: Sequence[int], *, g: int, step_tokens
     return b
 
 
-def sample_chains(policy: Policy, prompt_ids: Sequence[int], num_chains: int, *, max_new_tokens: int,
+def sample_chains(policy: Policy, prompt_ids: Sequence[int], num_chains: int, *, stop: StopRule,
                   temperature: float, seed: int, prompt_cached: bool, store: object = None,
                   batch_size: int = 256) -> list[Continuation]:
-    """`num_chains` independent complete solutions of one prompt (see module docstring)."""
-    stop = StopRule(at_newline=False, max_new_tokens=max_new_tokens)
+    """`num_chains` independent complete solutions of one prompt, each ended by `stop` (see module docstring).
+
+    Prompt-cached chains continue from the prompt's state in `store`, keyed by the prompt's content, so only
+    the first call with a prompt computes it; chains are never continued, so no state is stored for them.
+    """
     if not prompt_cached:
         return policy.sample([list(prompt_ids)] * num_chains, stop=stop, temperature=temperature, seed=seed,
                              batch_size=batch_size)
+    parent = (prefix_key(prompt_ids), list(prompt_ids))
     out: list[Continuation] = []
     for i in range(0, num_chains, batch_size):
         k = min(batch_size, num_chains - i)
-        out += policy.expand([(("chain-prompt", seed), list(prompt_ids))], k, stop=stop,
-                             temperature=temperature, seed=seed + i, store=store)[0]
+        out += policy.expand([parent], k, stop=stop, temperature=temperature, seed=seed + i, store=store,
+                             final=lambda _i, _text: True)[0]
     return out

@@ -5,7 +5,8 @@ A scorer maps new nodes to values in [0, 1]; the search backs them up. AlphaLLM'
 scorers stand in, both without a learned model:
 
 - `RewardScorer` (training-time search, gold answer known): terminals get the task's outcome reward; other
-  nodes get the mean reward of `n_rollouts` fast rollouts from the node (0.5 if `n_rollouts` = 0).
+  nodes get the mean reward of `n_rollouts` fast rollouts from the node (0.5 if `n_rollouts` = 0). A rollout
+  continues from the node's cached KV, stops after its first terminal step line, and stores no state.
 - `LikelihoodScorer` (decoding at evaluation, no gold answer): the policy's own confidence, the geometric
   mean token probability of the path, exp(mean log pi). Never sees the answer.
 """
@@ -47,10 +48,13 @@ class RewardScorer:
             else:
                 inner.append(i)
         if inner and self.n_rollouts > 0:
-            parents = [(builder.keys[nodes[i]], tree.path_tokens(nodes[i]).tolist()) for i in inner]
-            outs = builder.policy.expand(parents, self.n_rollouts, temperature=builder.temperature, seed=seed,
-                                         stop=StopRule(at_newline=False, max_new_tokens=self.rollout_tokens),
-                                         store=builder.store)
+            # a rollout ends like a path of the tree (first terminal step line; steps cut at step_tokens), at
+            # most `rollout_tokens` tokens; it is never continued, so no state is stored for it
+            stop = StopRule(at_newline=False, max_new_tokens=self.rollout_tokens, line_tokens=builder.step_tokens,
+                            final_line=builder.is_terminal)
+            outs = builder.policy.expand(builder.parents([nodes[i] for i in inner]), self.n_rollouts,
+                                         temperature=builder.temperature, seed=seed, stop=stop,
+                                         store=builder.store, final=lambda _i, _text: True)
             for i, conts in zip(inner, outs, strict=True):
                 prefix = builder.text(nodes[i])
                 values[i] = float(np.mean([self.reward(prefix + c.text) for c in conts]))

@@ -74,30 +74,39 @@ def evaluate_policy(policy: Policy, task: Task, problems: Sequence[Problem], *, 
 
 
 def search_decode(policy: Policy, task: Task, problems: Sequence[Problem], *, eta: EtaMCTSConfig,
-                  simulations: int, seed: int) -> dict[str, Any]:
+                  simulations: int, seed: int, kv_budget_mb: float) -> dict[str, Any]:
     """Decode each problem with eta-MCTS under the likelihood scorer (no oracle).
 
     Reported per read-out: `search_pass1` (greedy walk by Q, AlphaLLM's decoding), `search_best_pass1` (best
     terminal by Q), `search_vote_pass1` (Q-weighted vote over terminals). The search never sees the gold
     answer: the scorer is the policy's own confidence. Correctness is checked afterwards, here.
+
+    Prefix states live in one KV store of `kv_budget_mb` (the search stage's `search.kv_budget_mb`), emptied
+    after each problem; terminal steps store none (the builder tells the policy they end a trajectory).
+    Token work (`search_forward_tokens`, `search_padded_kv_positions`) and the store's peak are reported.
     """
     from arbor.lm.kvcache import KVStore
     from arbor.mcts.scoring import LikelihoodScorer
     from arbor.mcts.search import eta_mcts
 
     eta = dataclasses.replace(eta, num_simulations=simulations)
+    store = KVStore(int(kv_budget_mb * 2**20))
     before = policy.counters.snapshot()
     t0 = time.perf_counter()
     ok = Counter()
     for i, p in enumerate(problems):
         res = eta_mcts(policy, policy.encode_prompt(task.prompt(p)), scorer=LikelihoodScorer(policy),
-                       is_terminal=is_terminal_step, cfg=eta, seed=seed + i, store=KVStore())
+                       is_terminal=is_terminal_step, cfg=eta, seed=seed + i, store=store)
+        store.clear()  # another problem's prefixes are never reused
         for name, leaf in (("search_pass1", res.greedy_leaf), ("search_best_pass1", res.best_leaf)):
             ok[name] += leaf >= 0 and task.reward(p, res.builder.text(leaf)) > 0.5
         ok["search_vote_pass1"] += res.vote_answer is not None and task.reward(p, f"Answer: {res.vote_answer}\n") > 0.5
     n = len(problems)
+    used = policy.counters.since(before)
     return {**{k: ok[k] / n for k in ("search_pass1", "search_best_pass1", "search_vote_pass1")},
-            "search_forward_tokens": policy.counters.since(before).forward_tokens,
+            "search_forward_tokens": used.forward_tokens, "search_padded_kv_positions": used.padded_kv_positions,
+            "search_cache_misses": used.cache_misses, "search_kv_evictions": store.evictions,
+            "search_kv_peak_mb": store.peak_nbytes / 2**20,
             "search_simulations": simulations, "search_wall_seconds": time.perf_counter() - t0}
 
 
@@ -118,7 +127,7 @@ def run(cfg: ArborConfig, *, policy_dir: str | Path = "models/iter_0/policy",
                               max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, seed=seed)
     if e.search:
         metrics |= search_decode(policy, task, problems, eta=cfg.search.eta, simulations=e.search_simulations,
-                                 seed=seed + 2)
+                                 seed=seed + 2, kv_budget_mb=cfg.search.kv_budget_mb)
     return metrics
 
 

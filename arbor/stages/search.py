@@ -88,7 +88,7 @@ def search_problem(policy: Policy, task: Task, problem: Problem, cfg: SearchConf
     stats = {
         "problem_id": problem.id, "nodes": tree.num_nodes, "terminals": len(terms),
         "forward_tokens": used.forward_tokens, "unique_tokens": tree.num_tokens,
-        "padded_positions": used.padded_positions,
+        "padded_positions": used.padded_positions, "padded_kv_positions": used.padded_kv_positions,
         "solved_any": any(is_solved(r) for r in tree.reward[terms]), "solved_greedy": ok(res.greedy_leaf),
         "solved_best": ok(res.best_leaf), "solved_rerank": ok(res.rerank_leaf),
         "solved_vote": bool(res.vote_answer is not None and task.is_correct(problem, f"Answer: {res.vote_answer}\n")),
@@ -111,7 +111,8 @@ def _fingerprint(cfg: ArborConfig, policy_dir: str | Path, train_file: str | Pat
 def summarize(stats: list[dict[str, Any]], algorithm: str) -> dict[str, Any]:
     """Aggregate per-problem stats into the stage metrics."""
     n = len(stats)
-    keys = ["nodes", "terminals", "forward_tokens", "unique_tokens", "padded_positions", "merged", "wall_seconds"]
+    keys = ["nodes", "terminals", "forward_tokens", "unique_tokens", "padded_positions", "padded_kv_positions",
+            "merged", "wall_seconds"]
     tot = {k: sum(s[k] for s in stats) for k in keys + (["grpo_expected_tokens"] if algorithm == "tree_grpo" else [])}
     out: dict[str, Any] = {"algorithm": algorithm, "problems": n, **tot, "trajectories": tot["terminals"],
                            "reuse_ratio": tot["forward_tokens"] / max(1, tot["unique_tokens"])}
