@@ -179,3 +179,35 @@ def test_search_timing_splits_model_and_tree_work():
     assert sum(t.phases.values()) == pytest.approx(t.tree, abs=2e-3)  # the phases cover all tree work
     assert t.bookkeeping_fraction < 0.5  # 20 ms model calls dominate a toy tree
     assert res.builder.policy is w  # the stopwatch is gone after the search
+
+
+PER_TOKEN = {"a": -3.0, "b": -3.1, "c": -2.9}
+
+
+class LongStepWorld(StepWorld):
+    """Three 40-token steps at the root with -3.0, -3.1 and -2.9 nats per token (a real model's long step)."""
+
+    def expand(self, *args, **kw):
+        out = super().expand(*args, **kw)
+        for conts in out:
+            for c in conts:
+                c.logprobs = np.full(len(c.token_ids), PER_TOKEN.get(c.text[0], -3.0), np.float32)
+        return out
+
+
+def test_long_steps_keep_a_usable_ordered_prior_and_likelihood():
+    # 40 tokens at -3 nats: exp(-120) underflows float32 (the old `prior` column and array were 0 here)
+    w = LongStepWorld(lambda s: [x * 39 + "\n" for x in "abc"] if s == "" else ["Answer: 1\n"])
+    b = TreeBuilder.start(w, w.encode_prompt("Q\n"), store=None, seed=0, is_terminal=is_terminal_step,
+                          exclude_existing=True, step_tokens=64)
+    kids = b.expand([0], 3, seed=0)[0]
+    tree = b.tree
+    by_text = {b.text(k)[0]: k for k in kids}
+    assert sorted(by_text) == ["a", "b", "c"]
+    np.testing.assert_allclose([tree.log_prior[by_text[x]] for x in "abc"], [-120.0, -124.0, -116.0], rtol=1e-6)
+    p = {x: tree.prior[by_text[x]] for x in "abc"}
+    assert p["c"] > p["a"] > p["b"] > 0 and sum(p.values()) == pytest.approx(1.0)
+    e = np.exp([0.0, -4.0, -8.0])  # softmax over the siblings: c, a, b are 0, 4, 8 nats below the best
+    np.testing.assert_allclose([p["c"], p["a"], p["b"]], e / e.sum(), rtol=1e-4)  # float32 token log-probs
+    scores = LikelihoodScorer(w)(b, [by_text[x] for x in "abc"], seed=0)
+    np.testing.assert_allclose(scores, np.exp([-3.0, -3.1, -2.9]), rtol=1e-5)  # geometric-mean token prob

@@ -1,7 +1,8 @@
 """A straightforward pure-Python object tree with the same semantics as the numba kernels.
 
-Two uses: the reference that the kernels are tested against (golden trees, hypothesis), and the baseline of
-`bench/kernels.py`. Not used by search.
+Two uses: the reference that the kernels are tested against (golden trees, hypothesis), and the lean Python
+baseline of `bench/kernels.py` (beside an AlphaLLM-style object tree there). Not used by search. Same semantics
+includes the sibling-normalised PUCT prior from log priors and NaN Q counting as 0 (see kernels.py).
 """
 
 from __future__ import annotations
