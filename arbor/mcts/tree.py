@@ -136,10 +136,11 @@ def new_tree(max_nodes: int, max_tokens: int, root_tokens: np.ndarray | list[int
 
 def reserve_children(tree: Tree, max_children: int) -> None:
     """Widen the children table to at least `max_children` columns (existing rows are kept)."""
-    extra = max_children - tree.max_children
-    if extra > 0:
-        pad = np.full((tree.capacity, extra), NO_CHILD, np.int32)
-        tree.children_index = np.ascontiguousarray(np.concatenate([tree.children_index, pad], axis=1))
+    if max_children > tree.max_children:
+        wider = np.full((tree.capacity, max_children), NO_CHILD, np.int32)
+        n = tree.num_nodes  # rows past num_nodes are all padding
+        wider[:n, : tree.max_children] = tree.children_index[:n]
+        tree.children_index = wider
 
 
 def add_child(tree: Tree, parent: int, step_tokens: np.ndarray | list[int], *, log_prior: float = 0.0,
