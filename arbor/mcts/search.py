@@ -53,7 +53,8 @@ PHASES = ("setup", "select", "expand", "score", "backup", "widen", "readout")
 class SearchTiming:
     """Wall seconds of one search, split at the model boundary.
 
-    model: inside `Policy` calls (expansions and the scorer's rollouts: the forward passes).
+    model: inside `Policy` calls (expansions and the scorer's rollouts: the forward passes, with the backend's
+    own batching and KV-cache handling).
     phases: tree work by phase, model time excluded: setup (allocating the tree), select (kernel, duplicates,
     virtual-loss reverts), expand
     (TreeBuilder: path assembly, exclusion lists, state merge, adding children), score (the scorer callback:
