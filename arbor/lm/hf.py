@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreT
 from arbor.lm.base import Continuation, Excluded, StopRule, TokenCounters
 from arbor.lm.kvcache import KVStore, PrefixState, prefix_key
 from arbor.pipeline.config import ArborInputError
+from arbor.pipeline.manifest import verify
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 _MAX_SAFETENSORS_HEADER = 100 * 2**20  # the format's own limit
@@ -74,6 +75,7 @@ def check_model_path(path: Path) -> None:
     if not path.is_dir():
         raise ArborInputError(f"{path}: expected a local HF model directory (config.json, model.safetensors, "
                               "tokenizer files) or a .gguf file")
+    verify(path, required=False)  # a stage-written model must match its manifest (sizes and sha256)
     try:
         config = json.loads((path / "config.json").read_text())
     except FileNotFoundError:

@@ -35,7 +35,7 @@ from arbor.mcts.search import eta_mcts, readouts
 from arbor.mcts.treeio import tree_rows, write_trees
 from arbor.pipeline.config import ArborConfig, SearchConfig, to_dict
 from arbor.pipeline.io import write_json
-from arbor.pipeline.manifest import fingerprint, verify
+from arbor.pipeline.manifest import fingerprint
 from arbor.pipeline.seeds import derive_seed
 from arbor.pipeline.shards import ShardedOutput
 from arbor.pipeline.tracking import NullTracker, Tracker
@@ -139,9 +139,7 @@ def run(cfg: ArborConfig, *, policy_dir: str | Path, train_file: str | Path = "d
     log.info("search: %d of %d problems already done, %d to search", len(problems) - len(todo), len(problems),
              len(todo))
     if todo:
-        if policy is None:
-            verify(policy_dir, required=False)  # a policy written by a stage must match its manifest
-            policy = HFPolicy.from_pretrained(policy_dir, cfg.device)
+        policy = policy or HFPolicy.from_pretrained(policy_dir, cfg.device)  # checks the files and manifest
         task = build_task(cfg.task)
         store = KVStore(int(s.kv_budget_mb * 2**20))
         bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc=f"search[{s.algorithm}]",
