@@ -69,7 +69,8 @@ def policy(char_tok):
     return HFPolicy(tiny_model(char_tok, seed=1), char_tok)
 
 
-def grown_tree(policy: HFPolicy) -> tuple[TreeBuilder, list[list[int]]]:
+@pytest.fixture(scope="module")
+def grown(policy) -> tuple[TreeBuilder, list[list[int]]]:
     """A random tree of the tiny policy (3 levels), and its nodes in batches of creation (parents first)."""
     b = TreeBuilder.start(policy, policy.encode_prompt("Q: 7 +5 *3\n"), store=KVStore(), max_nodes=64,
                           max_tokens=4096, is_terminal=is_terminal_step, step_tokens=5, max_depth=3)
@@ -81,9 +82,9 @@ def grown_tree(policy: HFPolicy) -> tuple[TreeBuilder, list[list[int]]]:
     return b, batches
 
 
-def test_cached_scoring_equals_uncached_and_reads_each_stored_token_once(policy):
+def test_cached_scoring_equals_uncached_and_reads_each_stored_token_once(policy, grown):
     model = CriticModel.from_policy(policy.model, ["value", "prm", "orm"])
-    b, batches = grown_tree(policy)
+    b, batches = grown
     tree = b.tree
     assert tree.terminal[: tree.num_nodes].sum() > 0 and tree.num_nodes > 10
     cfg = CriticsConfig(b_value=1.0, b_prm=0.0, b_orm=0.0, batch_size=3)  # batches of 3 mix parents of any length
@@ -103,8 +104,8 @@ def test_cached_scoring_equals_uncached_and_reads_each_stored_token_once(policy)
         np.testing.assert_allclose(again[k], ref[k][-1:], atol=1e-5)
 
 
-def test_zero_weight_critic_is_never_run_and_gold_terminals_use_the_reward(policy):
-    b, batches = grown_tree(policy)
+def test_zero_weight_critic_is_never_run_and_gold_terminals_use_the_reward(policy, grown):
+    b, batches = grown
     value = CachedCritic(CriticModel.from_policy(policy.model, ["value"]))
     prm = CachedCritic(CriticModel.from_policy(policy.model, ["prm"]))
     scorer = CriticScorer({"value": value, "prm": prm}, CriticsConfig(b_value=1.0, b_prm=0.0, b_orm=0.0),
@@ -159,12 +160,21 @@ def planted_trees(tok, n_problems: int, seed: int):
     return parts
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: one torch thread is faster than two on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("shared", [True, False])
-def test_each_critic_learns_a_planted_rule(char_tok, tmp_path, shared):
-    write_trees(tmp_path / "t.parquet", planted_trees(char_tok, 24, seed=0))
+def test_each_critic_learns_a_planted_rule(char_tok, tmp_path, shared, one_thread):
+    write_trees(tmp_path / "t.parquet", planted_trees(char_tok, 20, seed=0))
     labels = build_labels(read_tree_files([tmp_path / "t.parquet"]))
     split = assign_splits(labels.column("problem_id").to_pylist(), heldout_fraction=0.25, val_fraction=0.15, seed=0)
-    cfg = CriticsConfig(max_epochs=12, patience=12, problems_per_batch=2, lr=3e-3, head_lr=3e-2,
+    cfg = CriticsConfig(max_epochs=8, patience=8, problems_per_batch=3, lr=3e-3, head_lr=3e-2,
                         prm_pairwise=not shared)
     items = pack_problems(labels, prm_label=cfg.prm_label, pair_margin=cfg.pair_margin)
     assert any(it["pairs"] for it in items)
@@ -184,3 +194,35 @@ def test_each_critic_learns_a_planted_rule(char_tok, tmp_path, shared):
     assert cal.auroc(pred["value"], np.asarray(d["value"]) >= 0.5) >= 0.9
     assert cal.auroc(pred["prm"][depth > 0], np.asarray(d["prm_hard"])[depth > 0]) >= 0.9
     assert cal.auroc(pred["orm"][term], np.asarray([x for x in d["orm"] if x is not None])) >= 0.9
+
+
+def test_stage_writes_loadable_critics_metrics_and_plot(char_tok, tmp_path, one_thread):
+    import json
+
+    from arbor.critics.scorer import load_critics
+    from arbor.pipeline.config import ArborConfig, TrackingConfig
+    from arbor.pipeline.manifest import write_manifest
+    from arbor.stages.critics import run
+
+    trees = tmp_path / "trees"
+    trees.mkdir()
+    write_trees(trees / "part-0.parquet", planted_trees(char_tok, 12, seed=1))
+    write_manifest(trees)
+    policy_dir = tmp_path / "policy"
+    tiny_model(char_tok, seed=3).save_pretrained(policy_dir)
+    char_tok.save_pretrained(policy_dir)
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"id": f"p{i}", "question": f"{i % 10}", "answer": "1"}) + "\n"
+                             for i in range(12)))
+    cfg = ArborConfig(tracking=TrackingConfig(enabled=False))
+    crit = CriticsConfig(max_epochs=2, min_completions=2, completion_tokens=6, shared_backbone=True)
+    m = run(cfg, trees_dir=trees, policy_dir=policy_dir, train_file=train, out_dir=tmp_path / "critics",
+            plot=tmp_path / "rel.png", critics=crit)
+    for k in ("value", "prm", "orm"):
+        assert {f"{k}_auroc", f"{k}_precision", f"{k}_recall", f"{k}_ece"} <= set(m)
+        assert 0.0 <= m[f"{k}_ece"] <= 1.0
+    assert m["extra_completions"] > 0 and m["heldout_orm_n"] > 0 and m["train_problems"] >= 6
+    assert (tmp_path / "rel.png").is_file() and (tmp_path / "critics" / "_manifest.json").is_file()
+    critics = load_critics(tmp_path / "critics", ["value", "orm"])
+    assert critics["value"] is critics["orm"]  # one shared backbone
+    assert critics["orm"].model.score([[1, 40, 50, 5]])["orm"].shape == (1,)

@@ -1,2 +1,16 @@
-"""Critic models (value V(s), PRM, ORM). Not implemented yet: the search uses the `NodeScorer` stand-ins of
-`arbor.mcts.scoring` until the critics issue lands (see DESIGN.md, "Critics")."""
+"""The three critics of AlphaLLM (§4.3): value V(s), process reward model (PRM) and outcome reward model (ORM).
+
+- `labels`: Monte Carlo / Math-Shepherd labels from search trees (+ extra completions), split by problem.
+- `models`: an HF backbone (from the policy) with scalar heads; `load(path)` opens a saved critic on its own.
+- `scorer`: `CriticScorer`, the `NodeScorer` of the node score `b_v V + b_prm PRM + b_orm mean ORM(rollouts)`,
+  scoring each new node from its parent's cached KV in the critic's own store (`critic_forward_tokens`).
+- `calibration`: AUROC, precision, recall, ECE and the reliability diagram.
+- `config`: `CriticsConfig` (labels, training, weights). Training lives in arbor/train/critic.py, the stage in
+  arbor/stages/critics.py.
+"""
+
+from arbor.critics.config import KINDS, CriticsConfig
+from arbor.critics.models import CriticModel, load
+from arbor.critics.scorer import CachedCritic, CriticScorer, load_critics
+
+__all__ = ["KINDS", "CachedCritic", "CriticModel", "CriticScorer", "CriticsConfig", "load", "load_critics"]

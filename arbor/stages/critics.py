@@ -1,0 +1,176 @@
+"""Stage `critics`: value, PRM and ORM critics trained on the search trees of iteration k (AlphaLLM §4.3).
+
+Reads `trees/iter_<k>/*.parquet` (verified against their manifest), labels every node with Monte Carlo /
+Math-Shepherd labels (arbor/critics/labels.py; extra completions from the policy where a node has fewer than
+`critics.min_completions` terminal descendants), splits the problems into train / val (early stopping) /
+held-out, trains the critics from the policy's backbone (arbor/train/critic.py) and reports, per critic on
+held-out problems, `<critic>_auroc`, `_precision`, `_recall`, `_ece` (arbor/critics/calibration.py), the label
+counts and a reliability diagram.
+
+Outputs: `models/iter_<k>/critics/` = `shared/` (one backbone, three heads) or `value/`, `prm/`, `orm/`, each a
+model directory loadable with `arbor.critics.load`, plus `labels/{train,val,heldout}.parquet` and
+`_manifest.json`, written atomically; `metrics/critics_<k>.json`; `plots/critics_<k>_reliability.png`.
+Binary labels for the metrics: value = MC value >= 0.5, PRM = Math-Shepherd hard label (steps only), ORM =
+correct (terminals).
+
+`CriticsConfig` (arbor/critics/config.py) is read from `cfg.critics` once the lead composes it into
+`ArborConfig`; until then the built-in defaults (or the `critics=` argument of `run`) apply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from arbor.critics.calibration import critic_metrics, reliability_diagram
+from arbor.critics.config import KINDS, CriticsConfig
+from arbor.critics.labels import assign_splits, build_labels, label_counts, read_tree_files, write_labels
+from arbor.critics.models import CriticModel
+from arbor.pipeline.config import ArborConfig
+from arbor.pipeline.seeds import derive_seed
+from arbor.pipeline.tracking import NullTracker, Tracker
+
+log = logging.getLogger("arbor.critics")
+
+
+def held_out_metrics(models: dict[str, CriticModel], labels: Any, items: list[dict], cfg: CriticsConfig,
+                     ) -> tuple[dict[str, float], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Per-critic metrics on `items` (packed held-out problems) and the (scores, binary labels) behind them."""
+    from arbor.train.critic import predict
+
+    pred = predict(models, items)
+    d = labels.take(pred["row"]).to_pydict()
+    depth, term = np.asarray(d["depth"]), np.asarray(d["terminal"])
+    orm = np.asarray([np.nan if x is None else x for x in d["orm"]], np.float64)
+    truth = {"value": (np.ones(len(depth), bool), np.asarray(d["value"]) >= 0.5),
+             "prm": (depth > 0, np.asarray(d["prm_hard"]) >= 0.5),
+             "orm": (term & ~np.isnan(orm), orm >= 0.5)}
+    metrics: dict[str, float] = {}
+    curves = {}
+    for k in models:
+        keep, y = truth[k]
+        s = pred[k][keep]
+        metrics.update(critic_metrics(k, s, y[keep], threshold=cfg.threshold, n_bins=cfg.n_bins))
+        curves[k] = (s, y[keep])
+    return metrics, curves
+
+
+def _mlflow_logger(tracker: Tracker, experiment: str) -> Any:
+    if tracker.run_id is None:
+        return False
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    return MLFlowLogger(experiment_name=experiment, tracking_uri=tracker.tracking_uri, run_id=tracker.run_id)
+
+
+def run(cfg: ArborConfig, *, trees_dir: str | Path, policy_dir: str | Path, train_file: str | Path = "data/train.jsonl",
+        out_dir: str | Path = "models/iter_1/critics", plot: str | Path | None = None, iteration: int = 1,
+        backbone_dir: str | Path | None = None, tracker: Tracker | None = None,
+        critics: CriticsConfig | None = None) -> dict[str, Any]:
+    """Label, split, train and evaluate the critics (module docstring); returns the stage metrics.
+
+    `policy_dir`: the policy that grew the trees (it samples the extra completions, so labels stay on-policy);
+    `backbone_dir`: the policy whose body starts the critics (default: the same).
+    """
+    from arbor.lm.hf import HFPolicy
+    from arbor.pipeline.io import atomic_path
+    from arbor.pipeline.manifest import verified_files, verify, write_manifest
+    from arbor.tasks import build_task, read_problems
+    from arbor.train.critic import pack_problems, train_critics
+    from arbor.train.sft import lightning_accelerator
+
+    tracker = tracker or NullTracker()
+    c = critics or getattr(cfg, "critics", None) or CriticsConfig()
+    t0 = time.perf_counter()
+    trees = read_tree_files(verified_files(trees_dir))
+    verify(policy_dir, required=False)
+    policy = HFPolicy.from_pretrained(policy_dir, cfg.device)
+    task = build_task(cfg.task)
+    problems = {p.id: p for p in read_problems(train_file)}
+    pids = list(dict.fromkeys(trees.column("problem_id").to_pylist()))
+    unknown = [p for p in pids if p not in problems]
+    if unknown:
+        raise FileNotFoundError(f"{train_file}: no problems {unknown[:3]}... of the trees in {trees_dir}")
+    rewards = {p: (lambda text, prob=problems[p]: task.reward(prob, text)) for p in pids}
+    seed = derive_seed(cfg.seed, "critics", iteration)
+    labels = build_labels(trees, min_completions=c.min_completions, policy=policy, rewards=rewards,
+                          completion_tokens=c.completion_tokens, step_tokens=cfg.search.eta.step_tokens, seed=seed,
+                          progress=True)
+    t_labels = time.perf_counter() - t0
+    split = assign_splits(pids, heldout_fraction=c.heldout_fraction, val_fraction=c.val_fraction, seed=seed)
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    col = labels.column("problem_id")
+    parts = {s: labels.filter(pc.is_in(col, pa.array([p for p in pids if split[p] == s]))) for s in split.values()}
+    items = {s: pack_problems(t, prm_label=c.prm_label, pair_margin=c.pair_margin) for s, t in parts.items()}
+    for s in ("train", "val", "heldout"):
+        if not items.get(s):
+            raise FileNotFoundError(f"{trees_dir}: {len(pids)} problems leave the {s} split empty; search more "
+                                    "problems (search.n_problems) or change critics.heldout_fraction/val_fraction")
+    base = policy.model
+    if backbone_dir is not None and Path(backbone_dir) != Path(policy_dir):
+        verify(backbone_dir, required=False)
+        base = HFPolicy.from_pretrained(backbone_dir, cfg.device).model
+    if c.shared_backbone:
+        models = dict.fromkeys(KINDS, CriticModel.from_policy(base, KINDS))
+    else:
+        models = {k: CriticModel.from_policy(base, [k]) for k in KINDS}
+    accelerator, devices = lightning_accelerator(cfg.device)
+    t1 = time.perf_counter()
+    summary = train_critics(models, items["train"], items["val"], c, seed=seed, accelerator=accelerator,
+                            devices=devices, logger=_mlflow_logger(tracker, cfg.tracking.experiment))
+    t_train = time.perf_counter() - t1
+    metrics, curves = held_out_metrics(models, parts["heldout"], items["heldout"], c)
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        for name, model in ({"shared": models["value"]} if c.shared_backbone else models).items():
+            model.cpu().save(tmp / name, tokenizer=policy.tokenizer)
+        for s, t in parts.items():
+            write_labels(tmp / "labels" / f"{s}.parquet", t)
+        write_manifest(tmp, {"stage": "critics", "iteration": iteration})
+    if plot is not None:
+        reliability_diagram(curves, plot, n_bins=c.n_bins)
+        tracker.log_artifact(plot)
+    counts = {f"{s}_{k}": v for s, t in parts.items() for k, v in label_counts(t).items()}
+    return {**metrics, **counts, **summary, "shared_backbone": c.shared_backbone,
+            "extra_completions": int(np.sum(labels.column("n_extra").to_numpy())) if c.min_completions else 0,
+            "label_seconds": t_labels, "train_seconds": t_train, "wall_seconds": time.perf_counter() - t0}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    from arbor.pipeline.io import write_json
+    from arbor.stages.common import stage_cli
+
+    def paths(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--iter", type=int, default=1, help="Iteration k: trains on trees/iter_<k>.")
+        p.add_argument("--trees", default=None, help="Tree directory (default trees/iter_<k>).")
+        p.add_argument("--policy", default=None, help="Policy whose backbone starts the critics and samples extra "
+                                                      "completions (default models/iter_<k-1>/policy).")
+        p.add_argument("--backbone", default=None, help="Policy whose body starts the critics (default: --policy).")
+        p.add_argument("--train", default="data/train.jsonl", help="Training problems (gold answers).")
+        p.add_argument("--out", default=None, help="Critic directory (default models/iter_<k>/critics).")
+        p.add_argument("--metrics", default=None, help="Metrics JSON (default metrics/critics_<k>.json).")
+        p.add_argument("--plot", default=None, help="Reliability PNG (default plots/critics_<k>_reliability.png).")
+
+    def go(cfg: ArborConfig, a: argparse.Namespace, tr: Tracker) -> dict[str, Any]:
+        k = a.iter
+        m = run(cfg, trees_dir=a.trees or f"trees/iter_{k}", policy_dir=a.policy or f"models/iter_{k - 1}/policy",
+                train_file=a.train, out_dir=a.out or f"models/iter_{k}/critics",
+                plot=a.plot or f"plots/critics_{k}_reliability.png", iteration=k, backbone_dir=a.backbone,
+                tracker=tr)
+        write_json(a.metrics or f"metrics/critics_{k}.json", m)
+        return m
+
+    return stage_cli("critics", __doc__ or "", paths, go, argv)
+
+
+if __name__ == "__main__":
+    from arbor.stages.common import exit_main
+
+    exit_main(main)
