@@ -118,6 +118,20 @@ def test_zero_weight_critic_is_never_run_and_gold_terminals_use_the_reward(polic
     assert scorer.uses_oracle
 
 
+def test_orm_of_fast_rollouts_reads_them_from_the_node_cache(policy, grown):
+    b, batches = grown
+    orm = CachedCritic(CriticModel.from_policy(policy.model, ["orm"]))
+    cfg = CriticsConfig(b_value=0.0, b_prm=0.0, b_orm=1.0, n_rollouts=2, rollout_tokens=8)
+    scorer = CriticScorer({"orm": orm}, cfg, reward=lambda text: 0.0)
+    before = policy.counters.forward_tokens
+    inner = [n for n in batches[0] if not b.tree.terminal[n]]
+    out = scorer(b, inner, seed=5)
+    assert out.shape == (len(inner),) and np.all((out > 0) & (out < 1))
+    assert policy.counters.forward_tokens > before  # the rollouts were sampled by the policy
+    # each rollout extends its node's cached KV: one prompt miss, nodes once, then only rollout tokens
+    assert orm.counters.cache_misses == 1 and orm.counters.cache_hits >= len(inner) * 2
+
+
 def test_save_load_gives_identical_scores_and_batching_shapes(policy, char_tok, tmp_path):
     model = CriticModel.from_policy(policy.model, ["value", "orm"])
     seqs = [policy.encode_prompt(t) for t in ("Q: 1\n", "Q: 12 +3\nx", "Q\n7+5=12\nAnswer: 12\n")]
