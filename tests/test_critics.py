@@ -63,6 +63,25 @@ def test_config_weights_and_validation():
         CriticsConfig(heldout_fraction=0.5, val_fraction=0.5)
 
 
+def test_config_composes_like_a_params_section():
+    """What the lead's `critics: CriticsConfig = _sub(CriticsConfig)` in ArborConfig relies on: the generic
+    range checks and `--critics.<key>` options of arbor/pipeline/config.py."""
+    import argparse
+    import dataclasses
+
+    from arbor.pipeline.config import _sub, add_arguments, build
+
+    assert build(CriticsConfig, {"b_orm": 0.25, "prm_label": "hard"}, "params.yaml", "critics.").b_orm == 0.25
+    with pytest.raises(ConfigError, match=r"params.yaml: critics.b_value: expected a finite number >= 0"):
+        build(CriticsConfig, {"b_value": -1}, "params.yaml", "critics.")
+    with pytest.raises(ConfigError, match="critics.prm_label"):
+        build(CriticsConfig, {"prm_label": "fuzzy"}, "params.yaml", "critics.")
+    composed = dataclasses.make_dataclass("Composed", [("critics", CriticsConfig, _sub(CriticsConfig))])
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, composed)
+    assert "--critics.b_prm" in parser.format_help()
+
+
 # -- models and prefix-cached scoring -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def policy(char_tok):

@@ -9,8 +9,21 @@
   arbor/stages/critics.py.
 """
 
-from arbor.critics.config import KINDS, CriticsConfig
-from arbor.critics.models import CriticModel, load
-from arbor.critics.scorer import CachedCritic, CriticScorer, load_critics
+from __future__ import annotations
 
+import importlib
+from typing import Any
+
+from arbor.critics.config import KINDS, CriticsConfig
+
+_LAZY = {"CriticModel": "models", "load": "models", "CachedCritic": "scorer", "CriticScorer": "scorer",
+         "load_critics": "scorer"}
 __all__ = ["KINDS", "CachedCritic", "CriticModel", "CriticScorer", "CriticsConfig", "load", "load_critics"]
+
+
+def __getattr__(name: str) -> Any:
+    """Models and scorer load on first use (torch, transformers, the tree engine), so that importing
+    `arbor.critics.config` (as arbor/pipeline/config.py may) stays light and free of import cycles."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"arbor.critics.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'arbor.critics' has no attribute {name!r}")

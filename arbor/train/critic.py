@@ -141,19 +141,21 @@ class CriticModule(L.LightningModule):
         self.nets = torch.nn.ModuleList(list({id(m): m for m in models.values()}.values()))
         self.cfg = cfg
 
-    def _common_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+    def _common_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor | None:
         losses = critic_losses(critic_logits(self.kind_models, batch), batch, self.cfg)
-        loss = torch.stack(list(losses.values())).sum() if losses else batch["input_ids"].new_zeros((), dtype=float)
+        if not losses:  # no labelled position of any trained kind: Lightning skips the step
+            return None
+        loss = torch.stack(list(losses.values())).sum()
         n = int(batch["input_ids"].shape[0])
         self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=n, on_epoch=True, on_step=False)
         for k, v in losses.items():
             self.log(f"{stage}_{k}_loss", v, batch_size=n, on_epoch=True, on_step=False)
         return loss
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         return self._common_step(batch, "train")
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         return self._common_step(batch, "val")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
