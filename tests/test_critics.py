@@ -88,8 +88,7 @@ def policy(char_tok):
     return HFPolicy(tiny_model(char_tok, seed=1), char_tok)
 
 
-@pytest.fixture(scope="module")
-def grown(policy) -> tuple[TreeBuilder, list[list[int]]]:
+def grow(policy: HFPolicy) -> tuple[TreeBuilder, list[list[int]]]:
     """A random tree of the tiny policy (3 levels), and its nodes in batches of creation (parents first)."""
     b = TreeBuilder.start(policy, policy.encode_prompt("Q: 7 +5 *3\n"), store=KVStore(), max_nodes=64,
                           max_tokens=4096, is_terminal=is_terminal_step, step_tokens=5, max_depth=3)
@@ -101,9 +100,22 @@ def grown(policy) -> tuple[TreeBuilder, list[list[int]]]:
     return b, batches
 
 
+@pytest.fixture(scope="module")
+def grown(policy) -> tuple[TreeBuilder, list[list[int]]]:
+    return grow(policy)
+
+
 def test_cached_scoring_equals_uncached_and_reads_each_stored_token_once(policy, grown):
+    check_cached_equals_uncached(policy, *grown)
+
+
+def test_cached_scoring_equals_uncached_gpt2(char_tok):
+    policy = HFPolicy(tiny_model(char_tok, arch="gpt2", seed=1), char_tok)
+    check_cached_equals_uncached(policy, *grow(policy))
+
+
+def check_cached_equals_uncached(policy: HFPolicy, b: TreeBuilder, batches: list[list[int]]) -> None:
     model = CriticModel.from_policy(policy.model, ["value", "prm", "orm"])
-    b, batches = grown
     tree = b.tree
     assert tree.terminal[: tree.num_nodes].sum() > 0 and tree.num_nodes > 10
     cfg = CriticsConfig(b_value=1.0, b_prm=0.0, b_orm=0.0, batch_size=3)  # batches of 3 mix parents of any length

@@ -171,6 +171,11 @@ class CriticScorer:
         """Token positions computed by every critic backbone together."""
         return sum(c.critic_forward_tokens for c in self.backbones)
 
+    def clear(self) -> None:
+        """Drop every cached prefix (call between problems, as the search stage clears the policy's store)."""
+        for c in self.backbones:
+            c.store.clear()
+
     def __call__(self, builder: TreeBuilder, nodes: Sequence[int], *, seed: int) -> np.ndarray:
         tree = builder.tree
         nodes = [int(n) for n in nodes]
