@@ -244,7 +244,7 @@ def test_each_critic_learns_a_planted_rule(char_tok, tmp_path, shared, one_threa
 def test_stage_writes_loadable_critics_metrics_and_plot(char_tok, tmp_path, one_thread):
     import json
 
-    from arbor.critics.scorer import load_critics
+    from arbor.critics.scorer import critic_scorer, load_critics
     from arbor.pipeline.config import ArborConfig, TrackingConfig
     from arbor.pipeline.manifest import write_manifest
     from arbor.stages.critics import run
@@ -271,3 +271,5 @@ def test_stage_writes_loadable_critics_metrics_and_plot(char_tok, tmp_path, one_
     critics = load_critics(tmp_path / "critics", ["value", "orm"])
     assert critics["value"] is critics["orm"]  # one shared backbone
     assert critics["orm"].model.score([[1, 40, 50, 5]])["orm"].shape == (1,)
+    scorer = critic_scorer(tmp_path / "critics", CriticsConfig(b_value=1.0, b_prm=0.0))  # decoding: + ORM
+    assert set(scorer.critics) == {"value", "orm"} and len(scorer.backbones) == 1 and not scorer.uses_oracle

@@ -17,8 +17,9 @@ from typing import Any
 from arbor.critics.config import KINDS, CriticsConfig
 
 _LAZY = {"CriticModel": "models", "load": "models", "CachedCritic": "scorer", "CriticScorer": "scorer",
-         "load_critics": "scorer"}
-__all__ = ["KINDS", "CachedCritic", "CriticModel", "CriticScorer", "CriticsConfig", "load", "load_critics"]
+         "load_critics": "scorer", "critic_scorer": "scorer"}
+__all__ = ["KINDS", "CachedCritic", "CriticModel", "CriticScorer", "CriticsConfig", "critic_scorer", "load",
+           "load_critics"]
 
 
 def __getattr__(name: str) -> Any:

@@ -142,6 +142,16 @@ def load_critics(critics_dir: str | Path, kinds: Sequence[str], *, device: str =
     return {k: CachedCritic(load(root / k, device), budget_bytes, batch_size) for k in kinds}
 
 
+def critic_scorer(critics_dir: str | Path, cfg: CriticsConfig, *, reward: Callable[[str], float] | None = None,
+                  device: str = "cpu") -> CriticScorer:
+    """The node scorer of a search: loads only the critics `cfg` needs (weight > 0; the ORM at terminals without
+    gold) from a `critics` stage output. `reward` = the oracle at training time, None when decoding."""
+    kinds = cfg.needed(gold=reward is not None)
+    critics = load_critics(critics_dir, kinds, device=device, budget_bytes=int(cfg.kv_budget_mb * 2**20),
+                           batch_size=cfg.batch_size)
+    return CriticScorer(critics, cfg, reward)
+
+
 class CriticScorer:
     """`NodeScorer`: AlphaLLM's node score from prefix-cached critics (module docstring).
 
