@@ -65,8 +65,8 @@ def repro(args: Sequence[str], env: dict[str, str]) -> tuple[int, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`arbor run [DVC REPRO ARGS]`; exits with dvc's code when it fails."""
-    parser = argparse.ArgumentParser(prog="arbor run", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="arbor run", usage="arbor run [-h] [DVC REPRO ARGS ...]",
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _, dvc_args = parser.parse_known_args(argv)
     cfg = load_config("params.yaml")  # the file every stage of dvc.yaml reads
     lock = lock_or_exit("arbor run")
