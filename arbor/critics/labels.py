@@ -141,33 +141,43 @@ class TreeArrays:
         return "".join(self.step_text[n] for n in self.path(node)[1:])
 
 
-def extra_completions(tree: TreeArrays, need: np.ndarray, *, policy: Policy, reward: Callable[[str], float],
-                      max_tokens: int, step_tokens: int, seed: int,
-                      store: KVStore | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sample `need[i]` completions from each node i (one batched `Policy.expand`, each ended at its first
-    terminal step line, as a fast rollout is); returns (extra_n, extra_correct, extra_sum), each [N]."""
-    n = len(tree)
-    extra_n, extra_c, extra_s = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.float64)
-    nodes = [int(i) for i in np.flatnonzero(need > 0)]
-    if not nodes:
-        return extra_n, extra_c, extra_s
-    store = store if store is not None else KVStore()
+def extra_completions(trees: Sequence[TreeArrays], needs: Sequence[np.ndarray], *, policy: Policy,
+                      rewards: Sequence[Callable[[str], float]], max_tokens: int, step_tokens: int, seed: int,
+                      rows_per_call: int = 256, progress: bool = False,
+                      ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Sample `needs[t][i]` completions from node i of tree t, each ended at its first terminal step line (as a
+    fast rollout is), batched across trees in `Policy.expand` calls of about `rows_per_call` sequences; scored by
+    `rewards[t]`. Returns (extra_n, extra_correct, extra_sum), each [N_t], per tree."""
+    out = [(np.zeros(len(t), np.int64), np.zeros(len(t), np.int64), np.zeros(len(t), np.float64)) for t in trees]
+    jobs = [(t, int(i), int(need[i])) for t, need in enumerate(needs) for i in np.flatnonzero(need > 0)]
     stop = StopRule(at_newline=False, max_new_tokens=max_tokens, line_tokens=step_tokens,
                     final_line=is_terminal_step)
-    parents = []
-    for i in nodes:
-        ids = tree.path_tokens(i)
-        parents.append((prefix_key(ids), ids.tolist()))
-    outs = policy.expand(parents, [int(need[i]) for i in nodes], stop=stop, temperature=1.0, seed=seed,
-                         store=store, final=lambda _i, _text: True)
-    for i, conts in zip(nodes, outs, strict=True):
-        prefix = tree.solution_text(i)
-        rewards = [float(reward(prefix + c.text)) for c in conts]
-        extra_n[i] = len(rewards)
-        extra_c[i] = sum(is_solved(r) for r in rewards)
-        extra_s[i] = float(np.sum(rewards))
-    store.clear()
-    return extra_n, extra_c, extra_s
+    chunk: list[tuple[int, int, int]] = []
+    calls = 0
+    from tqdm import tqdm
+
+    bar = tqdm(total=sum(n for _, _, n in jobs), desc="extra completions", unit="seq", disable=not progress)
+    for k, job in enumerate(jobs):
+        chunk.append(job)
+        if sum(n for _, _, n in chunk) < rows_per_call and k + 1 < len(jobs):
+            continue
+        store = KVStore()
+        parents = []
+        for t, i, _ in chunk:
+            ids = trees[t].path_tokens(i)
+            parents.append((prefix_key(ids), ids.tolist()))
+        conts = policy.expand(parents, [n for _, _, n in chunk], stop=stop, temperature=1.0, seed=seed + calls,
+                              store=store, final=lambda _i, _text: True)
+        for (t, i, _), cs in zip(chunk, conts, strict=True):
+            prefix = trees[t].solution_text(i)
+            got = [float(rewards[t](prefix + c.text)) for c in cs]
+            out[t][0][i] = len(got)
+            out[t][1][i] = sum(is_solved(r) for r in got)
+            out[t][2][i] = float(np.sum(got))
+        bar.update(sum(n for _, _, n in chunk))
+        chunk, calls = [], calls + 1
+    bar.close()
+    return out
 
 
 def tree_labels(tree: TreeArrays, extra: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
@@ -202,29 +212,29 @@ def tree_labels(tree: TreeArrays, extra: tuple[np.ndarray, np.ndarray, np.ndarra
 
 def build_labels(trees: pa.Table, *, min_completions: int = 0, policy: Policy | None = None,
                  rewards: dict[str, Callable[[str], float]] | None = None, completion_tokens: int = 96,
-                 step_tokens: int = 32, seed: int = 0, progress: bool = False) -> pa.Table:
+                 step_tokens: int = 32, seed: int = 0, rows_per_call: int = 256, progress: bool = False) -> pa.Table:
     """The label table of every tree in `trees` (rows of arbor/mcts/treeio.py, any number of problems).
 
-    With `min_completions` > 0, nodes with fewer completions in the tree get extra ones from `policy`, scored by
-    `rewards[problem_id](solution text)` (the task's oracle reward). Per-problem seeds: `seed` + problem index.
+    With `min_completions` > 0, nodes with fewer completions in the tree get extra ones from `policy` (batched
+    across problems), scored by `rewards[problem_id](solution text)` (the task's oracle reward).
     """
-    from tqdm import tqdm
-
-    pids = list(dict.fromkeys(trees.column("problem_id").to_pylist()))
     if min_completions > 0 and (policy is None or rewards is None):
         raise ValueError("min_completions > 0 needs a policy and the problems' reward functions")
-    parts = []
+    pids = list(dict.fromkeys(trees.column("problem_id").to_pylist()))
     pid_col = trees.column("problem_id")
-    for k, pid in enumerate(tqdm(pids, desc="labels", unit="problem", disable=not progress)):
-        tree = TreeArrays(trees.filter(pc.equal(pid_col, pid)))
-        extra = None
-        if min_completions > 0:
-            z = np.zeros(len(tree), np.int64)
-            cnt, _, _ = mc_counts(tree.parent, tree.terminal, tree.reward, tree.solved, z, z, z.astype(np.float64))
-            need = np.where(tree.terminal, 0, np.maximum(0, min_completions - cnt))
-            extra = extra_completions(tree, need, policy=policy, reward=rewards[pid],  # type: ignore[index]
-                                      max_tokens=completion_tokens, step_tokens=step_tokens, seed=seed + k)
-        parts.append(tree_labels(tree, extra, decode=policy.decode if policy is not None else None))
+    arrays = [TreeArrays(trees.filter(pc.equal(pid_col, pid))) for pid in pids]
+    extras: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = [None] * len(arrays)
+    if min_completions > 0:
+        needs = []
+        for t in arrays:
+            z = np.zeros(len(t), np.int64)
+            cnt, _, _ = mc_counts(t.parent, t.terminal, t.reward, t.solved, z, z, z.astype(np.float64))
+            needs.append(np.where(t.terminal, 0, np.maximum(0, min_completions - cnt)))
+        extras = list(extra_completions(arrays, needs, policy=policy, rewards=[rewards[p] for p in pids],  # type: ignore
+                                        max_tokens=completion_tokens, step_tokens=step_tokens, seed=seed,
+                                        rows_per_call=rows_per_call, progress=progress))
+    decode = policy.decode if policy is not None else None
+    parts = [tree_labels(t, e, decode=decode) for t, e in zip(arrays, extras, strict=True)]
     cols = {name: [v for p in parts for v in p[name]] for name in LABEL_SCHEMA.names}
     return pa.table(cols, schema=LABEL_SCHEMA)
 

@@ -138,6 +138,8 @@ def run(cfg: ArborConfig, *, trees_dir: str | Path, policy_dir: str | Path, trai
         reliability_diagram(curves, plot, n_bins=c.n_bins)
         tracker.log_artifact(plot)
     counts = {f"{s}_{k}": v for s, t in parts.items() for k, v in label_counts(t).items()}
+    # undefined metrics (a held-out split without positives) are null in the JSON, not NaN
+    metrics = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in metrics.items()}
     return {**metrics, **counts, **summary, "shared_backbone": c.shared_backbone,
             "extra_completions": int(np.sum(labels.column("n_extra").to_numpy())) if c.min_completions else 0,
             "label_seconds": t_labels, "train_seconds": t_train, "wall_seconds": time.perf_counter() - t0}
