@@ -16,7 +16,7 @@
 2. `bookkeeping_fraction`: the share of wall time that is tree work (everything but `Policy` calls: selection,
    backup, path assembly, merge, sibling stats, scoring glue, read-outs; `SearchResult.timing`) over real
    `eta_mcts` searches with the default config and the oracle-reward scorer (as `arbor search`) on synthetic
-   problems, with the tiny policy (models/iter_0/policy if present, else a fresh tiny model).
+   problems, with the tiny policy (`--policy`, default models/iter_0/policy; a fresh tiny model if missing).
 
 Results: `--quick` writes bench/results/kernels.quick.json, a full run bench/results/kernels.local.json; only
 `--reference` writes the committed reference bench/results/kernels.json (or `--out PATH`).
@@ -209,7 +209,7 @@ def kernel_rows(sizes: list[int], sims: int, rounds: int) -> list[dict]:
     return rows
 
 
-def bookkeeping(n_problems: int) -> dict:
+def bookkeeping(n_problems: int, policy_dir: Path) -> dict:
     """Tree work / total wall time over real eta-MCTS searches (see module docstring)."""
     from arbor.lm.hf import HFPolicy
     from arbor.lm.kvcache import KVStore
@@ -218,9 +218,8 @@ def bookkeeping(n_problems: int) -> dict:
     from arbor.pipeline.config import EtaMCTSConfig, SearchConfig, TaskConfig
     from arbor.tasks import build_task, is_terminal_step, make_splits
 
-    path = Path("models/iter_0/policy")
-    if path.exists():
-        policy, source = HFPolicy.from_pretrained(path), str(path)
+    if policy_dir.exists():
+        policy, source = HFPolicy.from_pretrained(policy_dir), str(policy_dir)
     else:
         from arbor.lm.tiny import build_tiny_model
         from arbor.lm.tokenizer import char_tokenizer
@@ -228,6 +227,12 @@ def bookkeeping(n_problems: int) -> dict:
 
         tok = char_tokenizer()
         policy, source = HFPolicy(build_tiny_model(ModelConfig(), tok), tok), "fresh tiny model (untrained)"
+    import torch
+
+    # one torch thread: the tiny model's matmuls gain little from a second one, and on a shared CPU two spinning
+    # threads inflated model time ~10x (which flatters the fraction); restored afterwards
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     task_cfg, search_cfg, cfg = TaskConfig(), SearchConfig(), EtaMCTSConfig()
     task = build_task(task_cfg)
     problems = make_splits(task_cfg, n_problems + 1, 0, seed=1234)[0]
@@ -247,8 +252,9 @@ def bookkeeping(n_problems: int) -> dict:
             phases[k] += v
         nodes += res.builder.tree.num_nodes
         sims += res.simulations
+    torch.set_num_threads(threads)
     tree = total - model
-    return {"policy": source, "problems": n_problems, "nodes": nodes, "simulations": sims,
+    return {"policy": source, "torch_threads": 1, "problems": n_problems, "nodes": nodes, "simulations": sims,
             "model_seconds": model, "tree_seconds": tree, "total_seconds": total,
             "tree_seconds_by_phase": phases, "tree_us_per_node": 1e6 * tree / max(nodes, 1),
             "bookkeeping_fraction": tree / total}
@@ -261,12 +267,14 @@ def main() -> None:
     where.add_argument("--reference", action="store_true",
                        help="Write the committed reference results, bench/results/kernels.json.")
     where.add_argument("--out", type=Path, help="Write the results here.")
+    ap.add_argument("--policy", type=Path, default=Path("models/iter_0/policy"),
+                    help="Policy of the bookkeeping searches (a fresh tiny model if the directory is missing).")
     args = ap.parse_args()
     out = args.out or RESULTS / ("kernels.json" if args.reference else
                                  "kernels.quick.json" if args.quick else "kernels.local.json")
     sizes = [1_000, 10_000] if args.quick else [1_000, 10_000, 100_000]
     rows = kernel_rows(sizes, sims=1000 if args.quick else 2000, rounds=3 if args.quick else 7)
-    book = bookkeeping(n_problems=4 if args.quick else 16)
+    book = bookkeeping(4 if args.quick else 16, args.policy)
     at10k = next(r for r in rows if r["nodes"] == 10_000)
     result = {"speedup_vs_object_tree": at10k["speedup_vs_object_tree"],
               "speedup_vs_pytree": at10k["speedup_vs_pytree"],
