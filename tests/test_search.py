@@ -156,6 +156,20 @@ def test_children_table_is_sized_from_the_config_and_never_outgrown():
     assert tree.max_children == max_children_bound(cfg)  # the table was never widened during the search
 
 
+def test_tree_is_sized_by_the_simulation_budget_and_the_budget_is_spent():
+    from arbor.mcts.search import max_nodes_bound
+
+    def world(solution):  # wide and deep: no path ends before the budget does
+        return [f"{i}\n" for i in range(40)] if solution.count("\n") < 10 else ["Answer: 1\n"]
+
+    w = StepWorld(world)
+    cfg = EtaMCTSConfig(num_simulations=30, c_min=2, c_max=5, c_max_root=3, batch_leaves=3)
+    res = eta_mcts(w, w.encode_prompt("Q\n"), scorer=RewardScorer(lambda t: 0.5), is_terminal=is_terminal_step,
+                   cfg=cfg, seed=0, store=KVStore())
+    assert res.builder.tree.capacity == max_nodes_bound(cfg) == 1 + (30 + 3) * 5  # c_max > c_max_root counts
+    assert res.simulations >= cfg.num_simulations  # the cap never cut the search short
+
+
 class SlowWorld(StepWorld):
     """A StepWorld whose model calls take 20 ms (as a real forward pass would)."""
 
