@@ -165,9 +165,11 @@ def eta_mcts(policy: Policy, prompt_ids: Sequence[int], *, scorer: NodeScorer, i
     clock = _TimedPolicy(policy)
     timing = SearchTiming()
     lap = _Laps(clock, timing)
+    # every step holds at most step_tokens tokens, so this token buffer cannot overflow
+    max_tokens = len(prompt_ids) + max_nodes * cfg.step_tokens
     b = TreeBuilder.start(clock, prompt_ids, store=store, seed=seed, max_nodes=max_nodes,  # type: ignore[arg-type]
-                          is_terminal=is_terminal, step_tokens=cfg.step_tokens, max_depth=cfg.max_depth,
-                          temperature=cfg.temperature, merge_distance=cfg.merge_distance,
+                          max_tokens=max_tokens, is_terminal=is_terminal, step_tokens=cfg.step_tokens,
+                          max_depth=cfg.max_depth, temperature=cfg.temperature, merge_distance=cfg.merge_distance,
                           exclude_existing=cfg.sample_without_replacement)
     tree = b.tree
     reserve_children(tree, max_children_bound(cfg))
