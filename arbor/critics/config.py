@@ -40,7 +40,8 @@ class CriticsConfig:
                                        "problem, never by node).", gt=0.0, max=0.9)
     val_fraction: float = _f(0.15, "Fraction of the remaining problems used for early stopping.", gt=0.0, max=0.9)
     # models (arbor/critics/models.py)
-    shared_backbone: bool = _f(False, "One backbone with three heads (true) or three separate models (false).")
+    shared_backbone: bool = _f(True, "One backbone with three heads (true: one forward per path trains and scores "
+                                     "all three) or three separate models (false: 3x the compute).")
     # training (arbor/train/critic.py)
     prm_label: str = _f("soft", "PRM target: soft (fraction of completions correct) | hard (any correct).",
                         choices=("soft", "hard"))
@@ -50,8 +51,8 @@ class CriticsConfig:
     pairwise_weight: float = _f(1.0, "Weight of the pairwise PRM loss.", min=0.0)
     pair_margin: float = _f(0.3, "Sibling steps form a pair when their soft labels differ by at least this.",
                             gt=0.0, max=1.0)
-    max_epochs: int = _f(30, "Most training epochs (held-out early stopping ends sooner).", min=1)
-    patience: int = _f(4, "Epochs without a better validation loss before stopping.", min=1)
+    max_epochs: int = _f(10, "Most training epochs (early stopping on the validation problems ends sooner).", min=1)
+    patience: int = _f(3, "Epochs without a better validation loss before stopping.", min=1)
     problems_per_batch: int = _f(4, "Problems per training batch (a problem's packed paths stay together, so "
                                     "sibling pairs share a batch).", min=1)
     lr: float = _f(1e-3, "AdamW learning rate.", gt=0.0)
