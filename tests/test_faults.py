@@ -6,8 +6,8 @@ was committed before the kill (search: every finished problem; bootstrap: the la
 (a truncated tree shard, a truncated or altered `model.safetensors`, a truncated metrics file) are detected and
 redone or reported, never read as valid.
 
-Kill moments are drawn uniformly over the stage's working time (after its marker file appears, where it has
-one), measured on the uninterrupted reference run; `KILLS` per stage here, more in the slow variant.
+Kill moments are seeded random levels of progress plus random delays, timed on the uninterrupted reference
+run (see `_kill_and_rerun`); `KILLS` per stage here, more in the slow variant.
 """
 
 from __future__ import annotations
@@ -52,11 +52,13 @@ KILLS = 2
 
 @dataclass
 class Launch:
-    """One stage process: exit code (None when killed), stderr, seconds to its marker and in all."""
+    """One stage process: exit code (None when killed), stderr, and when (seconds after its start) it reached
+    each level of progress: levels[0] = its marker (the start, for stages without one), levels[j] = j units
+    committed (search: problems; bootstrap: checkpoints)."""
 
     rc: int | None
     stderr: str
-    t_marker: float
+    levels: list[float]
     t_total: float
 
 
@@ -71,30 +73,49 @@ def _params(proj: Path) -> None:
     (proj / "params.yaml").write_text(yaml.safe_dump(params))
 
 
-def _launch(proj: Path, stage: str, kill_after: float | None = None) -> Launch:
-    """Run `python -m arbor.stages.<stage>` with the source snapshot; SIGKILL it `kill_after` s after its marker."""
+def _progress(proj: Path, stage: str) -> int:
+    """Units committed so far, from file names only (cheap enough to poll; racing a rename just reads low)."""
+    if stage == "search":  # problems in merged shards, plus committed problems of the other shards
+        trees = proj / TREES
+        merged = {int(p.name[5:10]) for p in trees.glob("part-*.stats.json")}
+        loose = {int(p.name[2:8]) for p in trees.glob("_work/i-*.json")}
+        return sum(min(SHARD, N_PROBLEMS - si * SHARD) for si in merged) + \
+            len({i for i in loose if i // SHARD not in merged})
+    if stage == "bootstrap":
+        return max((int(p.name[5:13]) // EVERY for p in (proj / "checkpoints/bootstrap").glob("step-*.json")),
+                   default=0)
+    return 0
+
+
+def _launch(proj: Path, stage: str, kill: tuple[int, float] | None = None) -> Launch:
+    """Run `python -m arbor.stages.<stage>` with the source snapshot.
+
+    `kill = (level, delay)`: SIGKILL it `delay` seconds after it reaches progress `level` (0 = its marker).
+    """
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.environ["ARBOR_FAULTS_SRC"]}
     env.pop("MLFLOW_TRACKING_URI", None)
     err = proj / f".stderr-{stage}"
     marker = proj / MARKERS[stage] if stage in MARKERS else None
     t0 = time.perf_counter()
-    t_marker = 0.0 if marker is None else None
+    levels: list[float] = [] if marker else [0.0]
     with err.open("w") as f:
         proc = subprocess.Popen([sys.executable, "-m", f"arbor.stages.{stage}", "--params", "params.yaml"],
                                 cwd=proj, env=env, stdout=subprocess.DEVNULL, stderr=f)
         while proc.poll() is None:
             now = time.perf_counter() - t0
-            if t_marker is None and marker.exists():
-                t_marker = now
-            if kill_after is not None and t_marker is not None and now - t_marker >= kill_after:
+            if not levels and marker.exists():
+                levels.append(now)
+            if levels:
+                levels += [now] * max(0, _progress(proj, stage) + 1 - len(levels))
+            if kill is not None and len(levels) > kill[0] and now - levels[kill[0]] >= kill[1]:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
-                return Launch(None, err.read_text(), t_marker, now)
+                return Launch(None, err.read_text(), levels, now)
             if now > 300:
                 proc.kill()
                 pytest.fail(f"{stage} did not finish in 300 s")
             time.sleep(0.005)
-    return Launch(proc.returncode, err.read_text(), t_marker or 0.0, time.perf_counter() - t0)
+    return Launch(proc.returncode, err.read_text(), levels, time.perf_counter() - t0)
 
 
 def _ok(launch: Launch, stage: str) -> str:
@@ -110,7 +131,7 @@ def reference(tmp_path_factory) -> Iterator[tuple[Path, dict[str, Launch]]]:
     source) stay fixed while the checkout is being edited.
     """
     src = tmp_path_factory.mktemp("src")
-    shutil.copytree(ROOT / "arbor", src / "arbor", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "arbor", src / "arbor")  # with __pycache__ and mtimes: numba's cache stays valid
     mp = pytest.MonkeyPatch()
     mp.setenv("ARBOR_FAULTS_SRC", str(src))
     proj = tmp_path_factory.mktemp("reference")
@@ -211,35 +232,42 @@ def _check_final(stage: str, proj: Path, ref: Path) -> None:
             _untimed(json.loads((ref / metrics).read_text()))
 
 
-def _kill_and_rerun(reference, tmp_path: Path, stage: str, kills: int) -> list[float]:
+def _kill_and_rerun(reference, tmp_path: Path, stage: str, kills: int) -> list[tuple[int, float]]:
     """Kill `stage` at `kills` seeded moments, re-running it each time; then run it to the end and compare.
 
-    Moments are uniform over the reference run's working time; a run that finishes first (the machine got
-    faster) narrows the window to what it took, and a finished search is started over, so the kills land
-    mid-run. Returns the moments of the runs that were killed (at least one must have been).
+    A moment is a random level of progress (search: 0..5 problems committed, bootstrap: 0..5 checkpoints; 0 =
+    the stage's marker or start) plus a random delay within the time that level took in the reference run, so
+    kills land in start-up, in the middle of a unit of work and during writes alike. After each kill, all that
+    was seen committed before it must still be intact. A run that finishes first is not counted, and a completed
+    search is started over. Returns the (level, delay) of the runs that were killed (at least one).
     """
     ref, runs = reference
     proj = tmp_path / "proj"
     proj.mkdir()
     _copy_inputs(ref, proj, stage)
-    window = max(0.05, runs[stage].t_total - runs[stage].t_marker)
+    levels = [*runs[stage].levels, runs[stage].t_total]
     rng = random.Random(f"arbor-faults-{stage}")
-    moments: list[float] = []
+    moments: list[tuple[int, float]] = []
     committed = 0 if stage in ("bootstrap", "search") else None
     for _ in range(kills + 3):
         if len(moments) == kills:
             break
-        moment = rng.uniform(0.0, window)
-        launch = _launch(proj, stage, kill_after=moment)
+        level = rng.randrange(len(levels) - 1)
+        delay = rng.uniform(0.0, max(0.01, levels[level + 1] - levels[level]))
+        launch = _launch(proj, stage, kill=(level, delay))
         _check_resume(stage, committed, launch.stderr)
         if launch.rc is None:
-            moments.append(round(moment, 2))
+            moments.append((level, round(delay, 2)))
+            reached = len(launch.levels) - 1
         else:  # finished before the kill moment
             _ok(launch, stage)
-            window = 0.7 * (launch.t_total - launch.t_marker)
-            if stage == "search":
-                shutil.rmtree(proj / TREES)
+            reached = 0
         committed = STATE[stage](proj, ref)
+        if stage == "search" or (stage == "bootstrap" and not (proj / POLICY).exists()):
+            assert committed >= reached * (1 if stage == "search" else EVERY)  # nothing seen done was lost
+        if stage == "search" and (proj / TREES / "_manifest.json").exists():  # complete (and checked): start over
+            shutil.rmtree(proj / TREES)
+            committed = 0
     final = _ok(_launch(proj, stage), stage)
     _check_resume(stage, committed, final)
     _check_final(stage, proj, ref)
