@@ -26,10 +26,14 @@ the same problems. Writes bench/results/tokens.json and prints a table.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
+import torch
 
 from arbor.lm.base import StopRule
 from arbor.lm.hf import HFPolicy
@@ -103,7 +107,12 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (tree and chains).")
     ap.add_argument("--with-replacement", action="store_true",
                     help="Sample siblings independently (repeats allowed) instead of without replacement.")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's). On a shared, loaded machine 1 avoids spinning "
+                         "threads that slow every method ~30x.")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         policy = HFPolicy.from_pretrained(args.policy, args.device)
     except FileNotFoundError as e:
@@ -116,6 +125,8 @@ def main() -> None:
     totals = {m: dict.fromkeys(COUNTS, 0) | {"wall_seconds": 0.0} for m in METHODS}
     compute_tokens = 0
     for i, p in enumerate(problems):
+        print(f"problem {i + 1}/{n_problems}", file=sys.stderr, flush=True)
+
         def reward(text: str, p=p) -> float:
             return task.reward(p, text)
 
@@ -158,7 +169,9 @@ def main() -> None:
         "chain_stop_rule": "the tree's: first terminal step line; lines of <= step_tokens; <= max_depth lines",
         "tree_compute_tokens": compute_tokens,
         "temperature": args.temperature, "problems": n_problems,
-        "policy": args.policy, "device": args.device,
+        "policy": args.policy, "device": args.device, "threads": torch.get_num_threads(),
+        "policy_sha256": hashlib.sha256((Path(args.policy) / "model.safetensors").read_bytes()).hexdigest()
+        if (Path(args.policy) / "model.safetensors").exists() else None,
         "methods": rows, "quick": args.quick,
     }
     path = save("tokens" if args.device == "cpu" else f"tokens_{args.device.replace(':', '')}", result)
