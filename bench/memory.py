@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -58,7 +59,8 @@ def child(args: argparse.Namespace) -> None:
                       "search_wall_seconds": metrics["wall_seconds"]}))
 
 
-def measure(policy: str, problems: int, kv_budget_mb: float, extra: list[str] | None = None) -> dict:
+def measure(policy: str, problems: int, kv_budget_mb: float, extra: list[str] | None = None,
+            threads: int | None = None) -> dict:
     """Run the child in a temporary project directory with `problems` synthetic train problems."""
     from arbor.pipeline.config import TaskConfig
     from arbor.pipeline.io import write_jsonl
@@ -71,9 +73,10 @@ def measure(policy: str, problems: int, kv_budget_mb: float, extra: list[str] | 
         write_jsonl(Path(tmp) / "train.jsonl", (p.to_dict() for p in train))
         cmd = [sys.executable, "-m", "bench.memory", "--child", "--policy", policy, "--problems", str(problems),
                "--kv-budget-mb", str(kv_budget_mb), "--", *(extra or [])]
-        env_path = str(Path(__file__).resolve().parents[1])
-        proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, check=False,
-                              env={**__import__("os").environ, "PYTHONPATH": env_path})
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, check=False, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"search subprocess failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
         child_out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -83,7 +86,7 @@ def measure(policy: str, problems: int, kv_budget_mb: float, extra: list[str] | 
             "limit_mb": child_out["base_rss_mb"] + kv_budget_mb + model_bytes / MB,
             "within_budget": child_out["peak_rss_mb"] <= child_out["base_rss_mb"] + kv_budget_mb + model_bytes / MB,
             "growth_within_kv_budget": growth <= kv_budget_mb, "child_ru_maxrss_mb": ru_maxrss_mb,
-            "problems": problems, "policy": policy, "extra_overrides": extra or []}
+            "problems": problems, "policy": policy, "extra_overrides": extra or [], "threads": threads}
 
 
 def main() -> None:
@@ -91,6 +94,7 @@ def main() -> None:
     ap.add_argument("--policy", default="models/iter_0/policy")
     ap.add_argument("--problems", type=int, default=64)
     ap.add_argument("--kv-budget-mb", type=float, default=16.0)
+    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the search subprocess.")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("extra", nargs="*", help="More `--section.key value` overrides for the search (after --).")
     args = ap.parse_args()
@@ -99,7 +103,7 @@ def main() -> None:
         return
     if not Path(args.policy).exists():
         raise SystemExit(f"{args.policy}: no policy (train it first: `make run`) or pass --policy DIR")
-    r = measure(args.policy, args.problems, args.kv_budget_mb, args.extra)
+    r = measure(args.policy, args.problems, args.kv_budget_mb, args.extra, args.threads)
     path = save("memory", r)
     print(f"arbor search, {r['problems']} problems, search.kv_budget_mb={r['kv_budget_mb']:g}: peak RSS "
           f"{r['peak_rss_mb']:.1f} MB = base {r['base_rss_mb']:.1f} MB (model {r['model_mb']:.1f} MB loaded) + "
