@@ -55,9 +55,10 @@ class CriticsConfig:
     patience: int = _f(3, "Epochs without a better validation loss before stopping.", min=1)
     problems_per_batch: int = _f(4, "Problems per training batch (a problem's packed paths stay together, so "
                                     "sibling pairs share a batch).", min=1)
-    lr: float = _f(1e-3, "AdamW learning rate.", gt=0.0)
-    head_lr: float = _f(1e-2, "AdamW learning rate of the scalar heads.", gt=0.0)
-    weight_decay: float = _f(0.0, "AdamW weight decay.", min=0.0)
+    lr: float = _f(3e-4, "AdamW learning rate of the backbone (3e-4 beat 1e-3 on held-out AUROC, tiny default).",
+                   gt=0.0)
+    head_lr: float = _f(3e-3, "AdamW learning rate of the scalar heads.", gt=0.0)
+    weight_decay: float = _f(0.1, "AdamW weight decay (the critics overfit problem identity without it).", min=0.0)
     # metrics (arbor/critics/calibration.py)
     threshold: float = _f(0.5, "Decision threshold for precision and recall.", gt=0.0, max=1.0)
     n_bins: int = _f(10, "Equal-width bins of ECE and the reliability diagram.", min=2)
