@@ -39,7 +39,7 @@ def majority_correct(task: Task, problem: Problem, completions: Sequence[str]) -
     if not counts:
         return False
     best = max(counts, key=lambda k: (counts[k], -keys.index(k)))
-    return task.reward(problem, completions[keys.index(best)]) > 0.5
+    return task.is_correct(problem, completions[keys.index(best)])
 
 
 def evaluate_policy(policy: Policy, task: Task, problems: Sequence[Problem], *, k: int, temperature: float,
@@ -55,9 +55,9 @@ def evaluate_policy(policy: Policy, task: Task, problems: Sequence[Problem], *, 
                             seed=seed + 1, batch_size=batch_size)
     used = policy.counters.since(before)
     n = len(problems)
-    g_ok = [task.reward(p, c.text) > 0.5 for p, c in zip(problems, greedy, strict=True)]
+    g_ok = [task.is_correct(p, c.text) for p, c in zip(problems, greedy, strict=True)]
     per = [[c.text for c in samples[i * k : (i + 1) * k]] for i in range(n)]
-    s_ok = [[task.reward(p, t) > 0.5 for t in texts] for p, texts in zip(problems, per, strict=True)]
+    s_ok = [[task.is_correct(p, t) for t in texts] for p, texts in zip(problems, per, strict=True)]
     return {
         "greedy_pass1": sum(g_ok) / n,
         "pass_at_k": sum(any(r) for r in s_ok) / n,
@@ -99,8 +99,8 @@ def search_decode(policy: Policy, task: Task, problems: Sequence[Problem], *, et
                        is_terminal=is_terminal_step, cfg=eta, seed=seed + i, store=store)
         store.clear()  # another problem's prefixes are never reused
         for name, leaf in (("search_pass1", res.greedy_leaf), ("search_best_pass1", res.best_leaf)):
-            ok[name] += leaf >= 0 and task.reward(p, res.builder.text(leaf)) > 0.5
-        ok["search_vote_pass1"] += res.vote_answer is not None and task.reward(p, f"Answer: {res.vote_answer}\n") > 0.5
+            ok[name] += leaf >= 0 and task.is_correct(p, res.builder.text(leaf))
+        ok["search_vote_pass1"] += res.vote_answer is not None and task.is_correct(p, f"Answer: {res.vote_answer}\n")
     n = len(problems)
     used = policy.counters.since(before)
     return {**{k: ok[k] / n for k in ("search_pass1", "search_best_pass1", "search_vote_pass1")},
