@@ -8,7 +8,8 @@ copied into place instead (re-saved as safetensors).
 
 The policy directory ends with `_manifest.json` (size and sha256 of every file, arbor/pipeline/manifest.py),
 which readers check before loading. Training checkpoints every `bootstrap.checkpoint_every` steps into
-`--checkpoints` (default `checkpoints/bootstrap`, a `persist: true` DVC out): a killed run resumes from the
+`--checkpoints` (default `checkpoints/bootstrap`, deliberately not a DVC out: `dvc repro` deletes a
+stage's outs before running it, and would delete the checkpoints with them): a killed run resumes from the
 last one and ends with the same weights as an uninterrupted run (the sample stream resumes at the same
 position). The checkpoints are removed once the policy is written.
 """
