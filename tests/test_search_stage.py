@@ -233,6 +233,18 @@ def test_show_tree_html(setup):
         show_tree.load_tree(setup / "trees", "nope")
 
 
+def test_show_tree_refuses_a_damaged_shard(setup):
+    """A truncated shard is reported by name, never rendered (show-tree reads verified files only)."""
+    from arbor.pipeline.manifest import CorruptOutputError
+
+    _run(setup)
+    shard = sorted((setup / "trees").glob("*.parquet"))[0]
+    with shard.open("r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    with pytest.raises(CorruptOutputError, match=shard.name):
+        show_tree.load_tree(setup / "trees", "train-000001")
+
+
 def test_evaluate_can_decode_with_search(setup):
     from arbor.stages import evaluate
 

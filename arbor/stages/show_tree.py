@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from arbor.pipeline.config import ArborInputError
 from arbor.pipeline.io import atomic_path
+from arbor.pipeline.manifest import verified_files
 from arbor.tasks.base import is_solved
 
 CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;max-width:1100px}
@@ -28,11 +29,18 @@ summary{cursor:pointer;white-space:pre;font-family:ui-monospace,monospace}
 
 
 def load_tree(trees: str | Path, problem_id: str | None) -> list[dict[str, Any]]:
-    """The node rows of one problem (the first problem if `problem_id` is None)."""
+    """The node rows of one problem (the first problem if `problem_id` is None).
+
+    A tree directory is read only after it matches its manifest (`verified_files`): a truncated or altered
+    shard is reported (`CorruptOutputError`), never rendered. A single parquet file is read as given.
+    """
     path = Path(trees)
-    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
-    if not files:
-        raise FileNotFoundError(f"{path}: no tree parquet files (run `arbor search` first)")
+    if path.is_dir():
+        files = verified_files(path)
+    elif path.exists():
+        files = [path]
+    else:
+        raise FileNotFoundError(f"{path}: no such tree directory or parquet file (run `arbor search` first)")
     for f in files:
         table = pq.read_table(f)
         ids = table.column("problem_id").to_pylist()
