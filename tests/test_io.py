@@ -12,6 +12,7 @@ import pytest
 
 from arbor.pipeline import io as aio
 from arbor.pipeline import manifest as mf
+from arbor.pipeline.config import ArborInputError
 from arbor.pipeline.io import atomic_path, read_json, write_json, write_jsonl
 from arbor.pipeline.seeds import derive_seed
 
@@ -96,7 +97,7 @@ def test_file_and_directory_are_fsynced_around_the_rename(tmp_path, monkeypatch)
 
 def test_read_json_errors_name_the_file(tmp_path):
     (tmp_path / "bad.json").write_text("{")
-    with pytest.raises(ValueError, match="bad.json: invalid JSON"):
+    with pytest.raises(ArborInputError, match="bad.json: invalid JSON"):  # one line, exit 2 in a stage
         read_json(tmp_path / "bad.json")
     with pytest.raises(FileNotFoundError, match="none.json"):
         read_json(tmp_path / "none.json")

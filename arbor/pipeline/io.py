@@ -28,6 +28,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from arbor.pipeline.config import ArborInputError
+
 _TMP_OWNER = re.compile(r"(?P<pid>\d+)-[0-9a-f]+")
 _RENAME_EXCHANGE = 2  # linux/fs.h
 _AT_FDCWD = -100
@@ -185,4 +187,4 @@ def read_json(path: str | os.PathLike[str]) -> Any:
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from e
+        raise ArborInputError(f"{path}: invalid JSON ({e})") from e
