@@ -135,9 +135,17 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path, train_file, monke
             bootstrap.run(cfg, train_file=train_file, out=tmp_path / "policy", checkpoint_dir=ckpt)
     assert not (tmp_path / "policy").exists()
     assert sorted(p.name for p in ckpt.glob("step-*")) == ["step-00000004.ckpt", "step-00000004.json"]
+    loads, torch_load = [], torch.load
+
+    def spy_load(*args, **kwargs):
+        loads.append(kwargs.get("weights_only"))
+        return torch_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy_load)
     with caplog.at_level("INFO", logger="arbor.bootstrap"):
         again = bootstrap.run(cfg, train_file=train_file, out=tmp_path / "policy", checkpoint_dir=ckpt)
     assert "resuming from" in caplog.text and "(step 4 of 7)" in caplog.text
+    assert loads and all(w is True for w in loads)  # the checkpoint is read with weights_only=True (safe loading)
     a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "policy")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert again["final_train_loss"] == ref["final_train_loss"]

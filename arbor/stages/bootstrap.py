@@ -102,7 +102,8 @@ def train_from_scratch(cfg: ArborConfig, train_file: str | Path, tracker: Tracke
                         enable_checkpointing=bool(callbacks), callbacks=callbacks, gradient_clip_val=1.0,
                         log_every_n_steps=max(1, min(25, b.max_steps // 4)), enable_model_summary=False)
     t0 = time.perf_counter()
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=resume.path if resume else None)
+    # resume loads with torch.load(weights_only=True): a checkpoint holds tensors and plain containers only
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=resume.path if resume else None, weights_only=True)
     loss = trainer.callback_metrics.get("train_loss")
     metrics = {"train_seconds": time.perf_counter() - t0, "final_train_loss": float(loss) if loss is not None
                else float("nan"), "parameters": sum(p.numel() for p in model.parameters())}

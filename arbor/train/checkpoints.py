@@ -90,7 +90,7 @@ class StepCheckpoint(Checkpoint):
         """Checkpoint file first (atomic), its record second; then drop the older checkpoints."""
         ckpt, record = _paths(self.directory, step)
         with atomic_path(ckpt) as tmp:
-            trainer.save_checkpoint(tmp)
+            trainer.save_checkpoint(tmp, weights_only=False)  # full state (optimizer, schedule, loops)
         write_json(record, {"step": step, "file": file_record(ckpt)})
         for old in _steps(self.directory):
             if old < step:
