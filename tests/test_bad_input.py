@@ -208,7 +208,7 @@ def test_bad_gsm8k_file(capsys, tmp_path, sentinels, case):
 
 
 @pytest.mark.parametrize(("rows", "fragment"), [
-    ("", "no evaluation problems"),
+    ("", "no problems"),
     ('{"id": "a", "question": "q", "answer": "1"}\n{"id": "b", "question": "q"}\n', "row 2: field 'answer'"),
     ('{"id": "a", "question": "q", "answer": "1"}\n{not json\n', "row 2: invalid JSON"),
 ])
@@ -275,6 +275,17 @@ def test_bad_bootstrap_from(capsys, tmp_path, sentinels, name, content, fragment
             "--metrics", str(sentinels["metrics"])]
     line = expect_error(capsys, bootstrap.main, argv, "bootstrap")
     assert str(src) in line and fragment in line and untouched(sentinels)
+
+
+@pytest.mark.parametrize("text", ["", "\n\n"])
+def test_empty_training_file(capsys, tmp_path, sentinels, text):
+    """A hand-emptied data/train.jsonl is one clear line, not a numpy traceback deep in training."""
+    f = tmp_path / "train.jsonl"
+    f.write_text(text)
+    argv = ["--params", "", *NO_TRACKING, "--train", str(f), "--out", str(sentinels["model"]),
+            "--metrics", str(sentinels["metrics"]), "--checkpoints", str(tmp_path / "ckpt")]
+    line = expect_error(capsys, bootstrap.main, argv, "bootstrap")
+    assert f"{f}: no problems" in line and untouched(sentinels)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the error of a CPU-only torch")

@@ -74,12 +74,17 @@ class Task(Protocol):
 
 
 class NumericTask:
-    """Shared behaviour of tasks whose answer is a number: prompt template and number-matching reward."""
+    """Shared behaviour of tasks whose answer is a number: prompt template and number-matching reward.
+
+    `prompt_template` (`task.prompt_template`, set by `build_task`): `{question}` is replaced by the problem's
+    question (a plain replacement: other braces in the template or the question are kept as written).
+    """
 
     name = "numeric"
+    prompt_template = PROMPT_TEMPLATE
 
     def prompt(self, problem: Problem) -> str:
-        return PROMPT_TEMPLATE.format(question=problem.question)
+        return self.prompt_template.replace("{question}", problem.question)
 
     def reward(self, problem: Problem, completion: str) -> float:
         return float(answers_match(extract_answer(completion), problem.answer))
@@ -119,4 +124,7 @@ def read_problems(path: str | Path) -> list[Problem]:
                     raise ArborInputError(f"{path}: row {i}: field {key!r} missing or not a string")
             out.append(Problem(row["id"], row["question"], row["answer"], row.get("solution"),
                                row.get("meta") or {}))
+    if not out:
+        raise ArborInputError(f"{path}: no problems (expected one JSON object per line with id, question, answer;"
+                              " re-run `arbor prepare`)")
     return out
