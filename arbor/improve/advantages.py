@@ -1,0 +1,101 @@
+"""The Tree-GRPO view of search trees: every root-to-leaf trajectory with its intra- and inter-tree advantage.
+
+Tree-GRPO (arXiv 2509.21240, §3) standardises each leaf trajectory's outcome reward R twice:
+
+    A = (R - mean_tree) / std_tree + (R - mean_prompt) / std_prompt
+
+`mean/std_tree` over the leaves of the leaf's own tree, `mean/std_prompt` over every leaf of the prompt (all
+its trees); intra-tree advantages alone collapse training (their Table 4), and under 0/1 rewards the intra-tree
+term has the step-level DPO form (their Prop. 3.1). Std is the population std; a group whose rewards are all
+equal (std = 0) gives 0, not a division by zero.
+
+Which leaves form "a tree": Tree-GRPO sampling (`search.algorithm: tree_grpo`) records its tree index per node
+in the `group` column, and that is used. An eta-MCTS or chain tree is one tree per prompt (`group` = -1); its
+subtrees under each first step play the part of Tree-GRPO's M trees (each starts from one first step, as each
+Tree-GRPO tree starts from one chain), so the intra term compares trajectories that share their first step and
+the inter term compares all of them. A leaf is a terminal with a known reward; open (unexpanded) leaves are not
+trajectories and are left out.
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+import pyarrow as pa
+
+from arbor.improve.prefs import ScoredTree
+
+TRAJECTORY_SCHEMA = pa.schema([
+    ("problem_id", pa.string()), ("leaf", pa.int32()), ("depth", pa.int32()), ("tree", pa.int32()),
+    ("reward", pa.float64()), ("adv_intra", pa.float64()), ("adv_inter", pa.float64()),
+    ("advantage", pa.float64()), ("leaf_visits", pa.int32()), ("text", pa.string()),
+    ("prompt_ids", pa.list_(pa.int32())), ("completion_ids", pa.list_(pa.int32())),
+])
+"""One row per trajectory: `tree` is the intra-tree group (the `group` index, else the first step's node id);
+`completion_ids` are the step tokens from the first step through the leaf's, `prompt_ids` the root's."""
+
+
+@nb.njit(cache=True)
+def first_step(parent):  # pragma: no cover - numba
+    """[N] int32: the depth-1 ancestor of every node (itself at depth 1; -1 for the root). parent[i] < i."""
+    n = parent.shape[0]
+    out = np.full(n, -1, np.int32)
+    for i in range(1, n):
+        out[i] = i if parent[i] == 0 else out[parent[i]]
+    return out
+
+
+@nb.njit(cache=True)
+def standardize(group, r):  # pragma: no cover - numba
+    """[L] (r - mean_g) / std_g with mean and population std over the entries of the same `group` id (dense
+    ids 0..G-1); 0 where a group's std is 0. group [L] int64, r [L] float64."""
+    g_n = 0
+    for i in range(group.shape[0]):
+        g_n = max(g_n, group[i] + 1)
+    cnt = np.zeros(g_n, np.float64)
+    s1 = np.zeros(g_n, np.float64)
+    s2 = np.zeros(g_n, np.float64)
+    for i in range(group.shape[0]):
+        cnt[group[i]] += 1.0
+        s1[group[i]] += r[i]
+    mean = s1 / np.maximum(cnt, 1.0)
+    for i in range(group.shape[0]):
+        d = r[i] - mean[group[i]]
+        s2[group[i]] += d * d
+    std = np.sqrt(s2 / np.maximum(cnt, 1.0))
+    out = np.zeros(group.shape[0], np.float64)
+    for i in range(group.shape[0]):
+        if std[group[i]] > 1e-12:
+            out[i] = (r[i] - mean[group[i]]) / std[group[i]]
+    return out
+
+
+def leaf_advantages(tree: ScoredTree) -> dict[str, np.ndarray]:
+    """{"leaf", "tree", "reward", "adv_intra", "adv_inter", "advantage"}, one [L] entry per scored terminal."""
+    leaf = np.flatnonzero(tree.terminal & ~np.isnan(tree.reward)).astype(np.int32)
+    reward = tree.reward[leaf].astype(np.float64)
+    own = np.where(tree.group[leaf] >= 0, tree.group[leaf], first_step(tree.parent)[leaf]).astype(np.int32)
+    dense = np.unique(own, return_inverse=True)[1].astype(np.int64)
+    intra = standardize(dense, reward)
+    inter = standardize(np.zeros(len(leaf), np.int64), reward)
+    return {"leaf": leaf, "tree": own, "reward": reward, "adv_intra": intra, "adv_inter": inter,
+            "advantage": intra + inter}
+
+
+def tree_trajectories(tree: ScoredTree) -> dict[str, list]:
+    """TRAJECTORY_SCHEMA columns of one tree's trajectories."""
+    adv = leaf_advantages(tree)
+    prompt_len = int(tree.tok_len[0])
+    prompt_ids = tree.tokens[:prompt_len].tolist()
+    cols: dict[str, list] = {name: [] for name in TRAJECTORY_SCHEMA.names}
+    for j, node in enumerate(adv["leaf"].tolist()):
+        row = {
+            "problem_id": tree.problem_id, "leaf": node, "depth": int(tree.depth[node]), "tree": int(adv["tree"][j]),
+            "reward": float(adv["reward"][j]), "adv_intra": float(adv["adv_intra"][j]),
+            "adv_inter": float(adv["adv_inter"][j]), "advantage": float(adv["advantage"][j]),
+            "leaf_visits": int(tree.visits[node]), "text": tree.solution_text(node), "prompt_ids": prompt_ids,
+            "completion_ids": tree.path_ids(node)[prompt_len:].tolist(),
+        }
+        for k, v in row.items():
+            cols[k].append(v)
+    return cols

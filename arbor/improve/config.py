@@ -1,0 +1,25 @@
+"""`PrefsConfig`: how stage `prefs` turns search trees into step-level preference pairs (arbor/improve/prefs.py).
+
+Declared like the sections of arbor/pipeline/config.py (arbor/pipeline/fields.py), composed into `ArborConfig`
+as the `prefs:` section; every key is a `--prefs.<key>` option and a params.yaml entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from arbor.pipeline.fields import COUNT
+from arbor.pipeline.fields import config_field as _f
+
+VALUES = ("mc", "q", "critic")
+
+
+@dataclass
+class PrefsConfig:
+    """Stage `prefs`: step-level preference pairs from sibling subtrees, and the Tree-GRPO trajectory view."""
+
+    value: str = _f("mc", "What a step is worth: mc (mean outcome reward of the terminals below it) | q (the "
+                          "search's backed-up Q) | critic (the node's critic score).", choices=VALUES)
+    margin: float = _f(0.3, "Pair two sibling steps when their values differ by at least this.", gt=0.0, max=1.0)
+    min_terminals: int = _f(1, "value=mc: a step needs at least this many scored terminals below it.", **COUNT)
+    max_pairs_per_node: int = _f(0, "Keep at most this many pairs per node, largest gaps first (0 = all).", min=0)
