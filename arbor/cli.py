@@ -11,6 +11,7 @@ STAGES = {
     "prepare": "Write the task's train/eval problems to data/.",
     "bootstrap": "Train (or copy in) the iteration-0 policy.",
     "search": "Tree search (eta-MCTS, Tree-GRPO, chains) over the train split; trees as parquet.",
+    "critics": "Train the value, PRM and ORM critics on an iteration's trees; held-out AUROC/P/R/ECE.",
     "evaluate": "Greedy pass@1, pass@k, maj@k (and search decoding) of a policy on the eval split.",
     "show-tree": "Render one problem's search tree as a self-contained HTML page.",
 }

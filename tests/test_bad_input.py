@@ -255,6 +255,16 @@ def test_bad_model_dir(capsys, tmp_path, ws, sentinels, case):
     assert str(policy) in line and fragment in line and untouched(sentinels)
 
 
+def test_pickled_weights_are_refused_never_unpickled(capsys, tmp_path, ws, sentinels):
+    """Safe loading: a directory whose only weights are a pickle (`pytorch_model.bin`) is refused by name."""
+    policy = _model_dir(ws, tmp_path, ("config.json", "tokenizer.json"))
+    (policy / "pytorch_model.bin").write_bytes(b"\x80\x04not unpickled")
+    argv = evaluate_argv(ws, sentinels)
+    argv[argv.index("--policy") + 1] = str(policy)
+    line = expect_error(capsys, evaluate.main, argv, "evaluate")
+    assert "(other weights: ['pytorch_model.bin']); expected safetensors weights" in line and untouched(sentinels)
+
+
 def test_search_with_a_broken_policy_keeps_the_trees(capsys, tmp_path, ws, sentinels):
     policy = _model_dir(ws, tmp_path, ("config.json", "model.safetensors", "tokenizer.json"), truncate=True)
     argv = ["--params", "", *NO_TRACKING, "--policy", str(policy), "--train", str(ws / "train.jsonl"),

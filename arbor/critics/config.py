@@ -3,7 +3,8 @@
 Declared like the sections of arbor/pipeline/config.py (`_f(default, help, min=/max=/gt=/choices=)`, checked
 generically by `arbor.pipeline.config.build`; cross-field checks in `__post_init__`), so that it composes into
 `ArborConfig` as `critics: CriticsConfig = _sub(CriticsConfig)` and every key becomes a `--critics.<key>`
-option and a `params.yaml` entry. Importing this module loads no other arbor module (no import cycle).
+option and a `params.yaml` entry. It imports only arbor/pipeline/fields.py (the shared field declaration),
+so arbor/pipeline/config.py can import it without an import cycle.
 
 Node score (AlphaLLM §4.3): `s = b_v V(s) + b_prm PRM(s) + b_orm mean_i ORM(rollout_i)`. The weights are
 normalised to sum 1 so that the score stays in [0, 1] (the `NodeScorer` contract); a critic whose weight is 0
@@ -13,16 +14,10 @@ is never loaded or run. Terminals are scored by the oracle reward when a gold an
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-
-def _f(default: Any, help: str, **check: Any) -> Any:
-    """A field declared as in arbor/pipeline/config.py: default, help text, declared range (`min`, `max`, `gt`,
-    `choices`). Defined here rather than imported so that arbor/pipeline/config.py can import this module to
-    compose `ArborConfig` without an import cycle (this module imports nothing of arbor at load time)."""
-    return field(default=default, metadata={"help": help, **check})
-
+from arbor.pipeline.fields import ConfigError
+from arbor.pipeline.fields import config_field as _f
 
 KINDS = ("value", "prm", "orm")
 """The three critics, in a fixed order (head order of a shared backbone)."""
@@ -74,8 +69,6 @@ class CriticsConfig:
     batch_size: int = _f(64, "Nodes per critic forward when scoring.", min=1)
 
     def __post_init__(self) -> None:
-        from arbor.pipeline.config import ConfigError
-
         if self.b_value + self.b_prm + self.b_orm <= 0 and not self.orm_at_terminals:
             raise ConfigError("critics.b_value, b_prm and b_orm are all 0 and orm_at_terminals is false: no critic "
                               "would ever run; give at least one a positive weight")

@@ -134,8 +134,14 @@ def load_critics(critics_dir: str | Path, kinds: Sequence[str], *, device: str =
                  budget_bytes: int | None = None, batch_size: int = 64) -> dict[str, CachedCritic]:
     """{kind: CachedCritic} for `kinds` from a stage output (`<dir>/shared` with every head, or
     `<dir>/{value,prm,orm}`); a shared backbone is one `CachedCritic` serving all its kinds. Only the named
-    kinds are loaded: a critic with weight 0 is never read."""
+    kinds are loaded: a critic with weight 0 is never read. A stage-written directory is checked against its
+    manifest first (a damaged or half-written one is refused, naming the file)."""
+    from arbor.pipeline.manifest import verify
+
     root = Path(critics_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: critics not found (expected the output of `arbor critics`)")
+    verify(root, required=False)
     if (root / "shared").is_dir():
         one = CachedCritic(load(root / "shared", device), budget_bytes, batch_size)
         return {k: one for k in kinds}

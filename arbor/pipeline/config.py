@@ -20,38 +20,18 @@ import re
 import types
 import typing
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-
-class ArborInputError(ValueError):
-    """Bad user input (params, data files, model files, devices): reported as one line, exit code 2.
-
-    The message names the file (or command-line option), the key or row, the value and what was expected.
-    Anything else that escapes a stage is treated as a bug and shown with its traceback.
-    """
-
-
-class ConfigError(ArborInputError):
-    """A params file or override is wrong; the message names the source, the key and the expectation."""
-
-
-def _f(default: Any, help: str, **check: Any) -> Any:
-    """A config field: default, help text and its declared range (`min`, `max`, `gt`, `choices`, `pattern`,
-    `expect` (how to describe a pattern), `chars`)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **check})
-    return field(default=default, metadata={"help": help, **check})
-
-
-def _sub(cls: type) -> Any:
-    return field(default_factory=cls, metadata={"help": cls.__doc__ or ""})
-
-
-_COUNT = {"min": 1}  # the range of every count, size and budget
+from arbor.critics.config import CriticsConfig
+from arbor.pipeline.fields import COUNT as _COUNT
+from arbor.pipeline.fields import ArborInputError as ArborInputError  # re-exported: stages import it from here
+from arbor.pipeline.fields import ConfigError
+from arbor.pipeline.fields import config_field as _f
+from arbor.pipeline.fields import section as _sub
 
 
 @dataclass
@@ -207,6 +187,7 @@ class ArborConfig:
     bootstrap: BootstrapConfig = _sub(BootstrapConfig)
     evaluate: EvaluateConfig = _sub(EvaluateConfig)
     search: SearchConfig = _sub(SearchConfig)
+    critics: CriticsConfig = _sub(CriticsConfig)
 
 
 # ---------------------------------------------------------------------------------------------------------------
