@@ -14,6 +14,8 @@ STAGES = {
     "critics": "Train the value, PRM and ORM critics on an iteration's trees; held-out AUROC/P/R/ECE.",
     "evaluate": "Greedy pass@1, pass@k, maj@k (and search decoding) of a policy on the eval split.",
     "show-tree": "Render one problem's search tree as a self-contained HTML page.",
+    "iterate": "Append N self-improvement iterations to params.yaml and run them (`--more N`, under the lock).",
+    "status": "Last finished iteration, what is running now, and the metric trend per iteration.",
 }
 
 

@@ -32,6 +32,7 @@ from arbor.pipeline.fields import ArborInputError as ArborInputError  # re-expor
 from arbor.pipeline.fields import ConfigError
 from arbor.pipeline.fields import config_field as _f
 from arbor.pipeline.fields import section as _sub
+from arbor.pipeline.loop import LoopConfig
 
 
 @dataclass
@@ -188,6 +189,7 @@ class ArborConfig:
     evaluate: EvaluateConfig = _sub(EvaluateConfig)
     search: SearchConfig = _sub(SearchConfig)
     critics: CriticsConfig = _sub(CriticsConfig)
+    loop: LoopConfig = _sub(LoopConfig)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -224,7 +226,7 @@ def expectation(f: dataclasses.Field, tp: Any) -> str:
     """What a field accepts, in words: "an integer >= 1", "a number in [0, 1]", "one of uct, puct", ..."""
     m, base = f.metadata, _base_type(tp)
     kind = {bool: "true/false", int: "an integer", float: "a finite number", str: "a string",
-            dict: "a mapping"}.get(base, str(base))
+            dict: "a mapping", list: "a list"}.get(base, str(base))
     if "choices" in m:
         kind = "one of " + ", ".join(m["choices"])
     elif "expect" in m:
@@ -326,6 +328,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 raise ConfigError(f"{where}: expected a YAML mapping, got {value!r} ({_one_line(e)})") from None
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if tp is list or origin is list:
+        if isinstance(value, str):
+            try:
+                value = parse_yaml(value)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{where}: expected a YAML list, got {value!r} ({_one_line(e)})") from None
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
         return value
     raise ConfigError(f"{where}: unsupported type {tp}")
 

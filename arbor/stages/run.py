@@ -18,7 +18,7 @@ from pathlib import Path
 from types import FrameType
 
 from arbor.pipeline.config import load_config
-from arbor.pipeline.lock import lock_or_exit
+from arbor.pipeline.lock import ProjectLock, lock_or_exit
 from arbor.pipeline.tracking import ENV_PIPELINE, make_pipeline_tracker, new_pipeline_id
 
 STOP_GRACE_S = 30.0
@@ -63,26 +63,34 @@ def repro(args: Sequence[str], env: dict[str, str]) -> tuple[int, str]:
     return rc, "FINISHED" if rc == 0 else "FAILED"
 
 
+def run_pipeline(dvc_args: Sequence[str], lock: ProjectLock, params: str = "params.yaml") -> int:
+    """`dvc repro DVC_ARGS` under one MLflow parent run, while the caller holds the project `lock`; dvc's exit
+    code. The parent ends FINISHED, FAILED or KILLED; dead stage runs are swept KILLED."""
+    cfg = load_config(params)  # the file every stage of dvc.yaml reads
+    pipeline_id = new_pipeline_id()
+    tracker = make_pipeline_tracker(enabled=cfg.tracking.enabled, experiment=cfg.tracking.experiment,
+                                    uri=cfg.tracking.uri, pipeline_id=pipeline_id)
+    tracker.log_artifact(params)
+    bindir = str(Path(sys.executable).parent)  # stages call `arbor`: this environment's
+    env = {**os.environ, ENV_PIPELINE: pipeline_id, **lock.child_env(),
+           "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+    rc, status = repro(dvc_args, env)
+    tracker.sweep()  # a stage killed outright (OOM, SIGKILL) is closed KILLED now, not at the next run
+    if rc == 0 and Path("dvc.lock").exists():
+        tracker.log_artifact("dvc.lock")
+    tracker.close(status)
+    return rc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`arbor run [DVC REPRO ARGS]`; exits with dvc's code when it fails."""
     parser = argparse.ArgumentParser(prog="arbor run", usage="arbor run [-h] [DVC REPRO ARGS ...]",
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _, dvc_args = parser.parse_known_args(argv)
-    cfg = load_config("params.yaml")  # the file every stage of dvc.yaml reads
+    load_config("params.yaml")  # a broken params file is one line before the lock is taken
     lock = lock_or_exit("arbor run")
     try:
-        pipeline_id = new_pipeline_id()
-        tracker = make_pipeline_tracker(enabled=cfg.tracking.enabled, experiment=cfg.tracking.experiment,
-                                        uri=cfg.tracking.uri, pipeline_id=pipeline_id)
-        tracker.log_artifact("params.yaml")
-        bindir = str(Path(sys.executable).parent)  # stages call `arbor`: this environment's
-        env = {**os.environ, ENV_PIPELINE: pipeline_id, **lock.child_env(),
-               "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
-        rc, status = repro(dvc_args, env)
-        tracker.sweep()  # a stage killed outright (OOM, SIGKILL) is closed KILLED now, not at the next run
-        if rc == 0 and Path("dvc.lock").exists():
-            tracker.log_artifact("dvc.lock")
-        tracker.close(status)
+        rc = run_pipeline(dvc_args, lock)
     finally:
         lock.release()
     if rc:
