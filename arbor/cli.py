@@ -16,6 +16,7 @@ STAGES = {
     "show-tree": "Render one problem's search tree as a self-contained HTML page.",
     "iterate": "Append N self-improvement iterations to params.yaml and run them (`--more N`, under the lock).",
     "status": "Last finished iteration, what is running now, and the metric trend per iteration.",
+    "report": "Summary of every iteration (metrics/summary.json) and plots (accuracy, tree vs chain).",
 }
 
 
