@@ -129,6 +129,43 @@ def test_stage_logs_its_metrics_as_an_artifact(tmp_path, monkeypatch, clean_env,
     assert run.data.tags[tracking.TAG_PID] == str(os.getpid()) and tracking.TAG_HOST in run.data.tags
 
 
+def test_stage_runs_are_tagged_with_iteration_and_dvc_experiment(tmp_path, monkeypatch, clean_env,
+                                                                 mlflow_template):
+    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
+    from arbor.stages.common import stage_cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DVC_EXP_NAME", "sweep-lr")
+    stage_cli("evaluate", "", lambda p: p.add_argument("--iter", type=int, default=0), lambda cfg, a, tr: {},
+              ["--params", "", "--tracking.uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--iter", "2"])
+    (run,) = _runs(tmp_path / "mlflow.db")
+    assert run.data.tags[tracking.TAG_ITERATION] == "2" and run.data.tags[tracking.TAG_DVC_EXP] == "sweep-lr"
+
+
+def test_policies_are_registered_one_version_per_distinct_model(tmp_path, clean_env, mlflow_template):
+    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    pol = [tmp_path / "iter_0" / "policy", tmp_path / "iter_1" / "policy"]
+    for i, d in enumerate(pol):
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(bytes([i]) * 64)
+    tr = make_tracker(enabled=True, stage="evaluate", experiment="arbor", uri=uri)
+    assert tr.register_policy(pol[0], 0, {"greedy_pass1": 0.5, "note": "x"}) == "1"
+    assert tr.register_policy(pol[1], 1, {"greedy_pass1": 0.625}) == "2"
+    assert tr.register_policy(pol[0], 0, {"greedy_pass1": 0.5}) == "1"  # evaluated again: same version
+    tr.close()
+    versions = {str(v.version): v for v in _client(tmp_path / "mlflow.db").search_model_versions(
+        f"name='{tracking.POLICY_MODEL}'")}
+    assert sorted(versions) == ["1", "2"]
+    assert versions["2"].tags[tracking.TAG_ITERATION] == "1" and versions["2"].tags["greedy_pass1"] == "0.625"
+    assert versions["1"].source == str(pol[0].resolve()) and versions["2"].run_id == tr_run_id(tmp_path)
+
+
+def tr_run_id(tmp_path: Path) -> str:
+    (run,) = _runs(tmp_path / "mlflow.db")
+    return run.info.run_id
+
+
 # --- whole pipelines of small `arbor prepare` stages in a temp project ---------------------------------------
 
 def _mini_project(tmp_path: Path, template_db: Path, second_stage_args: str = "--prepare.n_train 8") -> Path:

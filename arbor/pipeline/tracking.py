@@ -19,6 +19,7 @@ or a stage was killed, FAILED if a stage failed, else FINISHED (the `dvc repro` 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -33,6 +34,9 @@ TAG_STAGE, TAG_PIPELINE, TAG_ROLE = "arbor_stage", "arbor_pipeline_id", "arbor_r
 TAG_PID, TAG_PID_START, TAG_HOST, TAG_OWNER = "arbor_pid", "arbor_pid_start", "arbor_host", "arbor_owner"
 ROLE_PIPELINE = "pipeline"
 OWNER_RUNNER, OWNER_DVC, OWNER_STAGE = "arbor run", "dvc", "stage"
+TAG_ITERATION, TAG_DVC_EXP = "arbor_iteration", "dvc_experiment"
+POLICY_MODEL = "arbor-policy"
+"""Registered-model name of the trained policies: one MLflow model version per iteration's policy."""
 
 
 class Tracker(Protocol):
@@ -45,6 +49,8 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
     def log_artifact(self, path: str | os.PathLike[str]) -> None: ...
     def log_dict(self, data: dict[str, Any], name: str) -> None: ...
+    def register_policy(self, path: str | os.PathLike[str], iteration: int,
+                        metrics: dict[str, Any]) -> str | None: ...
     def close(self, status: str = "FINISHED") -> None: ...
 
 
@@ -68,6 +74,9 @@ class NullTracker:
 
     def sweep(self) -> dict[str, str]:
         return {}
+
+    def register_policy(self, path: str | os.PathLike[str], iteration: int, metrics: dict[str, Any]) -> str | None:
+        return None
 
     def close(self, status: str = "FINISHED") -> None:
         pass
@@ -223,6 +232,30 @@ class MlflowTracker:
         """Close the experiment's runs whose process died (see `sweep_dead_runs`)."""
         return sweep_dead_runs(self._client, self.experiment_id)
 
+    def register_policy(self, path: str | os.PathLike[str], iteration: int, metrics: dict[str, Any]) -> str | None:
+        """Register the policy directory `path` as a version of `arbor-policy`, tagged with its iteration and
+        eval `metrics`, linked to this run; the version number. The same weights (same content key) evaluated
+        again reuse their version (tags updated) instead of adding one."""
+        from mlflow.exceptions import MlflowException
+
+        from arbor.pipeline.manifest import input_key
+
+        source = str(Path(path).resolve())
+        key = input_key(path)
+        with contextlib.suppress(MlflowException):  # already registered
+            self._client.create_registered_model(POLICY_MODEL)
+        tags = {TAG_ITERATION: str(iteration), "arbor_policy_key": key,
+                **{k: f"{v:.6g}" for k, v in metrics.items() if isinstance(v, (int, float))}}
+        same = [v for v in self._client.search_model_versions(f"name='{POLICY_MODEL}'")
+                if v.tags.get("arbor_policy_key") == key and v.source == source]
+        if same:
+            version = same[0].version
+        else:
+            version = self._client.create_model_version(POLICY_MODEL, source=source, run_id=self.run_id).version
+        for k, v in tags.items():
+            self._client.set_model_version_tag(POLICY_MODEL, str(version), k, v)
+        return str(version)
+
     def close(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:
             self._client.set_terminated(self.run_id, status=status)
@@ -246,12 +279,20 @@ def stage_pipeline() -> tuple[str | None, Owner]:
     return None, Owner.this_process(OWNER_STAGE)
 
 
-def make_tracker(*, enabled: bool, stage: str, experiment: str, uri: str | None) -> Tracker:
-    """Build the tracker a stage uses: MLflow when enabled (nested in its pipeline's run), else a no-op."""
+def make_tracker(*, enabled: bool, stage: str, experiment: str, uri: str | None,
+                 iteration: int | None = None) -> Tracker:
+    """Build the tracker a stage uses: MLflow when enabled (nested in its pipeline's run), else a no-op.
+
+    The run is tagged with the stage, its `iteration` (when it has one) and the DVC experiment's name when run
+    by `dvc exp run` (DVC sets `DVC_EXP_NAME`)."""
     if not enabled:
         return NullTracker()
     pipeline_id, parent_owner = stage_pipeline()
     tags = {TAG_STAGE: stage, **Owner.this_process(OWNER_STAGE).tags()}
+    if iteration is not None:
+        tags[TAG_ITERATION] = str(iteration)
+    if os.environ.get("DVC_EXP_NAME"):
+        tags[TAG_DVC_EXP] = os.environ["DVC_EXP_NAME"]
     if pipeline_id:
         tags[TAG_PIPELINE] = pipeline_id
     return MlflowTracker(name=stage, experiment=experiment, tracking_uri=resolve_tracking_uri(uri), tags=tags,
@@ -271,3 +312,4 @@ def make_pipeline_tracker(*, enabled: bool, experiment: str, uri: str | None,
     tags = {TAG_PIPELINE: pipeline_id, TAG_ROLE: ROLE_PIPELINE, **Owner.this_process(OWNER_RUNNER).tags()}
     return MlflowTracker(name=f"pipeline-{pipeline_id}", experiment=experiment, tracking_uri=resolve_tracking_uri(uri),
                          tags=tags)
+

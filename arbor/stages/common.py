@@ -135,7 +135,7 @@ def stage_cli(name: str, description: str, add_paths: Callable[[argparse.Argumen
             check_device(cfg.device, origin("device", args.params or "<defaults>", frozenset(overrides)))
         lock = lock_or_exit(f"arbor {name}")  # one pipeline per project dir; exits 2 naming the holder
         tracker = make_tracker(enabled=cfg.tracking.enabled, stage=name, experiment=cfg.tracking.experiment,
-                               uri=cfg.tracking.uri)
+                               uri=cfg.tracking.uri, iteration=getattr(args, "iter", None))
         try:
             tracker.log_params(to_dict(cfg))
             metrics = run(cfg, args, tracker)
