@@ -116,6 +116,25 @@ def stage_parser(name: str, description: str, argv: Sequence[str] | None = None)
     return p
 
 
+NOISE = (  # messages of library warnings that tell a user of arbor nothing (regexes)
+    r".*validation_step.*val_dataloader.*",
+    r".*isinstance\(treespec, LeafSpec\).*",
+    r".*does not have many workers.*",
+    r".*Consider setting `persistent_workers=True`.*",
+)
+
+
+def quiet_libraries() -> None:
+    """Keep the console to arbor's own lines: Lightning's banner INFO (accelerator, tips) at WARNING, and the
+    library warnings in `NOISE` filtered. Other warnings still show."""
+    import warnings
+
+    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for message in NOISE:
+        warnings.filterwarnings("ignore", message=message)
+
+
 def stage_cli(name: str, description: str, add_paths: Callable[[argparse.ArgumentParser], None],
               run: Callable[[ArborConfig, argparse.Namespace, Tracker], dict[str, Any]],
               argv: Sequence[str] | None = None, *, uses_device: bool = True) -> dict[str, Any]:
@@ -125,6 +144,7 @@ def stage_cli(name: str, description: str, add_paths: Callable[[argparse.Argumen
     closed FAILED on any error. `uses_device=False` skips the device check (a stage that loads no model).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    quiet_libraries()
     parser = stage_parser(name, description, argv)
     add_paths(parser)
     args = parser.parse_args(argv)
