@@ -2,6 +2,35 @@
 
 Search code never imports a model class (mctx's `recurrent_fn` idea): it calls a `Policy`. Every token position
 a backend computes is counted at this boundary in `TokenCounters` (DESIGN.md, "Token accounting").
+
+The contract a backend meets (issue #14). The HF backend (arbor/lm/hf.py) is one; a fast engine (vLLM, SGLang)
+behind the same protocol must pass the same suite, tests/contract.py (`PolicyContract`; the HF backend runs it
+in tests/test_contract.py, for both tiny architectures). What each method must do, and how such an engine does it:
+
+- Token ids in, token ids out: prompts and parents are id lists (`encode_prompt`), never re-tokenised text, so a
+  parent's ids are exactly its path in the tree (vLLM: `prompt_token_ids`; SGLang: `input_ids`).
+- `expand` reuses prefixes by content: a parent whose prefix the engine still holds is not recomputed (vLLM
+  automatic prefix caching, SGLang's radix cache). `store` is the backend's own cache handle (HF: a `KVStore`;
+  an engine that owns its cache may ignore it). A continuation that can be continued carries
+  `key = arbor.lm.kvcache.prefix_key(parent ids + its ids)`; one that ends its trajectory (EOS, a line-rule stop,
+  `final(i, text)`) has `key = None`, and its last token is never fed.
+- Per-step stop at the termination rule: `StopRule.at_newline` ends a continuation at the first step-end token
+  (newline; `finish="newline"`, the token included), EOS ends it (`"eos"`), `max_new_tokens` cuts it
+  (`"length"`); the line rule (`StopRule.trajectory`) stops after the first line that `final_line` accepts
+  (`"stop"`). vLLM: `SamplingParams(stop_token_ids=<step-end ids>, include_stop_str_in_output=True)`; the line
+  rule needs a logits processor or a per-line loop.
+- Log-probs for priors: `Continuation.logprobs[t]` is log pi(token_t | prefix, tokens_<t) under the *untempered*
+  policy, equal to `score` of the same tokens (vLLM: `logprobs=0` with the default `logprobs_mode="raw_logprobs"`,
+  which is computed before temperature).
+- Sampling: deterministic in `seed`, a batch of parents gives what each parent gives alone (greedy), and
+  `exclude` is sampling without replacement: no continuation ever equals an excluded one (vLLM: a logits
+  processor applying the exclusion bias of arbor/lm/trie.py per request).
+- Token accounting from what the engine computed, not what it served: `forward_tokens` grows by the positions fed
+  to the model minus those served from cache (`served_from_cache`; vLLM: prompt length minus
+  `RequestOutput.num_cached_tokens`, plus every generated token but the last). vLLM reuses whole 16-token blocks
+  only and always recomputes a prompt's last token; the radix backends (HF here, SGLang) reuse token-exact. A
+  prefix served wholly counts a `cache_hit`, one that needed computing a `cache_miss`; an evicted prefix costs
+  its tokens again.
 """
 
 from __future__ import annotations
@@ -85,6 +114,23 @@ class Continuation:
     text: str = ""
     key: Hashable | None = None  # content key of (prefix + this continuation) when `expand` stored its state
     state: Any = None  # backend-private prefix state while in flight; None once stored
+
+
+def served_from_cache(matched: int, fed: int, *, block: int = 1, recomputes_last: bool = False) -> int:
+    """Positions of a sequence of `fed` positions that an engine serves from its prefix cache when the cache holds
+    its first `matched` positions (the rest it computes, and counts in `TokenCounters.forward_tokens`).
+
+    Token-exact radix caches that keep the final hidden state (HF backend, block 1) serve all `matched`; a paged
+    engine serves whole `block`s only, and vLLM recomputes the last position even on a full hit (it needs the
+    logits there): `block * floor(min(matched, fed - 1) / block)`.
+
+    >>> served_from_cache(40, 50), served_from_cache(40, 50, block=16, recomputes_last=True)
+    (40, 32)
+    >>> served_from_cache(32, 32, block=16, recomputes_last=True)  # a full hit still computes one block
+    16
+    """
+    usable = min(matched, fed - 1 if recomputes_last else fed)
+    return max(0, usable) // block * block
 
 
 Excluded = tuple[Sequence[int], np.ndarray]

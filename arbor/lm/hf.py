@@ -23,7 +23,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 
 from arbor.lm.base import Continuation, Excluded, StopRule, TokenCounters
-from arbor.lm.kvcache import KVStore, PrefixState, prefix_key
+from arbor.lm.kvcache import KVStore
+from arbor.lm.prefill import resolve
+from arbor.lm.trie import TrieSampler, batch_bytes
 from arbor.pipeline.config import ArborInputError
 from arbor.pipeline.manifest import verify
 
@@ -154,6 +156,11 @@ class HFPolicy:
         self.eos_token_id: int = int(tokenizer.eos_token_id)  # type: ignore[attr-defined]
         self.pad_token_id: int = int(tokenizer.pad_token_id)  # type: ignore[attr-defined]
         self._newline_ids: torch.Tensor | None = None
+        self._newline_set: frozenset[int] | None = None
+        self.share_tokens = True  # token-trie sampling in `expand` (off: each sample computes its own tokens)
+        self.kv_token_bytes = 0  # set by `_probe`
+        self.num_layers = 0
+        self._split_head = True
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu") -> HFPolicy:
@@ -181,6 +188,13 @@ class HFPolicy:
             self._newline_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         return self._newline_ids
 
+    @property
+    def newline_set(self) -> frozenset[int]:
+        """`newline_ids` as a set (membership per sampled token)."""
+        if self._newline_set is None:
+            self._newline_set = frozenset(self.newline_ids.tolist())
+        return self._newline_set
+
     # -- model calls -----------------------------------------------------------------------------------------
     def _count(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
         """Count one forward over `ids` [B, T] whose full attention mask (cache + new) is `mask` [B, S >= T].
@@ -195,196 +209,85 @@ class HFPolicy:
         self.counters.padded_positions += ids.numel() - real
         self.counters.padded_kv_positions += int((real_q * (mask == 0).sum(1)).sum())
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
-                 cache: DynamicCache | None) -> tuple[torch.Tensor, DynamicCache]:
-        """One forward over `ids` [B, T] with full `mask` [B, past+T]; returns last logits [B, V] and cache."""
+    def _probe(self) -> None:
+        """Once per policy, uncounted (two tokens): bytes of one token's KV, the layer count, and whether the
+        logits are the output embedding applied to the base model's final hidden state (then the store keeps
+        hidden states [E] per token; otherwise, e.g. with logit soft-capping, it keeps the logits [V])."""
+        if self.kv_token_bytes:
+            return
+        ids = torch.tensor([[self.eos_token_id, self.eos_token_id]], device=self.device)
+        with torch.inference_mode():
+            full = self.model(input_ids=ids).logits.float()
+            out = self.model.base_model(input_ids=ids, cache=DynamicCache(), use_cache=True)
+            head = self.model.get_output_embeddings()
+            self._split_head = head is not None and torch.allclose(head(out.last_hidden_state).float(), full,
+                                                                   atol=1e-4, rtol=1e-4)
+        layers = out.cache.layers
+        self.num_layers = len(layers)
+        self.kv_token_bytes = sum(x[0, :, :1].numel() * x.element_size() for layer in layers
+                                  for x in (layer.keys, layer.values))
+
+    def forward_hidden(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+                       cache: DynamicCache | None) -> tuple[torch.Tensor, DynamicCache]:
+        """One counted forward over `ids` [B, T] with full `mask` [B, past+T] and positions `pos` [B, T]: the final
+        hidden states [B, T, E] (the logits [B, T, V] when the head cannot be split off, see `_probe`) and the
+        cache."""
         self._count(ids, mask)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                         cache=cache if cache is not None else DynamicCache(), use_cache=True)
-        return out.logits[:, -1, :].float(), out.cache
+        cache = cache if cache is not None else DynamicCache()
+        if self._split_head:
+            out = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
+                                        use_cache=True)
+            return out.last_hidden_state, out.cache
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        return out.logits.float(), out.cache
 
-    @torch.inference_mode()
-    def decode_loop(self, logits: torch.Tensor, cache: DynamicCache, mask: torch.Tensor, next_pos: torch.Tensor,
-                    *, stop: StopRule, temperature: float, generator: torch.Generator | None,
-                    capture: bool = False, exclude: Sequence[Sequence[Excluded]] | None = None,
-                    final: Callable[[int, str], bool] | None = None) -> list[Continuation]:
-        """Sample from `logits` [B, V] onward, feeding each sampled token back through the cached model.
-
-        `mask` [B, S] is the attention mask of what `cache` holds; `next_pos` [B] the position of the next token.
-        Rows stop at EOS, at a newline token if `stop.at_newline`, by the line rule of `stop` (see `StopRule`),
-        or after `stop.max_new_tokens`. Finished rows leave the batch (the cache is index-selected), so they
-        cost nothing further; a row's last sampled token is never fed.
-
-        With `capture`, a row that ends on a newline or the length limit has its last token fed too, and its
-        `PrefixState` (KV of prefix + continuation, next-token logits) is returned in `Continuation.state`,
-        ready for expanding its children. A row ending in EOS is terminal and gets no state (EOS is not fed);
-        so does a row r whose text `final(r, text)` says ends its trajectory (nothing will continue it).
-
-        `exclude[r]` lists continuations row r must not repeat, each as (token ids, their log-probs under this
-        policy). Sampling is then from pi(. | prefix, continuation not in exclude), exactly at temperature 1:
-        where the generated prefix runs along an excluded continuation c, the token c[i] is down-weighted by
-        1 - P(rest of c | prefix + c[i]) (summed over the excluded continuations through it), so completing c
-        has probability 0 and everything else keeps its relative weight. Recorded log-probs stay the policy's.
-        """
-        b = logits.shape[0]
-        tokens: list[list[int]] = [[] for _ in range(b)]
-        lps: list[list[float]] = [[] for _ in range(b)]
-        finish = ["length"] * b
-        states: list[PrefixState | None] = [None] * b
-        line_start, lines = [0] * b, [0] * b  # for the line rule of `stop`
-        last = stop.max_new_tokens - 1
-        rows = torch.arange(b, device=self.device)  # original row index of each live batch row
-        for step in range(stop.max_new_tokens):
-            logp = torch.log_softmax(logits, dim=-1)
-            scores = logits if temperature <= 0 else logits / temperature
-            if exclude is not None:
-                scores = scores + self._exclusion_bias(rows.tolist(), tokens, exclude, logits.shape)
-            if temperature <= 0:
-                nxt = scores.argmax(-1)
-            else:
-                nxt = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(-1)
-            chosen = logp.gather(1, nxt[:, None]).squeeze(1)
-            newline = torch.isin(nxt, self.newline_ids).tolist()
-            ended: list[bool] = []  # row done, nothing fed (EOS, a stop, a final continuation)
-            closing: list[bool] = []  # row done, its last token fed and its state captured
-            for r, t, lp, nl in zip(rows.tolist(), nxt.tolist(), chosen.tolist(), newline, strict=True):
-                tokens[r].append(t)
-                lps[r].append(lp)
-                if t == self.eos_token_id:
-                    finish[r] = "eos"
-                elif stop.by_lines and (nl or len(tokens[r]) - line_start[r] == stop.line_tokens):
-                    lines[r] += 1
-                    line = self.decode(tokens[r][line_start[r]:])
-                    line_start[r] = len(tokens[r])
-                    if (stop.final_line is not None and stop.final_line(line)) or lines[r] == stop.max_lines:
-                        finish[r] = "stop"
-                elif stop.at_newline and nl and step < last:
-                    finish[r] = "newline"
-                done = finish[r] != "length" or step == last
-                fin = finish[r] in ("eos", "stop") or (done and (not capture or (
-                    final is not None and final(r, self.decode(tokens[r])))))
-                ended.append(fin)
-                closing.append(done and not fin)
-            drop = torch.tensor(ended, device=self.device)
-            if bool(drop.all()):
-                break
-            if bool(drop.any()):
-                keep = (~drop).nonzero().squeeze(-1)
-                cache.batch_select_indices(keep)
-                rows, nxt, mask, next_pos = rows[keep], nxt[keep], mask[keep], next_pos[keep]
-                closing = [c for c, d in zip(closing, ended, strict=True) if not d]
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            logits, cache = self._forward(nxt[:, None], mask, next_pos[:, None], cache)
-            next_pos = next_pos + 1
-            if any(closing):
-                for j in (j for j, c in enumerate(closing) if c):
-                    states[int(rows[j])] = self._row_state(cache, mask, logits, j)
-                keep = torch.tensor([j for j, c in enumerate(closing) if not c], dtype=torch.long,
-                                    device=self.device)
-                if keep.numel() == 0:
-                    break
-                cache.batch_select_indices(keep)
-                rows, mask, next_pos, logits = rows[keep], mask[keep], next_pos[keep], logits[keep]
-        return [Continuation(t, np.asarray(lp, dtype=np.float32), f, self.decode(t), state=st)
-                for t, lp, f, st in zip(tokens, lps, finish, states, strict=True)]
-
-    def _exclusion_bias(self, rows: list[int], tokens: list[list[int]], exclude: Sequence[Sequence[Excluded]],
-                        shape: torch.Size) -> torch.Tensor:
-        """[B, V] log-multipliers that remove the excluded continuations' mass (see `decode_loop`)."""
-        bias = torch.zeros(shape, device=self.device)
-        for j, r in enumerate(rows):
-            gen, i = tokens[r], len(tokens[r])
-            mass: dict[int, float] = {}
-            for ids, lps in exclude[r]:
-                if len(ids) > i and list(ids[:i]) == gen:
-                    mass[ids[i]] = mass.get(ids[i], 0.0) + float(np.exp(np.sum(lps[i + 1 :])))
-            for t, m in mass.items():
-                bias[j, t] = float(np.log(max(1e-9, 1.0 - m)))
-        return bias
-
-    @staticmethod
-    def _row_state(cache: DynamicCache, mask: torch.Tensor, logits: torch.Tensor, j: int) -> PrefixState:
-        """Copy row `j`'s real (non-padding, hence rightmost) KV positions out of a batch cache."""
-        length = int(mask[j].sum())
-        kv = [(layer.keys[j, :, -length:, :].clone(), layer.values[j, :, -length:, :].clone())
-              for layer in cache.layers]
-        return PrefixState(kv, logits[j].clone(), length)
-
-    @torch.inference_mode()
-    def prefill_states(self, prefixes: Sequence[Sequence[int]]) -> list[PrefixState]:
-        """Compute `PrefixState`s of whole prefixes in one left-padded batch (a cache miss pays this)."""
-        ids, mask, pos = self._left_pad(prefixes)
-        logits, cache = self._forward(ids, mask, pos, None)
-        return [self._row_state(cache, mask, logits, j) for j in range(len(prefixes))]
-
-    def _batch_from_states(self, states: Sequence[PrefixState], repeats: Sequence[int],
-                           ) -> tuple[torch.Tensor, DynamicCache, torch.Tensor, torch.Tensor]:
-        """Left-pad parent states to one batch cache, each parent repeated `repeats[i]` times.
-
-        Returns first-token logits [R, V], the cache, its attention mask [R, S] and next positions [R].
-        """
-        width = max(st.length for st in states)
-        idx = torch.repeat_interleave(torch.arange(len(states)), torch.as_tensor(list(repeats))).to(self.device)
-        layers = []
-        for li in range(len(states[0].kv)):
-            k0 = states[0].kv[li][0]
-            keys = k0.new_zeros((len(states), k0.shape[0], width, k0.shape[2]))
-            values = torch.zeros_like(keys)
-            for i, st in enumerate(states):
-                keys[i, :, width - st.length :] = st.kv[li][0]
-                values[i, :, width - st.length :] = st.kv[li][1]
-            layers.append((keys.index_select(0, idx), values.index_select(0, idx)))
-        mask = torch.zeros((len(states), width), dtype=torch.long, device=self.device)
-        for i, st in enumerate(states):
-            mask[i, width - st.length :] = 1
-        lengths = torch.as_tensor([st.length for st in states], device=self.device)
-        logits = torch.stack([st.logits for st in states]).index_select(0, idx)
-        return logits, DynamicCache(ddp_cache_data=layers), mask.index_select(0, idx), lengths.index_select(0, idx)
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [G, V] (float32) from what `forward_hidden` returned for the last positions [G, E]."""
+        if self._split_head:
+            return self.model.get_output_embeddings()(hidden).float()
+        return hidden.float()
 
     @torch.inference_mode()
     def expand(self, parents: Sequence[tuple[Hashable, Sequence[int]]], num_samples: int | Sequence[int], *,
                stop: StopRule, temperature: float, seed: int, store: KVStore,
                exclude: Sequence[Sequence[Excluded]] | None = None,
                final: Callable[[int, str], bool] | None = None) -> list[list[Continuation]]:
-        """Sample `num_samples` continuations of each parent, reusing the parents' cached KV.
+        """Sample `num_samples` continuations of each parent, reusing the parents' stored KV (`arbor.lm.trie`).
 
-        `parents` are `(key, prefix_ids)` with the content key `prefix_key(prefix_ids)`; a key found in `store`
-        costs no forward pass, a missing one is recomputed from `prefix_ids` (batched) and stored. Each
-        continuation that can be continued is stored under `Continuation.key = prefix_key(prefix + its ids)`,
-        so equal token prefixes share one state. Only new tokens are computed: with no eviction, forward
-        tokens = prompt + every generated token except the last one of a continuation that ends its
-        trajectory (EOS, a stop of the line rule, or `final(i, text)` true for a continuation of parent i):
-        such a continuation is never continued, so its last token is not fed and no state is kept for it.
-        `exclude[i]`: continuations of parent i that its samples must not repeat (see `decode_loop`).
+        `parents` are `(key, prefix_ids)` with the content key `prefix_key(prefix_ids)`; a prefix found in
+        `store` costs no forward pass, a missing one is computed from its longest stored prefix on (batched) and
+        stored. Each continuation that can be continued is named `Continuation.key = prefix_key(prefix + its
+        ids)` in the store. A continuation that ends its trajectory (EOS, a stop of the line rule, or
+        `final(i, text)` true for a continuation of parent i) is never continued: its last token is not fed.
+        With `share_tokens` (default) samples share every token prefix they have in common, with each other and
+        with what the store holds, so without eviction each distinct token prefix is computed once; without it
+        each sample computes its own tokens from its parent's state. `exclude[i]`: continuations of parent i
+        that its samples must not repeat. Work per call is bounded by the store's budget: samples are decoded
+        in batches whose KV fits `store.room()`.
         """
         counts = [num_samples] * len(parents) if isinstance(num_samples, int) else list(num_samples)
-        states: list[PrefixState | None] = [store.get(key) for key, _ in parents]
-        missing = [i for i, st in enumerate(states) if st is None]
-        self.counters.cache_hits += len(parents) - len(missing)
-        self.counters.cache_misses += len(missing)
-        if missing:
-            for i, st in zip(missing, self.prefill_states([parents[i][1] for i in missing]), strict=True):
-                states[i] = st
-                store.put(parents[i][0], st)
         live = [i for i, n in enumerate(counts) if n > 0]
-        out: list[list[Continuation]] = [[] for _ in parents]
         if not live:
-            return out
-        gen = torch.Generator(device=self.device).manual_seed(int(seed))
-        logits, cache, mask, next_pos = self._batch_from_states([states[i] for i in live],  # type: ignore[misc]
-                                                                [counts[i] for i in live])
-        row_parent = [i for i in live for _ in range(counts[i])]
-        row_exclude = None if exclude is None else [exclude[i] for i in row_parent]
-        row_final = None if final is None else (lambda r, text: final(row_parent[r], text))
-        conts = self.decode_loop(logits, cache, mask, next_pos, stop=stop, temperature=temperature,
-                                 generator=gen, capture=True, exclude=row_exclude, final=row_final)
-        for i, c in zip(row_parent, conts, strict=True):
-            if c.state is not None:
-                c.key = prefix_key([*parents[i][1], *c.token_ids])
-                store.put(c.key, c.state)
-                c.state = None
-            out[i].append(c)
-        return out
+            return [[] for _ in parents]
+        self._probe()
+        sampler = TrieSampler(self, store, [p for _, p in parents], stop=stop, temperature=temperature,
+                              generator=torch.Generator(device=self.device).manual_seed(int(seed)), capture=True,
+                              exclude=exclude, final=final, share=self.share_tokens)
+        room = store.room()
+        width = max(len(parents[i][1]) for i in live) + stop.max_new_tokens
+        cap = sum(counts) if room is None else max(1, room // batch_bytes(1, width, self.kv_token_bytes,
+                                                                          self.num_layers))
+        jobs = [(i, min(cap, counts[i] - s)) for i in live for s in range(0, counts[i], cap)]
+        while jobs:  # one call per batch that fits: its parents are resolved (and pinned) only while it runs
+            n = next((j for j in range(1, len(jobs)) if sum(k for _, k in jobs[: j + 1]) > cap), len(jobs))
+            call, jobs = jobs[:n], jobs[n:]
+            anchors = resolve(self, store, [parents[i] for i, _ in call])
+            try:
+                sampler.run([(i, a, k) for (i, k), a in zip(call, anchors, strict=True)])
+            finally:
+                for a in anchors:
+                    store.unpin(a)
+        return sampler.out
 
     def _left_pad(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Left-padded ids [B, T], attention mask [B, T] and position ids [B, T] (0 at each first real token)."""
@@ -402,14 +305,19 @@ class HFPolicy:
     @torch.inference_mode()
     def sample(self, prompts: Sequence[Sequence[int]], *, stop: StopRule, temperature: float, seed: int,
                batch_size: int = 64) -> list[Continuation]:
-        """See `Policy.sample`. Prompts are processed in chunks of `batch_size` (prefill + decode each)."""
+        """See `Policy.sample`. Prompts are processed in chunks of `batch_size` (prefill + decode each); every
+        row computes its own prompt and tokens (no store)."""
+        self._probe()
         gen = torch.Generator(device=self.device).manual_seed(int(seed))
         out: list[Continuation] = []
         for i in range(0, len(prompts), batch_size):
-            ids, mask, pos = self._left_pad(prompts[i : i + batch_size])
-            logits, cache = self._forward(ids, mask, pos, None)
-            out += self.decode_loop(logits, cache, mask, pos[:, -1] + 1, stop=stop, temperature=temperature,
-                                    generator=gen)
+            chunk = prompts[i : i + batch_size]
+            ids, mask, pos = self._left_pad(chunk)
+            h, cache = self.forward_hidden(ids, mask, pos, None)
+            sampler = TrieSampler(self, None, chunk, stop=stop, temperature=temperature, generator=gen,
+                                  capture=False, share=False)
+            sampler.from_prefill(h[:, -1], cache, mask, pos[:, -1] + 1)
+            out += [c for cs in sampler.out for c in cs]
         return out
 
     @torch.inference_mode()
