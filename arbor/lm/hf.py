@@ -22,9 +22,11 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 
+from arbor.lm import lora
 from arbor.lm.base import Continuation, Excluded, StopRule, TokenCounters
 from arbor.lm.kvcache import KVStore
 from arbor.lm.prefill import resolve
+from arbor.lm.prompting import ChatFormat, step_end_ids
 from arbor.lm.trie import TrieSampler, batch_bytes
 from arbor.pipeline.config import ArborInputError
 from arbor.pipeline.manifest import verify
@@ -78,6 +80,10 @@ def check_model_path(path: Path) -> None:
         raise ArborInputError(f"{path}: expected a local HF model directory (config.json, model.safetensors, "
                               "tokenizer files) or a .gguf file")
     verify(path, required=False)  # a stage-written model must match its manifest (sizes and sha256)
+    if (path / lora.ADAPTER_CONFIG).is_file():  # a LoRA adapter dir: its weights, then its base model
+        check_safetensors(path / lora.ADAPTER_WEIGHTS)
+        check_model_path(lora.adapter_base(path))
+        return
     try:
         config = json.loads((path / "config.json").read_text())
     except FileNotFoundError:
@@ -109,13 +115,17 @@ def check_model_path(path: Path) -> None:
 
 def load_model_and_tokenizer(path: str | Path, device: str = "cpu",
                              dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, object]:
-    """Model and tokenizer from a local HF directory or a `.gguf` file; never from a hub.
+    """Model and tokenizer from a local HF directory, a LoRA adapter directory (its base model with the adapter
+    merged in, tokenizer of the base) or a `.gguf` file; never from a hub.
 
     The files are checked first (`check_model_path`); what transformers still refuses is reported as an
     `ArborInputError` naming the path (the original exception is chained, shown with `--debug`).
     """
     path = Path(path)
     check_model_path(path)
+    if (path / lora.ADAPTER_CONFIG).is_file():  # base model + adapter, merged (arbor/lm/lora.py)
+        model, tok = load_model_and_tokenizer(lora.adapter_base(path), "cpu", dtype)
+        return lora.load_adapter(path, model).to(device).eval(), tok
     kw = {"trust_remote_code": False, "local_files_only": True}
     try:
         if path.suffix == ".gguf":
@@ -146,15 +156,22 @@ def plain_copy(model: PreTrainedModel) -> PreTrainedModel:
 
 
 class HFPolicy:
-    """`Policy` over a causal LM and its tokenizer."""
+    """`Policy` over a causal LM and its tokenizer.
 
-    def __init__(self, model: PreTrainedModel, tokenizer: object, device: str | None = None) -> None:
+    `step_end`: which tokens end a step (`arbor.lm.prompting.step_end_ids`: newline | sentence); `chat`: prompts
+    go through the tokenizer's chat template (`ChatFormat`) instead of BOS + text.
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: object, device: str | None = None, *,
+                 step_end: str = "newline", chat: ChatFormat | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device else next(model.parameters()).device
         self.counters = TokenCounters()
         self.eos_token_id: int = int(tokenizer.eos_token_id)  # type: ignore[attr-defined]
         self.pad_token_id: int = int(tokenizer.pad_token_id)  # type: ignore[attr-defined]
+        self.step_end = step_end
+        self.chat = chat
         self._newline_ids: torch.Tensor | None = None
         self._newline_set: frozenset[int] | None = None
         self.share_tokens = True  # token-trie sampling in `expand` (off: each sample computes its own tokens)
@@ -172,7 +189,10 @@ class HFPolicy:
         return list(self.tokenizer.encode(text, add_special_tokens=False))  # type: ignore[attr-defined]
 
     def encode_prompt(self, text: str) -> list[int]:
-        """Token ids of a prompt: BOS (when the tokenizer has one) + `encode(text)`."""
+        """Token ids of a prompt: through the chat template when `chat` is set, else BOS (when the tokenizer has
+        one) + `encode(text)`."""
+        if self.chat is not None:
+            return self.chat.encode(text)
         bos = self.tokenizer.bos_token_id  # type: ignore[attr-defined]
         return ([int(bos)] if bos is not None else []) + self.encode(text)
 
@@ -181,10 +201,10 @@ class HFPolicy:
 
     @property
     def newline_ids(self) -> torch.Tensor:
-        """Ids of every vocabulary token whose text contains a newline (the step terminator)."""
+        """Ids of every vocabulary token that ends a step: those whose text contains a newline, plus sentence
+        ends when `step_end` is `sentence` (`arbor.lm.prompting.step_end_ids`)."""
         if self._newline_ids is None:
-            vocab = self.tokenizer.get_vocab()  # type: ignore[attr-defined]
-            ids = [i for i in sorted(vocab.values()) if "\n" in self.tokenizer.decode([i])]  # type: ignore[attr-defined]
+            ids = step_end_ids(self.tokenizer, self.step_end)
             self._newline_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         return self._newline_ids
 

