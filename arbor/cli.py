@@ -13,6 +13,8 @@ STAGES = {
     "search": "Tree search (eta-MCTS, Tree-GRPO, chains) over the train split; trees as parquet.",
     "critics": "Train the value, PRM and ORM critics on an iteration's trees; held-out AUROC/P/R/ECE.",
     "evaluate": "Greedy pass@1, pass@k, maj@k (and search decoding) of a policy on the eval split.",
+    "prefs": "Step-level preference pairs and Tree-GRPO trajectories from iteration k's trees.",
+    "train": "The policy of iteration k (step-DPO, Tree-GRPO or SFT-best) from prefs_k and policy_{k-1}.",
     "show-tree": "Render one problem's search tree as a self-contained HTML page.",
     "iterate": "Append N self-improvement iterations to params.yaml and run them (`--more N`, under the lock).",
     "status": "Last finished iteration, what is running now, and the metric trend per iteration.",

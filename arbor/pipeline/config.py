@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from arbor.critics.config import CriticsConfig
+from arbor.improve.config import PrefsConfig
 from arbor.lm.config import PolicyConfig
 from arbor.pipeline.fields import COUNT as _COUNT
 from arbor.pipeline.fields import ArborInputError as ArborInputError  # re-exported: stages import it from here
@@ -34,6 +35,7 @@ from arbor.pipeline.fields import ConfigError
 from arbor.pipeline.fields import config_field as _f
 from arbor.pipeline.fields import section as _sub
 from arbor.pipeline.loop import LoopConfig
+from arbor.train.config import TrainConfig
 
 
 @dataclass
@@ -197,6 +199,8 @@ class ArborConfig:
     evaluate: EvaluateConfig = _sub(EvaluateConfig)
     search: SearchConfig = _sub(SearchConfig)
     critics: CriticsConfig = _sub(CriticsConfig)
+    prefs: PrefsConfig = _sub(PrefsConfig)
+    train: TrainConfig = _sub(TrainConfig)
     loop: LoopConfig = _sub(LoopConfig)
 
 

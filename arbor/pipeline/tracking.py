@@ -313,3 +313,12 @@ def make_pipeline_tracker(*, enabled: bool, experiment: str, uri: str | None,
     return MlflowTracker(name=f"pipeline-{pipeline_id}", experiment=experiment, tracking_uri=resolve_tracking_uri(uri),
                          tags=tags)
 
+
+def lightning_logger(tracker: Tracker, experiment: str) -> Any:
+    """Lightning's `MLFlowLogger` writing into the tracker's run (explicit tracking URI and run id), or False
+    (Lightning's "no logger") when tracking is off."""
+    if tracker.run_id is None:
+        return False
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    return MLFlowLogger(experiment_name=experiment, tracking_uri=tracker.tracking_uri, run_id=tracker.run_id)

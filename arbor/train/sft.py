@@ -68,7 +68,8 @@ def warmup_cosine(warmup: int, total: int, floor: float = 0.1) -> Callable[[int]
 
 
 class SFTModule(L.LightningModule):
-    """Wraps an HF causal LM; `training_step` minimises completion NLL."""
+    """Wraps an HF causal LM; `training_step` minimises completion NLL. Other policy objectives (step-DPO,
+    Tree-GRPO) subclass it with their own `losses` and share its optimizer and LR schedule."""
 
     def __init__(self, model: torch.nn.Module, *, lr: float = 1e-3, warmup_steps: int = 100,
                  max_steps: int = 1000, weight_decay: float = 0.01) -> None:
@@ -76,10 +77,17 @@ class SFTModule(L.LightningModule):
         self.model = model.train()
         self.save_hyperparameters(ignore=["model"])
 
+    def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every logged quantity of one batch; `loss` is what is minimised (subclasses: other objectives)."""
+        return {"loss": self.model(**batch).loss}
+
     def _common_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        loss = self.model(**batch).loss
-        self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return loss
+        got = self.losses(batch)
+        n = int(batch["input_ids"].shape[0])
+        self.log(f"{stage}_loss", got["loss"], prog_bar=True, batch_size=n)
+        if len(got) > 1:
+            self.log_dict({f"{stage}/{k}": v for k, v in got.items() if k != "loss"}, batch_size=n)
+        return got["loss"]
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._common_step(batch, "train")

@@ -1,0 +1,47 @@
+"""`TrainConfig`: stage `train`, the policy update of one iteration (step-DPO, Tree-GRPO or SFT-best).
+
+Declared like the sections of arbor/pipeline/config.py (arbor/pipeline/fields.py), composed into `ArborConfig`
+as the `train:` section; every key is a `--train.<key>` option and a params.yaml entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from arbor.pipeline.fields import COUNT
+from arbor.pipeline.fields import config_field as _f
+
+OBJECTIVES = ("dpo", "grpo", "sft_best")
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
+STRATEGIES = ("auto", "ddp", "fsdp")
+
+
+@dataclass
+class TrainConfig:
+    """Stage `train`: the iteration's policy update from prefs/iter_k, starting from (and referenced to) the
+    previous policy."""
+
+    objective: str = _f("dpo", "dpo (step-DPO on sibling pairs + NLL on the chosen step) | grpo (Tree-GRPO "
+                               "clipped policy gradient with intra+inter advantages, KL to the reference) | "
+                               "sft_best (NLL on the best correct path per problem, AlphaLLM's update).",
+                        choices=OBJECTIVES)
+    epochs: float = _f(4.0, "Expected passes over the training items (items are drawn with replacement; steps "
+                            "= ceil(epochs * items / (batch_size * accumulate_grad_batches))).", gt=0.0)
+    batch_size: int = _f(16, "Items (pairs, trajectories or paths) per micro-batch.", **COUNT)
+    accumulate_grad_batches: int = _f(1, "Micro-batches per optimizer step (gradient accumulation).", **COUNT)
+    lr: float = _f(3e-4, "Peak learning rate (AdamW, linear warm-up then cosine decay to 0.1x).", gt=0.0)
+    warmup_steps: int = _f(10, "Warm-up optimizer steps.", min=0)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", min=0.0)
+    gradient_clip: float = _f(1.0, "Clip the gradient norm at this value (0 = no clipping).", min=0.0)
+    beta: float = _f(0.1, "dpo: beta, the strength of the implicit KL to the reference.", gt=0.0)
+    nll_weight: float = _f(1.0, "dpo: weight of the per-token NLL of the chosen step (against likelihood "
+                                "displacement; 0 = plain DPO).", min=0.0)
+    clip_eps: float = _f(0.2, "grpo: ratio clipping epsilon of the surrogate objective.", gt=0.0, max=1.0)
+    kl_coef: float = _f(0.04, "grpo: weight of the per-token KL to the reference (k3 estimator).", min=0.0)
+    sft_min_reward: float = _f(1.0, "sft_best: a path qualifies when its outcome reward is at least this.",
+                               min=0.0, max=1.0)
+    precision: str = _f("32-true", "Lightning precision.", choices=PRECISIONS)
+    strategy: str = _f("auto", "Lightning strategy: auto (one device, CPU) | ddp | fsdp (GPUs).", choices=STRATEGIES)
+    devices: int | None = _f(None, "Accelerators to train on (null: the one named by `device`).", **COUNT)
+    checkpoint_every: int = _f(20, "Save a resumable checkpoint every N optimizer steps (0 = never); a killed "
+                                   "run resumes from the last one.", min=0)
