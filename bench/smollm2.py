@@ -8,7 +8,7 @@ through its chat template with the prompt template of configs/smollm2.yaml.
 
 - `tasks`: for each candidate task at easy settings (built-in synthetic, reasoning-gym basic_arithmetic,
   chain_sum, products, simple_equations), `n` eval problems: greedy pass@1, per-sample accuracy of `k` samples
-  at temperature 1 (the search's temperature), maj@k, forward tokens and wall time
+  at the preset's sampling temperature (0.7, as the search samples), maj@k, forward tokens and wall time
   (`arbor.stages.evaluate.evaluate_policy`). The pipeline wants a task where per-sample accuracy lies in
   roughly 10-40%: search has something to find, and preferences have both sides. Writes
   bench/results/smollm2_tasks.json.
@@ -78,7 +78,7 @@ def bench_tasks(args: argparse.Namespace) -> dict[str, Any]:
     for name in args.candidates:
         tcfg = task_config(base, CANDIDATES[name])
         problems = eval_problems(tcfg, args.n, base.seed)
-        m = evaluate_policy(policy, build_task(tcfg), problems, k=args.k, temperature=1.0,
+        m = evaluate_policy(policy, build_task(tcfg), problems, k=args.k, temperature=args.temperature,
                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=base.seed)
         rows.append({"task": name, "settings": CANDIDATES[name], "n": args.n, "k": args.k,
                      "greedy_pass1": m["greedy_pass1"], "sample_accuracy": m["sample_accuracy"],
@@ -86,7 +86,7 @@ def bench_tasks(args: argparse.Namespace) -> dict[str, Any]:
                      "tokens_per_problem": m["forward_tokens"] / args.n, "wall_seconds": m["wall_seconds"]})
         print(table(rows[-1:], ["task", "greedy_pass1", "sample_accuracy", "maj_at_k", "forward_tokens",
                                 "wall_seconds"]), file=sys.stderr)
-    return {"rows": rows, "temperature": 1.0, "max_new_tokens": args.max_new_tokens,
+    return {"rows": rows, "temperature": args.temperature, "max_new_tokens": args.max_new_tokens,
             "prompt_template": base.task.prompt_template, "chat_template": base.policy.chat_template}
 
 
@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("what", choices=("tasks", "steps"))
     p.add_argument("--policy", default="models/iter_0/policy", help="SmolLM2 converted to safetensors.")
     p.add_argument("--n", type=int, default=None, help="Problems per candidate (tasks: 24, steps: 12).")
-    p.add_argument("--k", type=int, default=4, help="tasks: samples per problem at temperature 1.")
+    p.add_argument("--k", type=int, default=4, help="tasks: samples per problem.")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="tasks: sampling temperature (default: the preset's evaluate.temperature).")
     p.add_argument("--max-new-tokens", type=int, default=160)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
@@ -142,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared CPU).")
     args = p.parse_args(argv)
     args.n = args.n or (24 if args.what == "tasks" else 12)
+    args.temperature = args.temperature or preset_config().evaluate.temperature
     torch.set_num_threads(args.threads)
     result = bench_tasks(args) if args.what == "tasks" else bench_steps(args)
     result["policy"] = args.policy

@@ -78,6 +78,9 @@ def test_training_solution_injects_errors_at_the_configured_rate():
         ("Answer: 1234567.25", Fraction(123456725, 100)),
         ("x\n  Answer: 9 because 2+7", Fraction(9)),
         ("Answer: 2\nAnswer: 3", Fraction(2)),  # the first answer line counts
+        ("1. 6 + 0 = 6\n2. So, the answer is 6.", Fraction(6)),  # numbered steps (SmolLM2-135M-Instruct)
+        ("3) Answer: 7", Fraction(7)),
+        ("12. 3 + 4 = 7", None),  # a numbered step is not an answer
     ],
 )
 def test_extract_answer_tricky_strings(text, expected):

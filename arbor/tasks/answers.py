@@ -5,6 +5,7 @@ optional markdown emphasis and a lead-in such as "So", "Thus", "Therefore"):
 
     Answer: 42            answer: 42          **Answer:** 42       #### 42
     The answer is 42.     Final answer: 42    The final answer is $42    ... \\boxed{42}
+    2. So, the answer is 42.   (a numbered list item, as small instruct models write them)
 
 Numbers may carry a sign, a dollar sign, thousands separators (`1,234` or `1 234`), a decimal part (`.5`,
 `0.0000015`), an exponent (`1.5e-06`), or be a fraction `a/b`. Comparison is exact: both sides become
@@ -23,7 +24,7 @@ _NUMBER = re.compile(
     r"(?:\.\d+)?(?:[eE][-+]?\d+)?(?:\s*/\s*\d+)?"
 )
 _MARKER = re.compile(
-    r"^[\s*_#>\-]*(?:(?:so|thus|therefore|hence)\b[\s,]*)?(?:the\s+)?(?:final\s+)?answer[*_\s]*"
+    r"^[\s*_#>\-]*(?:\d{1,2}[.)]\s+)?(?:(?:so|thus|therefore|hence)\b[\s,]*)?(?:the\s+)?(?:final\s+)?answer[*_\s]*"
     r"(?:is\b[\s:]*|[:=])(?P<rest>.*)$"
     r"|^\s*####(?P<hash>.*)$",
     re.IGNORECASE,

