@@ -180,6 +180,15 @@ class SearchConfig:
     chains: int = _f(16, "chains: independent samples per prompt (G).", **_COUNT)
     kv_budget_mb: float = _f(512.0, "Prefix KV-cache memory budget (MB, LRU eviction).", gt=0.0)
     shard_size: int = _f(16, "Problems per parquet shard (the unit of resume).", **_COUNT)
+    executor: str = _f("local", "Where problems are searched: local (this process) | ray (sharded across Ray actors, "
+                                "each with its own policy and critics; arbor/pipeline/executors.py).",
+                       choices=("local", "ray"))
+    ray_address: str | None = _f(None, "ray: cluster address (ray://host:10001, auto); null = the RAY_ADDRESS "
+                                       "environment variable, else a local Ray started for the run.")
+    ray_workers: int = _f(2, "ray: actors (one policy each).", **_COUNT)
+    ray_cpus_per_worker: float = _f(1.0, "ray: CPUs each actor reserves (its torch threads).", gt=0.0)
+    ray_gpus_per_worker: float = _f(0.0, "ray: GPUs each actor reserves (1 = one per GPU, 0.5 = two per GPU; "
+                                         "set device: cuda).", min=0.0)
     eta: EtaMCTSConfig = _sub(EtaMCTSConfig)
 
 

@@ -13,7 +13,7 @@ from arbor.pipeline.fields import config_field as _f
 
 OBJECTIVES = ("dpo", "grpo", "sft_best")
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
-STRATEGIES = ("auto", "ddp", "fsdp")
+STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed")
 
 
 @dataclass
@@ -41,7 +41,12 @@ class TrainConfig:
     sft_min_reward: float = _f(1.0, "sft_best: a path qualifies when its outcome reward is at least this.",
                                min=0.0, max=1.0)
     precision: str = _f("32-true", "Lightning precision.", choices=PRECISIONS)
-    strategy: str = _f("auto", "Lightning strategy: auto (one device, CPU) | ddp | fsdp (GPUs).", choices=STRATEGIES)
-    devices: int | None = _f(None, "Accelerators to train on (null: the one named by `device`).", **COUNT)
+    strategy: str = _f("auto", "Lightning strategy (arbor/train/strategy.py): auto (one device) | ddp (one process "
+                               "per device; gloo on CPU) | fsdp (GPUs: sharded weights, grads, optimizer) | deepspeed "
+                               "(GPUs: ZeRO-2).", choices=STRATEGIES)
+    devices: int | None = _f(None, "Devices per node (GPUs; with ddp on CPU: processes); null: the one named by "
+                                   "`device`.", **COUNT)
+    num_nodes: int = _f(1, "Machines (Lightning num_nodes; start the same command on each, e.g. with torchrun or "
+                           "SLURM).", **COUNT)
     checkpoint_every: int = _f(20, "Save a resumable checkpoint every N optimizer steps (0 = never); a killed "
                                    "run resumes from the last one.", min=0)

@@ -32,14 +32,6 @@ def total_steps(cfg: TrainConfig, n_items: int) -> int:
     return max(1, math.ceil(cfg.epochs * n_items / (cfg.batch_size * cfg.accumulate_grad_batches)))
 
 
-def accelerator_devices(device: str, devices: int | None) -> tuple[str, Any]:
-    """Lightning (accelerator, devices) for the params' `device`, or `devices` accelerators of its kind."""
-    from arbor.train.sft import lightning_accelerator
-
-    accelerator, chosen = lightning_accelerator(device)
-    return accelerator, (devices if devices is not None and accelerator != "cpu" else chosen)
-
-
 def fit(module: Any, items: list[dict[str, Any]], collate: Callable[..., dict[str, torch.Tensor]], cfg: TrainConfig,
         *, steps: int, seed: int, device: str = "cpu", checkpoint_dir: str | Path | None = None, logger: Any = False,
         progress: bool = True) -> dict[str, Any]:
@@ -50,6 +42,7 @@ def fit(module: Any, items: list[dict[str, Any]], collate: Callable[..., dict[st
 
     from arbor.train import checkpoints
     from arbor.train.sft import SampleStream
+    from arbor.train.strategy import trainer_kwargs
 
     callbacks, resume = [], None
     if checkpoint_dir is not None and cfg.checkpoint_every > 0:
@@ -59,8 +52,7 @@ def fit(module: Any, items: list[dict[str, Any]], collate: Callable[..., dict[st
     per_step = cfg.batch_size * cfg.accumulate_grad_batches
     stream = SampleStream(lambda rng: items[int(rng.integers(len(items)))], seed, skip=start * per_step)
     loader = DataLoader(stream, batch_size=cfg.batch_size, collate_fn=collate)
-    accelerator, devices = accelerator_devices(device, cfg.devices)
-    trainer = L.Trainer(max_steps=steps, accelerator=accelerator, devices=devices, strategy=cfg.strategy,
+    trainer = L.Trainer(max_steps=steps, **trainer_kwargs(cfg, device, getattr(module, "model", None)),
                         precision=cfg.precision, accumulate_grad_batches=cfg.accumulate_grad_batches,
                         gradient_clip_val=cfg.gradient_clip or None, logger=logger, callbacks=callbacks,
                         enable_checkpointing=bool(callbacks), enable_progress_bar=progress,

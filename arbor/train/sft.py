@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -36,23 +37,32 @@ def collate_sft(pairs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> di
 
 
 class SampleStream(IterableDataset):
-    """Endless (prompt_ids, completion_ids) samples from `draw(rng)`, seeded (Lightning's rollout-dataset idea).
+    """Endless samples from `draw(rng)`, seeded (Lightning's rollout-dataset idea), sharded by rank.
 
-    `skip` starts the stream after that many samples (drawn and dropped), so that training resumed from a
+    Every rank draws the same seeded sequence and keeps the samples `rank, rank + world, ...` (rank and world
+    from the process group when one is up, `arbor.train.strategy.rank_and_world`). So under DDP the ranks' batches
+    are disjoint and together are exactly the batch of one process with a `world`-times larger batch size (with
+    `num_workers=0`). `skip` starts each rank after that many of its own samples, so that training resumed from a
     checkpoint after `step` optimizer steps sees exactly the samples an uninterrupted run would:
-    `skip = step * batch_size`.
+    `skip = step * batch_size` (per rank).
     """
 
-    def __init__(self, draw: Callable[[np.random.Generator], tuple[list[int], list[int]]], seed: int,
-                 skip: int = 0) -> None:
+    def __init__(self, draw: Callable[[np.random.Generator], Any], seed: int, skip: int = 0) -> None:
         self.draw, self.seed, self.skip = draw, seed, skip
 
-    def __iter__(self) -> Iterator[tuple[list[int], list[int]]]:
+    def __iter__(self) -> Iterator[Any]:
+        from arbor.train.strategy import rank_and_world
+
+        rank, world = rank_and_world()  # known only once the process group is up: read per iteration
         rng = np.random.default_rng(self.seed)
-        for _ in range(self.skip):
+        for _ in range(self.skip * world):
             self.draw(rng)
+        i = 0
         while True:
-            yield self.draw(rng)
+            sample = self.draw(rng)
+            if i % world == rank:
+                yield sample
+            i += 1
 
 
 def warmup_cosine(warmup: int, total: int, floor: float = 0.1) -> Callable[[int], float]:
