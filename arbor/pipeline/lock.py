@@ -102,13 +102,24 @@ def held_by_ancestor(project_dir: str | os.PathLike[str] = ".") -> bool:
             and int(pid) in ancestors())
 
 
+RANK_VARS = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+"""Set by distributed launchers: Lightning's DDP launcher for the ranks it starts, torchrun, SLURM."""
+
+
+def worker_rank() -> bool:
+    """Whether this process is a rank other than 0 of a distributed launch (a DDP training stage started on N
+    devices): rank 0 holds the lock, tracks and writes for all of them (arbor/train/strategy.py)."""
+    return any(os.environ.get(v, "0").strip() not in ("", "0") for v in RANK_VARS)
+
+
 def lock_or_exit(command: str, project_dir: str | os.PathLike[str] = ".") -> ProjectLock:
-    """The lock a stage or runner holds while it works: acquired, or not needed (an ancestor holds it).
+    """The lock a stage or runner holds while it works: acquired, or not needed (an ancestor holds it, or this
+    is a rank > 0 of a distributed launch whose rank 0 holds it).
 
     If another process holds it, print one line naming that process and exit with code 2.
     """
     lock = ProjectLock(project_dir, command)
-    if held_by_ancestor(project_dir):
+    if held_by_ancestor(project_dir) or worker_rank():
         return lock
     try:
         return lock.acquire()

@@ -32,7 +32,7 @@ from arbor.pipeline.config import (
     overrides_from_args,
     to_dict,
 )
-from arbor.pipeline.lock import lock_or_exit
+from arbor.pipeline.lock import lock_or_exit, worker_rank
 from arbor.pipeline.tracking import Tracker, make_tracker
 
 log = logging.getLogger("arbor")
@@ -154,8 +154,9 @@ def stage_cli(name: str, description: str, add_paths: Callable[[argparse.Argumen
         if uses_device:
             check_device(cfg.device, origin("device", args.params or "<defaults>", frozenset(overrides)))
         lock = lock_or_exit(f"arbor {name}")  # one pipeline per project dir; exits 2 naming the holder
-        tracker = make_tracker(enabled=cfg.tracking.enabled, stage=name, experiment=cfg.tracking.experiment,
-                               uri=cfg.tracking.uri, iteration=getattr(args, "iter", None))
+        tracker = make_tracker(enabled=cfg.tracking.enabled and not worker_rank(),  # DDP: rank 0 tracks for all
+                               stage=name, experiment=cfg.tracking.experiment, uri=cfg.tracking.uri,
+                               iteration=getattr(args, "iter", None))
         try:
             tracker.log_params(to_dict(cfg))
             metrics = run(cfg, args, tracker)
