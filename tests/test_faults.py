@@ -45,8 +45,8 @@ TINY = {
 N_PROBLEMS, SHARD, MAX_STEPS, EVERY = 6, 4, 24, 4
 ORDER = ("prepare", "bootstrap", "search", "evaluate")
 INPUTS = {"prepare": (), "bootstrap": ("data",), "search": ("data", "models"), "evaluate": ("data", "models")}
-MARKERS = {"bootstrap": "checkpoints/bootstrap/_fingerprint.json", "search": "trees/iter_1/_fingerprint.json"}
-POLICY, TREES = "models/iter_0/policy", "trees/iter_1"
+MARKERS = {"bootstrap": "checkpoints/bootstrap/_fingerprint.json", "search": "trees/iter_0/_fingerprint.json"}
+POLICY, TREES = "models/iter_0/policy", "trees/iter_0"
 KILLS = 2
 
 
@@ -225,7 +225,7 @@ def _check_final(stage: str, proj: Path, ref: Path) -> None:
     elif stage == "search":
         assert _trees(proj) == _trees(ref)
         assert not (proj / TREES / "_work").exists()
-    metrics = {"bootstrap": "metrics/bootstrap.json", "search": "metrics/search_1.json",
+    metrics = {"bootstrap": "metrics/bootstrap.json", "search": "metrics/search_0.json",
                "evaluate": "metrics/iter_0.json"}.get(stage)
     if metrics:
         assert _untimed(json.loads((proj / metrics).read_text())) == \

@@ -23,6 +23,7 @@ TINY = {
     "evaluate": {"k": 2, "max_new_tokens": 24, "batch_size": 16, "search_simulations": 2},
     "task": {"max_ops": 3},
     "search": {"n_problems": 3, "shard_size": 2},
+    "critics": {"max_epochs": 2, "completion_tokens": 12, "min_completions": 1},
 }
 
 
@@ -65,9 +66,11 @@ def test_arbor_run_smoke(tmp_path):
     _run([dvc, "init", "--no-scm", "-q"], proj)
     _run([str(BIN / "arbor"), "run"], proj)  # what `make run` does
     metrics = json.loads((proj / "metrics/iter_0.json").read_text())
-    for key in ("greedy_pass1", "pass_at_k", "maj_at_k", "k", "forward_tokens", "eval_problems", "search_pass1"):
+    for key in ("greedy_pass1", "pass_at_k", "maj_at_k", "k", "forward_tokens", "eval_problems", "search_pass1",
+                "orm_best_of_n", "orm_vote", "prm_min_best_of_n", "search_critic_forward_tokens"):
         assert key in metrics
     assert metrics["eval_problems"] == 6 and metrics["k"] == 2 and metrics["forward_tokens"] > 0
+    assert metrics["search_scorer"] == "critics" and metrics["search_critic_forward_tokens"] > 0
     assert (proj / "models/iter_0/policy/model.safetensors").exists()
     assert len((proj / "data/train.jsonl").read_text().splitlines()) == 64
 
@@ -84,13 +87,14 @@ def test_arbor_run_smoke(tmp_path):
     exp = client.get_experiment_by_name("arbor")
     runs = client.search_runs([exp.experiment_id])
     by_stage = {r.data.tags.get("arbor_stage", "parent"): r for r in runs}
-    stages = ("prepare", "bootstrap", "evaluate", "search")
-    assert set(by_stage) == {"parent", *stages} and len(runs) == 5
+    stages = ("prepare", "bootstrap", "evaluate", "search", "critics")
+    assert set(by_stage) == {"parent", *stages} and len(runs) == 6
     parent_id = by_stage["parent"].info.run_id
     assert all(by_stage[s].data.tags["mlflow.parentRunId"] == parent_id for s in stages)
     assert all(r.info.status == "FINISHED" for r in runs)
     assert by_stage["search"].data.metrics["problems"] == 3
-    assert len(list((proj / "trees/iter_1").glob("part-*.parquet"))) == 2
+    assert len(list((proj / "trees/iter_0").glob("part-*.parquet"))) == 2
+    assert (proj / "models/iter_0/critics/_manifest.json").is_file() and (proj / "metrics/critics_0.json").is_file()
     assert by_stage["evaluate"].data.metrics["eval_problems"] == 6
     assert by_stage["bootstrap"].data.params["bootstrap.max_steps"] == "4"
     assert "train_loss" in by_stage["bootstrap"].data.metrics  # Lightning's MLFlowLogger wrote into the run
@@ -104,6 +108,7 @@ def test_arbor_run_smoke(tmp_path):
     out = _run([dvc, "repro"], proj).stdout
     assert "Running stage 'evaluate'" in out and "Running stage 'bootstrap'" not in out
     assert "Running stage 'search'" not in out and "Running stage 'prepare'" not in out
+    assert "Running stage 'critics'" not in out
     assert json.loads((proj / "metrics/iter_0.json").read_text())["k"] == 3
 
 

@@ -13,8 +13,9 @@ model directory loadable with `arbor.critics.load`, plus `labels/{train,val,held
 Binary labels for the metrics: value = MC value >= 0.5, PRM = Math-Shepherd hard label (steps only), ORM =
 correct (terminals).
 
-`CriticsConfig` (arbor/critics/config.py) is read from `cfg.critics` once the lead composes it into
-`ArborConfig`; until then the built-in defaults (or the `critics=` argument of `run`) apply.
+Iteration k (arbor/pipeline/plan.py): trees/iter_<k>; extra completions from the policy that grew them
+(policy_0 for k = 0, policy_{k-1} after), backbones from policy_k -> models/iter_<k>/critics. `CriticsConfig`
+(arbor/critics/config.py) is the `critics:` section of params.yaml (`cfg.critics`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from arbor.critics.calibration import critic_metrics, reliability_diagram
 from arbor.critics.config import KINDS, CriticsConfig
 from arbor.critics.labels import assign_splits, build_labels, label_counts, read_tree_files, write_labels
 from arbor.critics.models import CriticModel
-from arbor.pipeline.config import ArborConfig
+from arbor.pipeline import plan
+from arbor.pipeline.config import ArborConfig, ArborInputError
 from arbor.pipeline.seeds import derive_seed
 from arbor.pipeline.tracking import NullTracker, Tracker
 
@@ -61,6 +63,28 @@ def held_out_metrics(models: dict[str, CriticModel], labels: Any, items: list[di
     return metrics, curves
 
 
+def split_items(labels: Any, split: dict[str, str], c: CriticsConfig) -> tuple[dict[str, Any], dict[str, list]]:
+    """The label rows (pyarrow tables) and packed training items (arbor/train/critic.py) of each split named in
+    `split` (problem_id -> train | val | heldout)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from arbor.train.critic import pack_problems
+
+    col = labels.column("problem_id")
+    parts = {s: labels.filter(pc.is_in(col, pa.array([p for p, x in split.items() if x == s])))
+             for s in dict.fromkeys(split.values())}
+    items = {s: pack_problems(t, prm_label=c.prm_label, pair_margin=c.pair_margin) for s, t in parts.items()}
+    return parts, items
+
+
+def new_critics(base: Any, *, shared: bool) -> dict[str, CriticModel]:
+    """{kind: CriticModel} started from the policy `base`: one backbone with three heads, or three models."""
+    if shared:
+        return dict.fromkeys(KINDS, CriticModel.from_policy(base, KINDS))
+    return {k: CriticModel.from_policy(base, [k]) for k in KINDS}
+
+
 def _mlflow_logger(tracker: Tracker, experiment: str) -> Any:
     if tracker.run_id is None:
         return False
@@ -70,7 +94,7 @@ def _mlflow_logger(tracker: Tracker, experiment: str) -> Any:
 
 
 def run(cfg: ArborConfig, *, trees_dir: str | Path, policy_dir: str | Path, train_file: str | Path = "data/train.jsonl",
-        out_dir: str | Path = "models/iter_1/critics", plot: str | Path | None = None, iteration: int = 1,
+        out_dir: str | Path = "models/iter_0/critics", plot: str | Path | None = None, iteration: int = 0,
         backbone_dir: str | Path | None = None, tracker: Tracker | None = None,
         critics: CriticsConfig | None = None) -> dict[str, Any]:
     """Label, split, train and evaluate the critics (module docstring); returns the stage metrics.
@@ -82,11 +106,11 @@ def run(cfg: ArborConfig, *, trees_dir: str | Path, policy_dir: str | Path, trai
     from arbor.pipeline.io import atomic_path
     from arbor.pipeline.manifest import verified_files, verify, write_manifest
     from arbor.tasks import build_task, read_problems
-    from arbor.train.critic import pack_problems, train_critics
+    from arbor.train.critic import train_critics
     from arbor.train.sft import lightning_accelerator
 
     tracker = tracker or NullTracker()
-    c = critics or getattr(cfg, "critics", None) or CriticsConfig()
+    c = critics or cfg.critics
     t0 = time.perf_counter()
     trees = read_tree_files(verified_files(trees_dir))
     verify(policy_dir, required=False)
@@ -104,12 +128,7 @@ def run(cfg: ArborConfig, *, trees_dir: str | Path, policy_dir: str | Path, trai
                           progress=True)
     t_labels = time.perf_counter() - t0
     split = assign_splits(pids, heldout_fraction=c.heldout_fraction, val_fraction=c.val_fraction, seed=seed)
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    col = labels.column("problem_id")
-    parts = {s: labels.filter(pc.is_in(col, pa.array([p for p in pids if split[p] == s]))) for s in split.values()}
-    items = {s: pack_problems(t, prm_label=c.prm_label, pair_margin=c.pair_margin) for s, t in parts.items()}
+    parts, items = split_items(labels, split, c)
     for s in ("train", "val", "heldout"):
         if not items.get(s):
             raise FileNotFoundError(f"{trees_dir}: {len(pids)} problems leave the {s} split empty; search more "
@@ -118,10 +137,7 @@ def run(cfg: ArborConfig, *, trees_dir: str | Path, policy_dir: str | Path, trai
     if backbone_dir is not None and Path(backbone_dir) != Path(policy_dir):
         verify(backbone_dir, required=False)
         base = HFPolicy.from_pretrained(backbone_dir, cfg.device).model
-    if c.shared_backbone:
-        models = dict.fromkeys(KINDS, CriticModel.from_policy(base, KINDS))
-    else:
-        models = {k: CriticModel.from_policy(base, [k]) for k in KINDS}
+    models = new_critics(base, shared=c.shared_backbone)
     accelerator, devices = lightning_accelerator(cfg.device)
     t1 = time.perf_counter()
     summary = train_critics(models, items["train"], items["val"], c, seed=seed, accelerator=accelerator,
@@ -150,11 +166,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from arbor.stages.common import stage_cli
 
     def paths(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--iter", type=int, default=1, help="Iteration k: trains on trees/iter_<k>.")
+        p.add_argument("--iter", type=int, default=0, help="Iteration k >= 0: trains on trees/iter_<k>.")
         p.add_argument("--trees", default=None, help="Tree directory (default trees/iter_<k>).")
-        p.add_argument("--policy", default=None, help="Policy whose backbone starts the critics and samples extra "
-                                                      "completions (default models/iter_<k-1>/policy).")
-        p.add_argument("--backbone", default=None, help="Policy whose body starts the critics (default: --policy).")
+        p.add_argument("--policy", default=None, help="Policy that grew the trees; samples the extra completions "
+                                                      "(default models/iter_0/policy for k = 0, "
+                                                      "models/iter_<k-1>/policy after).")
+        p.add_argument("--backbone", default=None, help="Policy whose body starts the critics (default "
+                                                        "models/iter_<k>/policy).")
         p.add_argument("--train", default="data/train.jsonl", help="Training problems (gold answers).")
         p.add_argument("--out", default=None, help="Critic directory (default models/iter_<k>/critics).")
         p.add_argument("--metrics", default=None, help="Metrics JSON (default metrics/critics_<k>.json).")
@@ -162,10 +180,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     def go(cfg: ArborConfig, a: argparse.Namespace, tr: Tracker) -> dict[str, Any]:
         k = a.iter
-        m = run(cfg, trees_dir=a.trees or f"trees/iter_{k}", policy_dir=a.policy or f"models/iter_{k - 1}/policy",
-                train_file=a.train, out_dir=a.out or f"models/iter_{k}/critics",
-                plot=a.plot or f"plots/critics_{k}_reliability.png", iteration=k, backbone_dir=a.backbone,
-                tracker=tr)
+        if k < 0:
+            raise ArborInputError(f"command line: --iter {k}: expected an iteration >= 0")
+        m = run(cfg, trees_dir=a.trees or plan.trees_dir(k), policy_dir=a.policy or plan.policy_dir(plan.searcher(k)),
+                train_file=a.train, out_dir=a.out or plan.critics_dir(k),
+                plot=a.plot or f"plots/critics_{k}_reliability.png", iteration=k,
+                backbone_dir=a.backbone or plan.policy_dir(k), tracker=tr)
         write_json(a.metrics or f"metrics/critics_{k}.json", m)
         return m
 

@@ -3,6 +3,13 @@
 pass@k counts a problem solved if any of k samples (temperature `evaluate.temperature`) is correct; maj@k if
 the most frequent final answer among the k samples is correct (self-consistency, Wang et al. 2022). Forward
 tokens are counted at the policy boundary. Writes `metrics/iter_<k>.json`.
+
+With `--critics DIR` (a `critics` stage output; the pipeline passes critics_k for policy_k) the read-outs never
+see the gold answer: eta-MCTS decoding scored by the critics (`search_pass1`, AlphaLLM §4.3-4.4, instead of
+the policy-likelihood scorer), and the k samples already drawn for pass@k reranked by the ORM (best-of-k,
+weighted vote) and the PRM (min / last step best-of-k) (arbor/critics/readouts.py). Every read-out comes with
+its policy forward tokens (`samples_forward_tokens` for the k samples, `search_forward_tokens`) and critic
+forward tokens (`rerank_critic_forward_tokens`, `search_critic_forward_tokens`).
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from arbor.lm.base import Policy, StopRule
+from arbor.lm.base import Continuation, Policy, StopRule
 from arbor.pipeline.config import ArborConfig, ArborInputError, EtaMCTSConfig
 from arbor.pipeline.seeds import derive_seed
 from arbor.pipeline.tracking import NullTracker, Tracker
@@ -45,6 +52,14 @@ def majority_correct(task: Task, problem: Problem, completions: Sequence[str]) -
 def evaluate_policy(policy: Policy, task: Task, problems: Sequence[Problem], *, k: int, temperature: float,
                     max_new_tokens: int, batch_size: int, seed: int) -> dict[str, Any]:
     """Greedy pass@1, pass@k, maj@k and token counts of `policy` on `problems`."""
+    return sample_policy(policy, task, problems, k=k, temperature=temperature, max_new_tokens=max_new_tokens,
+                         batch_size=batch_size, seed=seed)[0]
+
+
+def sample_policy(policy: Policy, task: Task, problems: Sequence[Problem], *, k: int, temperature: float,
+                  max_new_tokens: int, batch_size: int, seed: int,
+                  ) -> tuple[dict[str, Any], list[list[Continuation]]]:
+    """`evaluate_policy`'s metrics and the k samples of each problem (reused by the critic read-outs)."""
     stop = StopRule(at_newline=False, max_new_tokens=max_new_tokens)
     prompts = [policy.encode_prompt(task.prompt(p)) for p in problems]
     before = policy.counters.snapshot()
@@ -58,7 +73,7 @@ def evaluate_policy(policy: Policy, task: Task, problems: Sequence[Problem], *, 
     g_ok = [task.is_correct(p, c.text) for p, c in zip(problems, greedy, strict=True)]
     per = [[c.text for c in samples[i * k : (i + 1) * k]] for i in range(n)]
     s_ok = [[task.is_correct(p, t) for t in texts] for p, texts in zip(problems, per, strict=True)]
-    return {
+    metrics = {
         "greedy_pass1": sum(g_ok) / n,
         "pass_at_k": sum(any(r) for r in s_ok) / n,
         "maj_at_k": sum(majority_correct(task, p, t) for p, t in zip(problems, per, strict=True)) / n,
@@ -69,21 +84,50 @@ def evaluate_policy(policy: Policy, task: Task, problems: Sequence[Problem], *, 
         "forward_tokens": used.forward_tokens,
         "padded_positions": used.padded_positions,
         "greedy_forward_tokens": greedy_tokens,
+        "samples_forward_tokens": used.forward_tokens - greedy_tokens,
         "wall_seconds": time.perf_counter() - t0,
     }
+    return metrics, [samples[i * k : (i + 1) * k] for i in range(n)]
+
+
+def critic_readouts(critics: dict[str, Any], policy: Policy, task: Task, problems: Sequence[Problem],
+                    samples: Sequence[Sequence[Continuation]], *, step_tokens: int) -> dict[str, Any]:
+    """ORM best-of-k, ORM-weighted vote, PRM (min / last step) best-of-k over the drawn samples
+    (arbor/critics/readouts.py); accuracy per read-out and the critics' forward tokens."""
+    from functools import lru_cache
+
+    from arbor.critics.readouts import READOUTS, rerank, score_samples
+
+    piece = lru_cache(maxsize=None)(lambda t: policy.decode([t]))
+    backbones = list({id(c): c for c in critics.values()}.values())
+    before = sum(c.counters.forward_tokens for c in backbones)
+    t0 = time.perf_counter()
+    ok = Counter()
+    for p, conts in zip(problems, samples, strict=True):
+        scores = score_samples(critics, policy.encode_prompt(task.prompt(p)), conts, piece=piece,
+                               step_tokens=step_tokens, is_terminal=is_terminal_step,
+                               eos_token_id=policy.eos_token_id)
+        for name, i in rerank(scores, [vote_key(c.text) for c in conts]).items():
+            ok[name] += i >= 0 and task.is_correct(p, conts[i].text)
+    n = len(problems)
+    return {**{name: ok[name] / n for name in READOUTS},
+            "rerank_critic_forward_tokens": sum(c.counters.forward_tokens for c in backbones) - before,
+            "rerank_wall_seconds": time.perf_counter() - t0}
 
 
 def search_decode(policy: Policy, task: Task, problems: Sequence[Problem], *, eta: EtaMCTSConfig,
-                  simulations: int, seed: int, kv_budget_mb: float) -> dict[str, Any]:
-    """Decode each problem with eta-MCTS under the likelihood scorer (no oracle).
+                  simulations: int, seed: int, kv_budget_mb: float, scorer: Any = None) -> dict[str, Any]:
+    """Decode each problem with eta-MCTS under `scorer` (a `CriticScorer` without gold; default: the policy's
+    likelihood). No oracle.
 
     Reported per read-out: `search_pass1` (greedy walk by Q, AlphaLLM's decoding), `search_best_pass1` (best
     terminal by Q), `search_vote_pass1` (Q-weighted vote over terminals). The search never sees the gold
-    answer: the scorer is the policy's own confidence. Correctness is checked afterwards, here.
+    answer: the scorer is the critics or the policy's own confidence. Correctness is checked afterwards, here.
 
     Prefix states live in one KV store of `kv_budget_mb` (the search stage's `search.kv_budget_mb`), emptied
     after each problem; terminal steps store none (the builder tells the policy they end a trajectory).
-    Token work (`search_forward_tokens`, `search_padded_kv_positions`) and the store's peak are reported.
+    Token work (`search_forward_tokens`, `search_padded_kv_positions`, `search_critic_forward_tokens`) and the
+    store's peak are reported.
     """
     from arbor.lm.kvcache import KVStore
     from arbor.mcts.scoring import LikelihoodScorer
@@ -92,12 +136,15 @@ def search_decode(policy: Policy, task: Task, problems: Sequence[Problem], *, et
     eta = dataclasses.replace(eta, num_simulations=simulations)
     store = KVStore(int(kv_budget_mb * 2**20))
     before = policy.counters.snapshot()
+    critic_before = scorer.critic_forward_tokens if scorer is not None else 0
     t0 = time.perf_counter()
     ok = Counter()
     for i, p in enumerate(problems):
-        res = eta_mcts(policy, policy.encode_prompt(task.prompt(p)), scorer=LikelihoodScorer(policy),
+        res = eta_mcts(policy, policy.encode_prompt(task.prompt(p)), scorer=scorer or LikelihoodScorer(policy),
                        is_terminal=is_terminal_step, cfg=eta, seed=seed + i, store=store)
         store.clear()  # another problem's prefixes are never reused
+        if scorer is not None:
+            scorer.clear()
         for name, leaf in (("search_pass1", res.greedy_leaf), ("search_best_pass1", res.best_leaf)):
             ok[name] += leaf >= 0 and task.is_correct(p, res.builder.text(leaf))
         ok["search_vote_pass1"] += res.vote_answer is not None and task.is_correct(p, f"Answer: {res.vote_answer}\n")
@@ -107,12 +154,15 @@ def search_decode(policy: Policy, task: Task, problems: Sequence[Problem], *, et
             "search_forward_tokens": used.forward_tokens, "search_padded_kv_positions": used.padded_kv_positions,
             "search_cache_misses": used.cache_misses, "search_kv_evictions": store.evictions,
             "search_kv_peak_mb": store.peak_nbytes / 2**20,
-            "search_simulations": simulations, "search_wall_seconds": time.perf_counter() - t0}
+            "search_simulations": simulations, "search_scorer": "likelihood" if scorer is None else "critics",
+            "search_critic_forward_tokens": 0 if scorer is None else scorer.critic_forward_tokens - critic_before,
+            "search_wall_seconds": time.perf_counter() - t0}
 
 
 def run(cfg: ArborConfig, *, policy_dir: str | Path = "models/iter_0/policy",
-        eval_file: str | Path = "data/eval.jsonl", tracker: Tracker | None = None) -> dict[str, Any]:
-    """Load the policy and evaluate it; returns the metrics dict."""
+        eval_file: str | Path = "data/eval.jsonl", tracker: Tracker | None = None,
+        critics_dir: str | Path | None = None) -> dict[str, Any]:
+    """Load the policy (and the critics of `critics_dir`, if given) and evaluate it; returns the metrics dict."""
     from arbor.lm.loading import load_policy
 
     tracker = tracker or NullTracker()
@@ -123,12 +173,22 @@ def run(cfg: ArborConfig, *, policy_dir: str | Path = "models/iter_0/policy",
     policy = load_policy(policy_dir, cfg)
     task = build_task(cfg.task)
     seed = derive_seed(cfg.seed, "evaluate", str(policy_dir))
-    metrics = evaluate_policy(policy, task, problems, k=e.k, temperature=e.temperature,
-                              max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, seed=seed)
+    metrics, samples = sample_policy(policy, task, problems, k=e.k, temperature=e.temperature,
+                                     max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, seed=seed)
+    scorer = None
+    if critics_dir is not None:
+        from arbor.critics.scorer import CriticScorer, load_critics
+
+        c = cfg.critics
+        kinds = sorted({"prm", "orm", *c.needed(gold=False)})
+        critics = load_critics(critics_dir, kinds, device=cfg.device, budget_bytes=int(c.kv_budget_mb * 2**20),
+                               batch_size=c.batch_size)
+        metrics |= critic_readouts(critics, policy, task, problems, samples, step_tokens=cfg.search.eta.step_tokens)
+        scorer = CriticScorer(critics, c)  # decoding: no gold, terminals by the ORM
     if e.search:
         metrics |= search_decode(policy, task, problems, eta=cfg.search.eta, simulations=e.search_simulations,
-                                 seed=seed + 2, kv_budget_mb=cfg.search.kv_budget_mb)
-    return metrics
+                                 seed=seed + 2, kv_budget_mb=cfg.search.kv_budget_mb, scorer=scorer)
+    return {**metrics, "critics": None if critics_dir is None else str(critics_dir)}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -139,10 +199,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         p.add_argument("--iter", type=int, default=0, help="Iteration: evaluates models/iter_<k>/policy.")
         p.add_argument("--policy", default=None, help="Policy dir (default models/iter_<iter>/policy).")
         p.add_argument("--eval", default="data/eval.jsonl", help="Evaluation problems.")
+        p.add_argument("--critics", default=None, metavar="DIR|none",
+                       help="Critics for the read-outs and search decoding (a `critics` stage output, e.g. "
+                            "models/iter_<iter>/critics); default none: likelihood-scored search only.")
         p.add_argument("--metrics", default=None, help="Metrics JSON (default metrics/iter_<iter>.json).")
 
     def go(cfg: ArborConfig, a: argparse.Namespace, tr: Tracker) -> dict[str, Any]:
-        m = run(cfg, policy_dir=a.policy or f"models/iter_{a.iter}/policy", eval_file=a.eval, tracker=tr)
+        crit = None if a.critics in (None, "none") else a.critics
+        m = run(cfg, policy_dir=a.policy or f"models/iter_{a.iter}/policy", eval_file=a.eval, tracker=tr,
+                critics_dir=crit)
         m["iteration"] = a.iter
         write_json(a.metrics or f"metrics/iter_{a.iter}.json", m)
         return m

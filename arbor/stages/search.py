@@ -1,8 +1,13 @@
 """Stage `search`: tree search over the train split with the iteration's policy; trees as parquet.
 
 `search.algorithm` picks eta-MCTS (AlphaLLM), Tree-GRPO sampling, or independent chains. Training-time search
-knows the gold answer: terminals are valued by the task's outcome reward (the oracle), inner nodes by fast
-rollouts. Output: `trees/iter_<k>/part-*.parquet` (one row per node, see arbor/mcts/treeio.py; `search.shard_size`
+knows the gold answer: terminals are valued by the task's outcome reward (the oracle); inner nodes by the
+critics of the previous iteration when `--critics` names them (AlphaLLM §4.3 node score, `CriticScorer`: prefix-
+cached in the critics' own KV stores, emptied per problem), else by fast rollouts (`search.n_rollouts`; 0 = a
+neutral 0.5). The metrics carry `critic_forward_tokens` and `critic_token_ratio` = critic forward tokens /
+tokens stored in the trees (each stored token passes a critic at most once: <= 1; terminals take the oracle).
+Iteration k searches with policy_0 for k = 0 and policy_{k-1} after (arbor/pipeline/plan.py).
+Output: `trees/iter_<k>/part-*.parquet` (one row per node, see arbor/mcts/treeio.py; `search.shard_size`
 problems per file), their `part-*.stats.json`, `_manifest.json` (checksums, written last) and
 `metrics/search_<k>.json`. Open the trees with `manifest.verified_files(dir)`, which refuses a damaged output.
 
@@ -33,7 +38,8 @@ from arbor.mcts.samplers import chain_tree, tree_grpo
 from arbor.mcts.scoring import RewardScorer
 from arbor.mcts.search import eta_mcts, readouts
 from arbor.mcts.treeio import tree_rows, write_trees
-from arbor.pipeline.config import ArborConfig, SearchConfig, to_dict
+from arbor.pipeline import plan
+from arbor.pipeline.config import ArborConfig, ArborInputError, SearchConfig, to_dict
 from arbor.pipeline.io import write_json
 from arbor.pipeline.manifest import fingerprint
 from arbor.pipeline.seeds import derive_seed
@@ -42,6 +48,28 @@ from arbor.pipeline.tracking import NullTracker, Tracker
 from arbor.tasks import Problem, Task, build_task, is_solved, is_terminal_step, read_problems
 
 log = logging.getLogger("arbor.search")
+
+
+class CriticSet:
+    """The critics of a search run, loaded once (only those `cfg.critics` weighs, on `cfg.device`); each
+    problem gets a `CriticScorer` over them that binds its oracle reward."""
+
+    def __init__(self, critics_dir: str | Path, cfg: ArborConfig) -> None:
+        from arbor.critics.scorer import load_critics
+
+        c = cfg.critics
+        self.cfg = c
+        self.critics = load_critics(critics_dir, c.needed(gold=True), device=cfg.device,
+                                    budget_bytes=int(c.kv_budget_mb * 2**20), batch_size=c.batch_size)
+
+    def scorer(self, reward: Any) -> Any:
+        """A `CriticScorer` over these critics with the oracle `reward` at terminals (token counters reset)."""
+        from arbor.critics.scorer import CriticScorer
+        from arbor.lm.base import TokenCounters
+
+        for critic in self.critics.values():
+            critic.counters = TokenCounters()
+        return CriticScorer(self.critics, self.cfg, reward)
 
 
 def _value_terminals(b: TreeBuilder, reward: Any) -> None:
@@ -55,8 +83,9 @@ def _value_terminals(b: TreeBuilder, reward: Any) -> None:
 
 
 def search_problem(policy: Policy, task: Task, problem: Problem, cfg: SearchConfig, seed: int,
-                   store: KVStore) -> tuple[dict[str, list], dict[str, Any]]:
-    """Search one problem; returns its node rows and its stats."""
+                   store: KVStore, critics: CriticSet | None = None) -> tuple[dict[str, list], dict[str, Any]]:
+    """Search one problem; returns its node rows and its stats. `critics` (eta-MCTS): they score the inner
+    nodes instead of rollouts; their prefix stores are emptied afterwards."""
     prompt = policy.encode_prompt(task.prompt(problem))
     before = policy.counters.snapshot()
     t0 = time.perf_counter()
@@ -66,8 +95,11 @@ def search_problem(policy: Policy, task: Task, problem: Problem, cfg: SearchConf
 
     group = None
     e = cfg.eta
+    critic_tokens = 0
     if cfg.algorithm == "eta_mcts":
-        scorer = RewardScorer(reward, n_rollouts=cfg.n_rollouts, rollout_tokens=cfg.rollout_tokens)
+        scorer: Any = RewardScorer(reward, n_rollouts=cfg.n_rollouts, rollout_tokens=cfg.rollout_tokens)
+        if critics is not None:
+            scorer = critics.scorer(reward)
         res = eta_mcts(policy, prompt, scorer=scorer, is_terminal=is_terminal_step, cfg=e, seed=seed, store=store)
     else:
         common = {"step_tokens": e.step_tokens, "max_depth": e.max_depth, "is_terminal": is_terminal_step,
@@ -78,6 +110,9 @@ def search_problem(policy: Policy, task: Task, problem: Problem, cfg: SearchConf
             b = chain_tree(policy, prompt, g=cfg.chains, **common)
         _value_terminals(b, reward)
         res = readouts(b, 0)
+    if critics is not None and cfg.algorithm == "eta_mcts":
+        critic_tokens = scorer.critic_forward_tokens
+        scorer.clear()  # this problem's prefixes are never needed again
     tree = res.builder.tree
     used = policy.counters.since(before)
     terms = terminal_nodes(tree)
@@ -92,7 +127,8 @@ def search_problem(policy: Policy, task: Task, problem: Problem, cfg: SearchConf
         "solved_any": any(is_solved(r) for r in tree.reward[terms]), "solved_greedy": ok(res.greedy_leaf),
         "solved_best": ok(res.best_leaf), "solved_rerank": ok(res.rerank_leaf),
         "solved_vote": bool(res.vote_answer is not None and task.is_correct(problem, f"Answer: {res.vote_answer}\n")),
-        "merged": res.builder.merged, "wall_seconds": time.perf_counter() - t0,
+        "merged": res.builder.merged, "critic_forward_tokens": critic_tokens,
+        "wall_seconds": time.perf_counter() - t0,
     }
     if cfg.algorithm == "tree_grpo":  # Tree-GRPO §3: expected tokens M*B + M*L*N*B/2, B = mean trajectory length
         prompt_len = int(tree.tok_len[0])
@@ -102,30 +138,36 @@ def search_problem(policy: Policy, task: Task, problem: Problem, cfg: SearchConf
     return tree_rows(problem.id, tree, policy.decode, group), stats
 
 
-def _fingerprint(cfg: ArborConfig, policy_dir: str | Path, train_file: str | Path, iteration: int) -> str:
-    """What the trees depend on: search/task config, seeds, the policy and train file contents, the source."""
+def _fingerprint(cfg: ArborConfig, policy_dir: str | Path, train_file: str | Path, iteration: int,
+                 critics_dir: str | Path | None = None) -> str:
+    """What the trees depend on: search/task config, seeds, the policy, critics and train file contents, the
+    source."""
     config = {"search": to_dict(cfg.search), "seed": cfg.seed, "task": to_dict(cfg.task), "iteration": iteration,
               "policy": to_dict(cfg.policy)}
-    return fingerprint(config, [policy_dir, train_file])
+    if critics_dir is None:
+        return fingerprint(config, [policy_dir, train_file])
+    return fingerprint({**config, "critics": to_dict(cfg.critics)}, [policy_dir, train_file, critics_dir])
 
 
 def summarize(stats: list[dict[str, Any]], algorithm: str) -> dict[str, Any]:
     """Aggregate per-problem stats into the stage metrics."""
     n = len(stats)
     keys = ["nodes", "terminals", "forward_tokens", "unique_tokens", "padded_positions", "padded_kv_positions",
-            "merged", "wall_seconds"]
+            "merged", "critic_forward_tokens", "wall_seconds"]
     tot = {k: sum(s[k] for s in stats) for k in keys + (["grpo_expected_tokens"] if algorithm == "tree_grpo" else [])}
     out: dict[str, Any] = {"algorithm": algorithm, "problems": n, **tot, "trajectories": tot["terminals"],
-                           "reuse_ratio": tot["forward_tokens"] / max(1, tot["unique_tokens"])}
+                           "reuse_ratio": tot["forward_tokens"] / max(1, tot["unique_tokens"]),
+                           "critic_token_ratio": tot["critic_forward_tokens"] / max(1, tot["unique_tokens"])}
     for k in ("solved_any", "solved_greedy", "solved_best", "solved_rerank", "solved_vote"):
         out[k] = sum(s[k] for s in stats) / max(1, n)
     return out
 
 
 def run(cfg: ArborConfig, *, policy_dir: str | Path, train_file: str | Path = "data/train.jsonl",
-        out_dir: str | Path = "trees/iter_1", iteration: int = 1, tracker: Tracker | None = None,
-        policy: Policy | None = None) -> dict[str, Any]:
-    """Search the first `search.n_problems` train problems, resuming every problem already committed."""
+        out_dir: str | Path = "trees/iter_0", iteration: int = 0, tracker: Tracker | None = None,
+        policy: Policy | None = None, critics_dir: str | Path | None = None) -> dict[str, Any]:
+    """Search the first `search.n_problems` train problems, resuming every problem already committed.
+    `critics_dir`: a `critics` stage output whose critics score the inner nodes (eta-MCTS); None = rollouts."""
     from arbor.lm.hf import check_model_path
     from arbor.lm.loading import load_policy
 
@@ -133,7 +175,12 @@ def run(cfg: ArborConfig, *, policy_dir: str | Path, train_file: str | Path = "d
     s = cfg.search
     if policy is None:
         check_model_path(Path(policy_dir))  # bad input fails before any output is touched
-    fp = _fingerprint(cfg, policy_dir, train_file, iteration)
+    if critics_dir is not None and s.algorithm != "eta_mcts":
+        log.warning("search: search.algorithm=%s values no inner nodes; critics %s not used", s.algorithm,
+                    critics_dir)
+        critics_dir = None
+    critics = CriticSet(critics_dir, cfg) if critics_dir is not None else None  # bad input fails here too
+    fp = _fingerprint(cfg, policy_dir, train_file, iteration, critics_dir)
     problems = read_problems(train_file)[: s.n_problems]
     out = ShardedOutput(out_dir, n_items=len(problems), shard_size=s.shard_size, fingerprint=fp,
                         what="search trees")
@@ -148,29 +195,37 @@ def run(cfg: ArborConfig, *, policy_dir: str | Path, train_file: str | Path = "d
                    unit="problem")
         for i in todo:
             p = problems[i]
-            rows, st = search_problem(policy, task, p, s, derive_seed(cfg.seed, "search", iteration, p.id), store)
+            rows, st = search_problem(policy, task, p, s, derive_seed(cfg.seed, "search", iteration, p.id), store,
+                                      critics)
             if out.commit(i, lambda path, rows=rows: write_trees(path, [rows]), st):
                 tracker.log_metrics(summarize(out.stats(), s.algorithm), step=i // s.shard_size)
             bar.update(1)
             done = out.stats()
             bar.set_postfix(solved=f"{sum(x['solved_any'] for x in done)}/{len(done)}")
         bar.close()
-    return summarize(out.finish(), s.algorithm)
+    return {**summarize(out.finish(), s.algorithm), "critics": None if critics_dir is None else str(critics_dir)}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from arbor.stages.common import stage_cli
 
     def paths(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--iter", type=int, default=1, help="Iteration k: searches with models/iter_<k-1>/policy.")
-        p.add_argument("--policy", default=None, help="Policy dir (default models/iter_<k-1>/policy).")
+        p.add_argument("--iter", type=int, default=0, help="Iteration k >= 0: searches with models/iter_0/policy "
+                                                           "for k = 0, models/iter_<k-1>/policy after.")
+        p.add_argument("--policy", default=None, help="Policy dir (default: as --iter says).")
+        p.add_argument("--critics", default=None, metavar="DIR|none",
+                       help="Critics that score inner nodes (eta-MCTS): a `critics` stage output, or `none` for "
+                            "rollouts / a neutral 0.5. Default: none for k = 0, models/iter_<k-1>/critics after.")
         p.add_argument("--train", default="data/train.jsonl", help="Training problems.")
         p.add_argument("--out", default=None, help="Tree directory (default trees/iter_<k>).")
         p.add_argument("--metrics", default=None, help="Metrics JSON (default metrics/search_<k>.json).")
 
     def go(cfg: ArborConfig, a: argparse.Namespace, tr: Tracker) -> dict[str, Any]:
-        m = run(cfg, policy_dir=a.policy or f"models/iter_{a.iter - 1}/policy", train_file=a.train,
-                out_dir=a.out or f"trees/iter_{a.iter}", iteration=a.iter, tracker=tr)
+        if a.iter < 0:
+            raise ArborInputError(f"command line: --iter {a.iter}: expected an iteration >= 0")
+        crit = plan.search_critics_dir(a.iter) if a.critics is None else None if a.critics == "none" else a.critics
+        m = run(cfg, policy_dir=a.policy or plan.policy_dir(plan.searcher(a.iter)), train_file=a.train,
+                out_dir=a.out or plan.trees_dir(a.iter), iteration=a.iter, tracker=tr, critics_dir=crit)
         write_json(a.metrics or f"metrics/search_{a.iter}.json", m)
         return m
 

@@ -100,7 +100,7 @@ def render(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> Path:
     p = argparse.ArgumentParser(prog="arbor show-tree", description=__doc__)
-    p.add_argument("--trees", default="trees/iter_1", help="Tree directory or parquet file.")
+    p.add_argument("--trees", default="trees/iter_0", help="Tree directory or parquet file.")
     p.add_argument("--problem", default=None, help="Problem id (default: the first).")
     p.add_argument("--out", default=None, help="HTML file (default plots/tree_<problem>.html).")
     a = p.parse_args(argv)

@@ -1,0 +1,138 @@
+"""The critics in the pipeline: params <-> config composition, critic-scored search (critic tokens recorded),
+evaluate's critic read-outs (ORM/PRM reranking of the drawn samples, critic-scored search decoding), and the
+read-out helpers by hand (step split, rerank choices, prefix-cached sample scores == uncached scores)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from arbor.critics.config import CriticsConfig
+from arbor.critics.models import CriticModel
+from arbor.critics.readouts import READOUTS, SampleScores, rerank, score_samples, step_ends
+from arbor.critics.scorer import CachedCritic
+from arbor.lm.base import Continuation
+from arbor.lm.hf import HFPolicy
+from arbor.pipeline import plan
+from arbor.pipeline.config import ArborConfig, ConfigError, load_config, to_dict
+from arbor.pipeline.io import write_jsonl
+from arbor.pipeline.manifest import write_manifest
+from arbor.tasks import is_terminal_step, make_splits
+
+from .conftest import tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- composition ------------------------------------------------------------------------------------------------
+def test_params_critics_section_is_the_config():
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())["critics"]
+    assert params == to_dict(CriticsConfig())  # every key written out, with the built-in defaults
+    cfg = load_config(ROOT / "params.yaml", {"critics.b_orm": 0.25, "critics.prm_label": "hard"})
+    assert isinstance(cfg.critics, CriticsConfig) and cfg.critics.b_orm == 0.25 and cfg.critics.prm_label == "hard"
+    with pytest.raises(ConfigError, match=r"command line: --critics.heldout_fraction: expected"):
+        load_config(ROOT / "params.yaml", {"critics.heldout_fraction": 0.95})
+
+
+def test_iteration_plan():
+    assert [plan.searcher(k) for k in (0, 1, 2)] == [0, 0, 1]
+    assert plan.search_critics_dir(0) is None and plan.search_critics_dir(2) == "models/iter_1/critics"
+    assert plan.trees_dir(0) == "trees/iter_0" and plan.policy_dir(3) == "models/iter_3/policy"
+
+
+# -- read-outs by hand ------------------------------------------------------------------------------------------
+def test_step_ends_split_like_tree_steps():
+    piece = {1: "1+1=2", 9: "\n", 5: "Answer: 2", 7: "x"}.get
+    toks = [1, 9, 5, 9, 7, 7]
+    assert step_ends(toks, piece, step_tokens=32, is_terminal=is_terminal_step) == [2, 4]  # cut after the answer
+    assert step_ends(toks, piece, step_tokens=3, is_terminal=lambda s: False) == [2, 4, 6]
+    assert step_ends([7, 7, 7, 7, 7], piece, step_tokens=2, is_terminal=lambda s: False) == [2, 4, 5]
+
+
+def test_rerank_picks_by_hand():
+    scores = SampleScores(orm=np.array([0.2, 0.9, 0.4, 0.4]),
+                          prm=[np.array([0.9, 0.8]), np.array([0.1, 0.95]), np.array([0.6, 0.7]), np.array([0.5])])
+    got = rerank(scores, ["3", "5", "3", None])
+    # ORM best: sample 1; vote: "3" weighs 0.6 < "5" 0.9 -> sample 1; PRM min: 0.8, 0.1, 0.6, 0.5 -> sample 0;
+    # PRM last: 0.8, 0.95, 0.7, 0.5 -> sample 1
+    assert got == {"orm_best_of_n": 1, "orm_vote": 1, "prm_min_best_of_n": 0, "prm_last_best_of_n": 1}
+    assert rerank(SampleScores(np.array([0.3, 0.2]), [np.zeros(1)] * 2), ["4", "4"])["orm_vote"] == 0
+    assert rerank(SampleScores(np.array([0.3]), [np.zeros(1)]), [None])["orm_vote"] == -1
+    assert set(READOUTS) == set(got)
+
+
+def test_sample_scores_cached_equal_uncached(char_tok):
+    policy = HFPolicy(tiny_model(char_tok, seed=1), char_tok)
+    model = CriticModel.from_policy(policy.model, ["prm", "orm"])
+    critic = CachedCritic(model, batch_size=3)
+    prompt = policy.encode_prompt("Q: 3 +4\n")
+    texts = ["3+4=7\nAnswer: 7\nextra\n", "3+4=8\nAnswer: 8\n", "Answer: 7\n", "3+4=7\n4*1=4\nAnswer: 4"]
+    samples = [Continuation(policy.encode(t), np.zeros(0), "length", t) for t in texts]
+    piece = lambda t: policy.decode([t])  # noqa: E731
+    got = score_samples({"prm": critic, "orm": critic}, prompt, samples, piece=piece, step_tokens=32,
+                        is_terminal=is_terminal_step)
+    for s, text in zip(samples, texts, strict=True):
+        ends = step_ends(s.token_ids, piece, step_tokens=32, is_terminal=is_terminal_step)
+        ref = model.score([prompt + s.token_ids[:e] for e in ends])
+        i = texts.index(text)
+        np.testing.assert_allclose(got.prm[i], ref["prm"], atol=1e-5)
+        np.testing.assert_allclose(got.orm[i], ref["orm"][-1], atol=1e-5)
+    # the prompt once, then every sample token up to its answer line once ("extra\n" is never read)
+    fed = sum(len(policy.encode(t.split("extra")[0])) for t in texts)
+    assert critic.critic_forward_tokens == len(prompt) + fed and critic.counters.cache_misses == 1
+    assert len(critic.store) == 0  # emptied for the next problem
+
+
+# -- stages -----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def world(char_tok, tmp_path_factory):
+    """A tiny policy, critics saved from random init (shared backbone, with a manifest), problems."""
+    tmp = tmp_path_factory.mktemp("critics_pipeline")
+    model = tiny_model(char_tok, seed=4)
+    model.save_pretrained(tmp / "policy")
+    char_tok.save_pretrained(tmp / "policy")
+    CriticModel.from_policy(model, ["value", "prm", "orm"]).save(tmp / "critics" / "shared", tokenizer=char_tok)
+    write_manifest(tmp / "critics", {"stage": "critics", "iteration": 0})
+    train, evals = make_splits(ArborConfig().task, 4, 3, seed=0)
+    write_jsonl(tmp / "train.jsonl", [p.to_dict() for p in train])
+    write_jsonl(tmp / "eval.jsonl", [p.to_dict() for p in evals])
+    return tmp
+
+
+FAST = {"search.n_problems": 2, "search.shard_size": 1, "search.eta.num_simulations": 6, "search.eta.step_tokens": 4,
+        "search.eta.max_depth": 3, "search.eta.batch_leaves": 2, "tracking.enabled": False}
+
+
+def test_search_with_critics_records_critic_tokens(world, tmp_path):
+    from arbor.stages import search
+
+    cfg = load_config(None, FAST)
+    m = search.run(cfg, policy_dir=world / "policy", train_file=world / "train.jsonl", out_dir=tmp_path / "trees",
+                   critics_dir=world / "critics")
+    assert m["critics"] == str(world / "critics") and m["critic_forward_tokens"] > 0
+    # gold terminals take the oracle, every other stored token passes the (shared) critic once
+    assert 0 < m["critic_token_ratio"] <= 1.0
+    with pytest.raises(FileNotFoundError, match="critics not found"):
+        search.run(cfg, policy_dir=world / "policy", train_file=world / "train.jsonl", out_dir=tmp_path / "t2",
+                   critics_dir=tmp_path / "missing")
+
+
+def test_evaluate_with_critics_writes_the_readouts(world, tmp_path):
+    from arbor.stages import evaluate
+
+    argv = ["--params", "", "--tracking.enabled", "false", "--evaluate.k", "3", "--evaluate.max_new_tokens", "12",
+            "--evaluate.search", "true", "--evaluate.search_simulations", "3", "--search.eta.step_tokens", "4",
+            "--search.eta.max_depth", "3", "--policy", str(world / "policy"), "--eval", str(world / "eval.jsonl"),
+            "--critics", str(world / "critics"), "--metrics", str(tmp_path / "m.json")]
+    evaluate.main(argv)
+    m = json.loads((tmp_path / "m.json").read_text())
+    for key in (*READOUTS, "rerank_critic_forward_tokens", "search_critic_forward_tokens", "samples_forward_tokens"):
+        assert key in m, key
+    assert all(0.0 <= m[k] <= 1.0 for k in READOUTS)
+    assert m["search_scorer"] == "critics" and m["search_critic_forward_tokens"] > 0
+    assert m["rerank_critic_forward_tokens"] > 0 and m["samples_forward_tokens"] > 0
+    assert m["forward_tokens"] == m["samples_forward_tokens"] + m["greedy_forward_tokens"]  # samples drawn once
