@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -10,6 +13,19 @@ from typing import Any
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+SPEEDPROBE = Path("/work/shared/speedprobe.py")
+
+
+def speedprobe() -> dict[str, Any] | None:
+    """The machine's speed right now (the shared probe's JSON line: train step, decode token, matmul GFLOP/s), so
+    that wall times measured on a shared, loaded CPU can be read against it; None where the probe is absent."""
+    if not SPEEDPROBE.exists():
+        return None
+    out = subprocess.run([sys.executable, str(SPEEDPROBE)], capture_output=True, text=True, check=False)
+    try:
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None
 
 
 def machine() -> dict[str, Any]:

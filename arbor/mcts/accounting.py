@@ -39,20 +39,20 @@ def trie_tokens(tree: Tree) -> int:
 
 
 def token_accounting(forward_tokens: int, trie: int, stored: int, peak_kv_bytes: int,
-                     kv_token_bytes: int) -> dict[str, float]:
-    """The ratios of the module docstring from totals (sums over problems; NaN where a denominator is 0)."""
-    nan = float("nan")
+                     kv_token_bytes: int) -> dict[str, float | None]:
+    """The ratios of the module docstring from totals (sums over problems; None where a denominator is 0)."""
     return {"trie_tokens": trie, "stored_tokens": stored, "forward_tokens": forward_tokens,
-            "compute_ratio": forward_tokens / trie if trie else nan,
-            "forward_per_stored_token": forward_tokens / stored if stored else nan,
-            "kv_memory_ratio": peak_kv_bytes / (stored * kv_token_bytes) if stored and kv_token_bytes else nan}
+            "compute_ratio": forward_tokens / trie if trie else None,
+            "forward_per_stored_token": forward_tokens / stored if stored else None,
+            "kv_memory_ratio": peak_kv_bytes / (stored * kv_token_bytes) if stored and kv_token_bytes else None}
 
 
-def sum_accounting(rows: Iterable[dict]) -> dict[str, float]:
+def sum_accounting(rows: Iterable[dict]) -> dict[str, float | None]:
     """`token_accounting` over per-problem rows holding forward_tokens, trie_tokens, stored_tokens,
     kv_peak_bytes and kv_token_bytes (peaks are per problem, each problem's store emptied after it)."""
     rows = list(rows)
     tb = max((int(r.get("kv_token_bytes", 0)) for r in rows), default=0)
-    return token_accounting(sum(int(r["forward_tokens"]) for r in rows), sum(int(r["trie_tokens"]) for r in rows),
+    return token_accounting(sum(int(r["forward_tokens"]) for r in rows),
+                            sum(int(r.get("trie_tokens", 0)) for r in rows),
                             sum(int(r["stored_tokens"]) for r in rows),
                             sum(int(r.get("kv_peak_bytes", 0)) for r in rows), tb)

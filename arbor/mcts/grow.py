@@ -56,6 +56,10 @@ class TreeBuilder:
     merged: int = 0
     unfed: int = 0  # stored tokens never fed to the model: the last token of each non-EOS trajectory end
     samples: dict[int, tuple[list[int], np.ndarray]] = field(default_factory=dict)  # node -> its sampled step
+    _texts: dict[int, str] = field(default_factory=dict, repr=False)  # node -> solution text (decoded once)
+    _steps: dict[int, set[bytes]] = field(default_factory=dict, repr=False)  # node -> its children's steps
+    _excl: dict[int, list] = field(default_factory=dict, repr=False)  # node -> its children's samples
+    _parent_of: dict[int, tuple[bytes, list[int]]] = field(default_factory=dict, repr=False)  # `parents` cache
 
     @classmethod
     def start(cls, policy: Policy, prompt_ids: Sequence[int], *, store: object, seed: int | None = None,
@@ -68,8 +72,11 @@ class TreeBuilder:
         """`(content key, path token ids)` of each node: what `Policy.expand` takes as parents."""
         out = []
         for n in nodes:
-            ids = self.tree.path_tokens(int(n))
-            out.append((prefix_key(ids), ids.tolist()))
+            got = self._parent_of.get(n)
+            if got is None:
+                ids = self.tree.path_tokens(int(n))
+                got = self._parent_of[n] = (prefix_key(ids), ids.tolist())
+            out.append(got)
         return out
 
     def ends_trajectory(self, node: int, step_text: str) -> bool:
@@ -88,19 +95,21 @@ class TreeBuilder:
                                    is_terminal=self.is_terminal)
 
     def text(self, node: int) -> str:
-        """The solution text from the first step through `node` (prompt excluded)."""
-        path = self.tree.path(node)[1:]
-        return self.policy.decode(np.concatenate([self.tree.step_tokens(int(n)) for n in path]).tolist()
-                                  if len(path) else [])
+        """The solution text from the first step through `node` (prompt excluded; decoded once per node)."""
+        text = self._texts.get(node)
+        if text is None:
+            ids = self.tree.path_tokens(node)[int(self.tree.tok_len[0]) :]
+            text = self._texts[node] = self.policy.decode(ids.tolist())
+        return text
 
     def _is_duplicate(self, node: int, toks: np.ndarray, new: list[np.ndarray]) -> bool:
+        """State merge against `node`'s children and this round's `new` steps (exact repeats: a set lookup)."""
         if self.merge_distance < 0:
             return False
+        if self.merge_distance == 0:
+            return toks.tobytes() in self._steps.get(node, ())
         for other in [*(self.tree.step_tokens(int(c)) for c in self.tree.children(node)), *new]:
-            if self.merge_distance == 0:
-                if len(other) == len(toks) and np.array_equal(other, toks):
-                    return True
-            elif abs(len(other) - len(toks)) <= self.merge_distance and \
+            if abs(len(other) - len(toks)) <= self.merge_distance and \
                     edit_distance(other, toks) <= self.merge_distance:
                 return True
         return False
@@ -132,35 +141,44 @@ class TreeBuilder:
             chunk, chunk_counts = list(nodes[i : i + per_call]), counts[i : i + per_call]
             t0 = time.perf_counter()
             parents = self.parents(chunk)
-            exclude = None
-            if self.exclude_existing:
-                exclude = [[self.samples[int(c)] for c in self.tree.children(n) if int(c) in self.samples]
-                           for n in chunk]
+            exclude = [self._excl.get(n, []) for n in chunk] if self.exclude_existing else None
+            ends: dict[tuple[int, str], bool] = {}  # the policy's `final` verdicts, reused by `_add`
+
+            def final(j: int, text: str, chunk: list[int] = chunk, ends: dict = ends) -> bool:
+                done = ends[(chunk[j], text)] = self.ends_trajectory(chunk[j], text)
+                return done
+
             t1 = time.perf_counter()
             results = self.policy.expand(parents, chunk_counts, stop=stop, temperature=self.temperature,
-                                         seed=seed * 1_000_003 + i, store=self.store, exclude=exclude,
-                                         final=lambda j, text, chunk=chunk: self.ends_trajectory(chunk[j], text))
+                                         seed=seed * 1_000_003 + i, store=self.store, exclude=exclude, final=final)
             t2 = time.perf_counter()
             for node, conts in zip(chunk, results, strict=True):
-                out.append(self._add(node, conts, merge))
+                out.append(self._add(node, conts, merge, ends))
             t3 = time.perf_counter()
             self.timing.model += t2 - t1
             self.timing.tree += (t1 - t0) + (t3 - t2)
             self.timing.calls += 1
         return out
 
-    def _add(self, node: int, conts: list[Continuation], merge: bool) -> list[int]:
+    def _add(self, node: int, conts: list[Continuation], merge: bool,
+             ends: dict[tuple[int, str], bool] | None = None) -> list[int]:
         added: list[int] = []
         new_toks: list[np.ndarray] = []
+        seen = self._steps.setdefault(node, set())
         for c in conts:
             toks = np.asarray(c.token_ids[:-1] if c.finish == "eos" else c.token_ids, np.int32)
             if merge and self._is_duplicate(node, toks, new_toks):
                 self.merged += 1
                 continue
-            done = c.finish == "eos" or self.ends_trajectory(node, c.text)
-            child = add_child(self.tree, node, toks, log_prior=float(np.sum(c.logprobs, dtype=float)), terminal=done)
+            done = c.finish == "eos" or (ends or {}).get((node, c.text))
+            if done is None:
+                done = self.ends_trajectory(node, c.text)
+            child = add_child(self.tree, node, toks, log_prior=float(c.logprobs.sum(dtype=np.float64)),
+                              terminal=done)
             self.unfed += int(done and c.finish != "eos")
             self.samples[child] = (c.token_ids, c.logprobs)
+            self._excl.setdefault(node, []).append(self.samples[child])
+            seen.add(toks.tobytes())
             added.append(child)
             new_toks.append(toks)
         return added

@@ -23,7 +23,9 @@ from arbor.mcts.grow import TreeBuilder
 
 
 class NodeScorer(Protocol):
-    """values[i] in [0, 1] for `nodes[i]` of the builder's tree (called once per batch of new nodes)."""
+    """values[i] in [0, 1] for `nodes[i]` of the builder's tree (called once per batch of new nodes). A scorer
+    that runs models of its own (critics, not `Policy` calls) may expose `model_seconds`, the cumulative wall
+    seconds of those calls: the search counts them as model time, not tree work (`SearchTiming`)."""
 
     uses_oracle: bool
 
@@ -41,12 +43,10 @@ class RewardScorer:
     def __call__(self, builder: TreeBuilder, nodes: Sequence[int], *, seed: int) -> np.ndarray:
         tree = builder.tree
         values = np.full(len(nodes), 0.5)
-        inner = []
-        for i, n in enumerate(nodes):
-            if tree.terminal[n]:
-                values[i] = tree.reward[n] = self.reward(builder.text(n))
-            else:
-                inner.append(i)
+        ends = tree.terminal[np.asarray(nodes, np.int64)]
+        for i in np.flatnonzero(ends).tolist():
+            values[i] = tree.reward[nodes[i]] = self.reward(builder.text(nodes[i]))
+        inner = np.flatnonzero(~ends).tolist()
         if inner and self.n_rollouts > 0:
             # a rollout ends like a path of the tree (first terminal step line; steps cut at step_tokens), at
             # most `rollout_tokens` tokens; it is never continued, so no state is stored for it

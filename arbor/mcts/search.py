@@ -29,18 +29,9 @@ from typing import Any
 import numpy as np
 
 from arbor.lm.base import Policy
+from arbor.mcts import fused
 from arbor.mcts.grow import TreeBuilder
-from arbor.mcts.kernels import (
-    PUCT,
-    UCT,
-    backup_values,
-    best_leaf,
-    greedy_path,
-    revert_virtual_loss,
-    select,
-    sibling_stats,
-    terminal_nodes,
-)
+from arbor.mcts.kernels import PUCT, UCT, best_leaf, greedy_path, terminal_nodes
 from arbor.mcts.scoring import NodeScorer
 from arbor.mcts.tree import ROOT, Tree, reserve_children
 from arbor.pipeline.config import EtaMCTSConfig
@@ -55,11 +46,11 @@ class SearchTiming:
 
     model: inside `Policy` calls (expansions and the scorer's rollouts: the forward passes, with the backend's
     own batching and KV-cache handling).
-    phases: tree work by phase, model time excluded: setup (allocating the tree), select (kernel, duplicates,
-    virtual-loss reverts), expand
-    (TreeBuilder: path assembly, exclusion lists, state merge, adding children), score (the scorer callback:
-    rewards, path walks), backup (kernel), widen (sibling stats, branching targets, reopening, budget checks),
-    readout (the four read-outs).
+    phases: tree work by phase, model time excluded: setup (allocating the tree), select (`fused.select_step`:
+    selection, duplicates, terminals re-valued), expand (TreeBuilder: path assembly, exclusion lists, state
+    merge, adding children), score (the scorer callback: rewards, path walks), backup (`fused.finish_step`:
+    backup, sibling stats, branching targets), widen (branching counts, reopening, budget checks), readout
+    (the four read-outs).
     total: the whole search, start to read-outs. `tree` = total - model.
     """
 
@@ -146,11 +137,10 @@ def max_children_bound(cfg: EtaMCTSConfig) -> int:
 
 
 def branching_target(imp: float, depth: int, cfg: EtaMCTSConfig) -> int:
-    """n(s) = max(c_min(t), min(floor(alpha * I(s)) + 1, c_max(t))), t = depth (AlphaLLM eq. for n(s))."""
-    c_max = cfg.c_max_root if depth == 0 else cfg.c_max
-    if np.isnan(imp):
-        return cfg.c_min
-    return max(cfg.c_min, min(int(np.floor(cfg.alpha * imp)) + 1, c_max))
+    """n(s) = max(c_min(t), min(floor(alpha * I(s)) + 1, c_max(t))), t = depth (AlphaLLM eq. for n(s)); the
+    kernel `arbor.mcts.fused.branching_target` that the search uses."""
+    return int(fused.branching_target(float(imp), int(depth), float(cfg.alpha), cfg.c_min, cfg.c_max,
+                                      cfg.c_max_root))
 
 
 def eta_mcts(policy: Policy, prompt_ids: Sequence[int], *, scorer: NodeScorer, is_terminal: Callable[[str], bool],
@@ -182,21 +172,15 @@ def eta_mcts(policy: Policy, prompt_ids: Sequence[int], *, scorer: NodeScorer, i
     start_tokens = policy.counters.forward_tokens
     sims = step = stalled = 0
     while sims < cfg.num_simulations and stalled < 64:  # 64 terminal-only selections in a row: nothing to add
-        spent = policy.counters.forward_tokens - start_tokens
-        if cfg.max_forward_tokens is not None and spent >= cfg.max_forward_tokens:
+        if cfg.max_forward_tokens is not None and \
+                policy.counters.forward_tokens - start_tokens >= cfg.max_forward_tokens:
             break
         lap("widen")
-        leaves = select(tree, expanded, cfg.batch_leaves, c=cfg.c, rule=rule)
-        unique, dup = _split_duplicates(leaves)
-        if dup.size:
-            revert_virtual_loss(tree.parent, tree.virtual, dup)
-        done = np.array([x for x in unique if tree.terminal[x]], np.int32)
+        grow, done, unique = fused.select_step(tree.parent, tree.children_index, tree.num_children, tree.visits,
+                                               tree.value_sum, tree.virtual, tree.prior, expanded, tree.terminal,
+                                               tree.critic_score, cfg.batch_leaves, float(cfg.c), rule, 1.0)
         lap("select")
-        if done.size:  # a terminal is re-valued by its stored score
-            backup_values(tree, done, np.nan_to_num(tree.critic_score[done], nan=0.0))
-        lap("backup")
-        grow = [int(x) for x in unique if not tree.terminal[x]]
-        if grow:
+        if grow.size:
             stalled = 0
             _grow(b, grow, target, expanded, attempts, scorer, cfg, seed + 7 * step, lap)
         else:  # only terminals were selected: the search prefers finished paths, so widen along them
@@ -207,7 +191,7 @@ def eta_mcts(policy: Policy, prompt_ids: Sequence[int], *, scorer: NodeScorer, i
                     stalled = 0
                 elif exhausted:
                     break  # every path ends in a terminal and no node may be widened further
-        sims += len(unique)
+        sims += unique
         step += 1
         if tree.num_nodes + cfg.batch_leaves * max(cfg.c_max_root, cfg.c_max) >= max_nodes:
             break
@@ -235,44 +219,32 @@ def _reopen(tree: Tree, terminals: np.ndarray, expanded: np.ndarray, attempts: n
     return reopened
 
 
-def _split_duplicates(leaves: np.ndarray) -> tuple[list[int], np.ndarray]:
-    seen: list[int] = []
-    dup: list[int] = []
-    for x in leaves.tolist():
-        (dup if x in seen else seen).append(x)
-    return seen, np.array(dup, np.int32)
-
-
-def _grow(b: TreeBuilder, leaves: list[int], target: np.ndarray, expanded: np.ndarray, attempts: np.ndarray,
-          scorer: NodeScorer, cfg: EtaMCTSConfig, seed: int, lap: Callable[[str], None]) -> None:
-    """Expand each selected leaf up to its branching target, score the new children, back them up.
+def _grow(b: TreeBuilder, leaves: np.ndarray, target: np.ndarray, expanded: np.ndarray, attempts: np.ndarray,
+          scorer: NodeScorer, cfg: EtaMCTSConfig, seed: int, lap: _Laps) -> None:
+    """Expand each selected leaf up to its branching target, score the new children, back them up and widen
+    (`fused.finish_step`). A scorer that runs models of its own (critics) reports their time in
+    `model_seconds` (cumulative); it counts as model time, not tree work.
 
     Samples merged into an existing sibling add nothing; a node keeps being widened until it has its target
     number of distinct children or has been expanded `max_attempts` times (a confident policy may have fewer
     distinct next steps than the target).
     """
     tree = b.tree
-    attempts[leaves] += 1
-    counts = [max(1, int(target[x]) - int(tree.num_children[x])) for x in leaves]
+    nodes = leaves.tolist()
+    counts = [max(1, int(target[x]) - int(tree.num_children[x])) for x in nodes]
     lap("widen")
-    kids = b.expand(leaves, counts, seed=seed)
+    kids = b.expand(nodes, counts, seed=seed)
     new = [k for ks in kids for k in ks]
     lap("expand")
+    scorer_model = getattr(scorer, "model_seconds", 0.0)
     values = scorer(b, new, seed=seed + 1) if new else np.zeros(0)
-    tree.critic_score[new] = values
+    lap.clock.seconds += getattr(scorer, "model_seconds", 0.0) - scorer_model  # type: ignore[attr-defined]
     lap("score")
-    revert_virtual_loss(tree.parent, tree.virtual, np.asarray(leaves, np.int32))
-    if new:
-        backup_values(tree, np.asarray(new, np.int32), values, undo_virtual=False)
+    fused.finish_step(tree.parent, tree.children_index, tree.num_children, tree.visits, tree.value_sum, tree.virtual,
+                      tree.depth, tree.critic_score, leaves, np.asarray(new, np.int32),
+                      np.asarray(values, np.float64), target, expanded, attempts, float(cfg.alpha), cfg.c_min,
+                      cfg.c_max, cfg.c_max_root, cfg.max_attempts)
     lap("backup")
-    _, importance = sibling_stats(tree.children_index, tree.num_children, np.asarray(leaves, np.int32),
-                                  tree.critic_score)
-    for x, imp in zip(leaves, importance.tolist(), strict=True):
-        target[x] = branching_target(imp, int(tree.depth[x]), cfg)
-        for c in tree.children(x):
-            if target[c] == 0:
-                target[c] = cfg.c_min
-        expanded[x] = tree.num_children[x] >= target[x] or attempts[x] >= cfg.max_attempts
 
 
 def readouts(b: TreeBuilder, sims: int) -> SearchResult:
