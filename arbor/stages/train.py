@@ -118,9 +118,10 @@ def run(cfg: ArborConfig, *, prefs_dir: str | Path = "prefs/iter_1", policy_dir:
     summary = fit(obj.module(model, t, steps), items, lambda xs: obj.collate(xs, pad_id), t, steps=steps, seed=seed,
                   device=cfg.device, checkpoint_dir=ckpt, logger=lightning_logger(tracker, cfg.tracking.experiment))
     t_train = time.perf_counter() - start
+    trained = summary.pop("model")  # `model` itself, or under FSDP its gathered weights (arbor/train/strategy.py)
     if summary.pop("global_zero"):
         with atomic_path(out, is_dir=True) as tmp:
-            model.cpu().eval().save_pretrained(tmp, safe_serialization=True)
+            trained.cpu().eval().save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)  # type: ignore[attr-defined]
             write_manifest(tmp, {"stage": "train", "iteration": iteration, "objective": t.objective})
         if ckpt is not None:

@@ -36,13 +36,15 @@ def fit(module: Any, items: list[dict[str, Any]], collate: Callable[..., dict[st
         *, steps: int, seed: int, device: str = "cpu", checkpoint_dir: str | Path | None = None, logger: Any = False,
         progress: bool = True) -> dict[str, Any]:
     """Train `module` for `steps` optimizer steps on items drawn from a seeded stream; with `checkpoint_dir`
-    (and `cfg.checkpoint_every` > 0) checkpoint there and resume from its newest intact checkpoint."""
+    (and `cfg.checkpoint_every` > 0) checkpoint there and resume from its newest intact checkpoint. The summary's
+    `model` is the trained model to save on global rank 0 (None on other ranks; `train.strategy`:
+    arbor/train/strategy.py)."""
     import lightning as L
     from torch.utils.data import DataLoader
 
     from arbor.train import checkpoints
     from arbor.train.sft import SampleStream
-    from arbor.train.strategy import trainer_kwargs
+    from arbor.train.strategy import trained_model, trainer_kwargs
 
     callbacks, resume = [], None
     if checkpoint_dir is not None and cfg.checkpoint_every > 0:
@@ -61,6 +63,7 @@ def fit(module: Any, items: list[dict[str, Any]], collate: Callable[..., dict[st
     trainer.fit(module, train_dataloaders=loader, ckpt_path=resume.path if resume else None, weights_only=True)
     loss = trainer.callback_metrics.get("train_loss")
     return {"steps": steps, "resumed_from_step": start, "items": len(items), "global_zero": trainer.is_global_zero,
+            "model": trained_model(trainer, module.model),  # what to save (rank 0; FSDP: gathered)
             "final_train_loss": float(loss) if loss is not None else float("nan"),
             **{f"final_{k.replace('/', '_')}": float(v) for k, v in trainer.callback_metrics.items()
                if k.startswith("train/")}}

@@ -73,6 +73,23 @@ def trainer_kwargs(cfg: TrainConfig, device: str, model: torch.nn.Module | None 
     return {"accelerator": accelerator, "devices": devices, "num_nodes": cfg.num_nodes, "strategy": strategy}
 
 
+def trained_model(trainer: Any, model: torch.nn.Module) -> torch.nn.Module | None:
+    """The trained weights as a plain HF model to save, on global rank 0 (None elsewhere). Under FSDP the full
+    state dict is gathered (a collective: every rank must call this) into a fresh model of `model`'s class and
+    config, since `model` itself then holds only this rank's shards; otherwise `model` itself (auto, DDP and
+    ZeRO-2 keep whole weights on every rank). The FSDP path needs GPUs and is untested on this CPU-only project."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return model if trainer.is_global_zero else None
+    state = trainer.strategy.lightning_module_state_dict()  # full, on rank 0 only (state_dict_type="full")
+    if not trainer.is_global_zero:
+        return None
+    fresh = type(model)(model.config)  # type: ignore[call-arg]
+    fresh.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+    return fresh
+
+
 def rank_and_world() -> tuple[int, int]:
     """This process's rank and the number of ranks (0, 1 outside a process group)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
