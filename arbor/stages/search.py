@@ -23,7 +23,8 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from arbor.mcts.search import eta_mcts, readouts
 from arbor.mcts.treeio import tree_rows, write_trees
 from arbor.pipeline import plan
 from arbor.pipeline.config import ArborConfig, ArborInputError, SearchConfig, to_dict
+from arbor.pipeline.executors import EXECUTION_KEYS, Executor
 from arbor.pipeline.io import write_json
 from arbor.pipeline.manifest import fingerprint
 from arbor.pipeline.seeds import derive_seed
@@ -142,7 +144,8 @@ def _fingerprint(cfg: ArborConfig, policy_dir: str | Path, train_file: str | Pat
                  critics_dir: str | Path | None = None) -> str:
     """What the trees depend on: search/task config, seeds, the policy, critics and train file contents, the
     source."""
-    config = {"search": to_dict(cfg.search), "seed": cfg.seed, "task": to_dict(cfg.task), "iteration": iteration,
+    search = {k: v for k, v in to_dict(cfg.search).items() if k not in EXECUTION_KEYS}  # not where it ran
+    config = {"search": search, "seed": cfg.seed, "task": to_dict(cfg.task), "iteration": iteration,
               "policy": to_dict(cfg.policy)}
     if critics_dir is None:
         return fingerprint(config, [policy_dir, train_file])
@@ -163,13 +166,33 @@ def summarize(stats: list[dict[str, Any]], algorithm: str) -> dict[str, Any]:
     return out
 
 
+def problem_worker(cfg: ArborConfig, policy_dir: str, critics_dir: str | None, problems: Sequence[Problem],
+                   iteration: int, *, policy: Policy | None = None,
+                   critics: CriticSet | None = None) -> Callable[[int], tuple[dict[str, list], dict[str, Any]]]:
+    """The search of problem `i` -> (node rows, stats) for one process (`Executor.map`): the policy and critics are
+    loaded once (unless given), the KV store is reused (and emptied) problem after problem."""
+    from arbor.lm.loading import load_policy
+
+    policy = policy or load_policy(policy_dir, cfg)  # checks the files and manifest
+    if critics is None and critics_dir is not None:
+        critics = CriticSet(critics_dir, cfg)
+    task = build_task(cfg.task)
+    store = KVStore(int(cfg.search.kv_budget_mb * 2**20))
+
+    def search(i: int) -> tuple[dict[str, list], dict[str, Any]]:
+        p = problems[i]
+        return search_problem(policy, task, p, cfg.search, derive_seed(cfg.seed, "search", iteration, p.id), store,
+                              critics)
+
+    return search
+
+
 def run(cfg: ArborConfig, *, policy_dir: str | Path, train_file: str | Path = "data/train.jsonl",
         out_dir: str | Path = "trees/iter_0", iteration: int = 0, tracker: Tracker | None = None,
         policy: Policy | None = None, critics_dir: str | Path | None = None) -> dict[str, Any]:
     """Search the first `search.n_problems` train problems, resuming every problem already committed.
     `critics_dir`: a `critics` stage output whose critics score the inner nodes (eta-MCTS); None = rollouts."""
     from arbor.lm.hf import check_model_path
-    from arbor.lm.loading import load_policy
 
     tracker = tracker or NullTracker()
     s = cfg.search
@@ -180,6 +203,7 @@ def run(cfg: ArborConfig, *, policy_dir: str | Path, train_file: str | Path = "d
                     critics_dir)
         critics_dir = None
     critics = CriticSet(critics_dir, cfg) if critics_dir is not None else None  # bad input fails here too
+    executor = Executor.from_config(s)  # and a missing Ray install
     fp = _fingerprint(cfg, policy_dir, train_file, iteration, critics_dir)
     problems = read_problems(train_file)[: s.n_problems]
     out = ShardedOutput(out_dir, n_items=len(problems), shard_size=s.shard_size, fingerprint=fp,
@@ -188,15 +212,11 @@ def run(cfg: ArborConfig, *, policy_dir: str | Path, train_file: str | Path = "d
     log.info("search: %d of %d problems already done, %d to search", len(problems) - len(todo), len(problems),
              len(todo))
     if todo:
-        policy = policy or load_policy(policy_dir, cfg)  # checks the files and manifest
-        task = build_task(cfg.task)
-        store = KVStore(int(s.kv_budget_mb * 2**20))
+        make = partial(problem_worker, cfg, str(Path(policy_dir).resolve()),
+                       None if critics_dir is None else str(Path(critics_dir).resolve()), problems, iteration)
         bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc=f"search[{s.algorithm}]",
                    unit="problem")
-        for i in todo:
-            p = problems[i]
-            rows, st = search_problem(policy, task, p, s, derive_seed(cfg.seed, "search", iteration, p.id), store,
-                                      critics)
+        for i, (rows, st) in executor.map(todo, make, lambda: make(policy=policy, critics=critics)):
             if out.commit(i, lambda path, rows=rows: write_trees(path, [rows]), st):
                 tracker.log_metrics(summarize(out.stats(), s.algorithm), step=i // s.shard_size)
             bar.update(1)
