@@ -136,3 +136,28 @@ def test_evaluate_with_critics_writes_the_readouts(world, tmp_path):
     assert m["search_scorer"] == "critics" and m["search_critic_forward_tokens"] > 0
     assert m["rerank_critic_forward_tokens"] > 0 and m["samples_forward_tokens"] > 0
     assert m["forward_tokens"] == m["samples_forward_tokens"] + m["greedy_forward_tokens"]  # samples drawn once
+
+
+def test_critics_not_refreshed_are_critics_0_copied_and_verified(tmp_path, monkeypatch):
+    """`critics.refresh: false` (AlphaLLM's fixed critics): iteration k's critics are critics_0's files."""
+    import json
+
+    from arbor.pipeline.manifest import verify, write_manifest
+    from arbor.stages import critics as stage
+
+    monkeypatch.chdir(tmp_path)
+    src = tmp_path / "models/iter_0/critics/shared"
+    src.mkdir(parents=True)
+    (src / "model.safetensors").write_bytes(b"weights")
+    write_manifest(tmp_path / "models/iter_0/critics", {"stage": "critics", "iteration": 0})
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/critics_0.json").write_text(json.dumps({"orm_auroc": 0.8}))
+    m = stage.main(["--params", "", "--tracking.enabled", "false", "--critics.refresh", "false", "--iter", "2"])
+    assert m["orm_auroc"] == 0.8 and m["refreshed"] is False
+    verify(tmp_path / "models/iter_2/critics")
+    assert (tmp_path / "models/iter_2/critics/shared/model.safetensors").read_bytes() == b"weights"
+    assert json.loads((tmp_path / "metrics/critics_2.json").read_text())["kept_from"] == "models/iter_0/critics"
+    (src / "model.safetensors").write_bytes(b"damaged")  # a damaged critics_0 is never copied as valid
+    with pytest.raises(SystemExit):
+        stage.main(["--params", "", "--tracking.enabled", "false", "--critics.refresh", "false", "--iter", "3"])
+    assert not (tmp_path / "models/iter_3").exists()

@@ -64,3 +64,30 @@ def test_evaluate_stage_on_a_fixed_tiny_model(char_tok, tmp_path):
     # an untrained model: the prefill alone is 5 * (1 + 6) + 15 * 7 tokens, decode adds at least one per row
     assert saved["forward_tokens"] >= 5 * 7 + 15 * 7
     assert evaluate.main(argv)["forward_tokens"] == first["forward_tokens"]  # same seed, same work
+
+
+def test_sampling_and_decoding_are_separate_parts_with_one_seed_for_every_iteration(char_tok, tmp_path):
+    """`--part sample` and `--part decode` write disjoint read-outs (two DVC stages: a change of evaluate.k
+    does not redo search decoding); the seed does not depend on the policy's path (iterations compare alike)."""
+    import shutil
+
+    from arbor.pipeline.io import write_jsonl
+    from arbor.stages import evaluate
+
+    from .conftest import tiny_model
+
+    tiny_model(char_tok, seed=1).save_pretrained(tmp_path / "a")
+    char_tok.save_pretrained(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    write_jsonl(tmp_path / "eval.jsonl", [_p(i, f"{i} +1", str(i + 1)).to_dict() for i in range(3)])
+    base = ["--params", "", "--tracking.enabled", "false", "--evaluate.k", "2", "--evaluate.max_new_tokens", "8",
+            "--evaluate.search_simulations", "2", "--eval", str(tmp_path / "eval.jsonl")]
+    sample = evaluate.main([*base, "--policy", str(tmp_path / "a"), "--part", "sample",
+                            "--metrics", str(tmp_path / "s.json")])
+    decode = evaluate.main([*base, "--policy", str(tmp_path / "a"), "--part", "decode",
+                            "--metrics", str(tmp_path / "d.json")])
+    assert "greedy_pass1" in sample and not any(k.startswith("search_") for k in sample)
+    assert "search_pass1" in decode and "greedy_pass1" not in decode
+    again = evaluate.main([*base, "--policy", str(tmp_path / "b"), "--part", "sample",
+                           "--metrics", str(tmp_path / "s2.json")])
+    assert again["forward_tokens"] == sample["forward_tokens"] and again["pass_at_k"] == sample["pass_at_k"]

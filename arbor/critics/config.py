@@ -67,6 +67,8 @@ class CriticsConfig:
     orm_at_terminals: bool = _f(True, "Score terminals with the ORM where no gold answer exists.")
     kv_budget_mb: float = _f(256.0, "Prefix KV-cache budget of each critic backbone (MB, LRU).", gt=0.0)
     batch_size: int = _f(64, "Nodes per critic forward when scoring.", min=1)
+    refresh: bool = _f(True, "Retrain the critics every iteration on its own trees (false: keep critics_0 for "
+                             "every iteration, as AlphaLLM did).")
 
     def __post_init__(self) -> None:
         if self.b_value + self.b_prm + self.b_orm <= 0 and not self.orm_at_terminals:

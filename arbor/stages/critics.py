@@ -161,6 +161,21 @@ def run(cfg: ArborConfig, *, trees_dir: str | Path, policy_dir: str | Path, trai
             "label_seconds": t_labels, "train_seconds": t_train, "wall_seconds": time.perf_counter() - t0}
 
 
+def keep_critics(source: str | Path, out_dir: str | Path, source_metrics: str | Path, iteration: int) -> dict[str, Any]:
+    """`critics.refresh: false`: iteration k's critics are critics_0, copied (verified, atomically, with a new
+    manifest) so that every iteration reads `models/iter_<k>/critics`; the metrics are critics_0's, marked."""
+    import shutil
+
+    from arbor.pipeline.io import atomic_path, read_json
+    from arbor.pipeline.manifest import verify, write_manifest
+
+    verify(source)
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("_manifest.json"))
+        write_manifest(tmp, {"stage": "critics", "iteration": iteration, "kept_from": str(source)})
+    return {**read_json(source_metrics), "refreshed": False, "kept_from": str(source), "wall_seconds": 0.0}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from arbor.pipeline.io import write_json
     from arbor.stages.common import stage_cli
@@ -182,6 +197,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         k = a.iter
         if k < 0:
             raise ArborInputError(f"command line: --iter {k}: expected an iteration >= 0")
+        if k >= 1 and not cfg.critics.refresh:
+            m = keep_critics(plan.critics_dir(0), a.out or plan.critics_dir(k), "metrics/critics_0.json", k)
+            write_json(a.metrics or f"metrics/critics_{k}.json", m)
+            return m
         m = run(cfg, trees_dir=a.trees or plan.trees_dir(k), policy_dir=a.policy or plan.policy_dir(plan.searcher(k)),
                 train_file=a.train, out_dir=a.out or plan.critics_dir(k),
                 plot=a.plot or f"plots/critics_{k}_reliability.png", iteration=k,

@@ -159,12 +159,24 @@ def search_decode(policy: Policy, task: Task, problems: Sequence[Problem], *, et
             "search_wall_seconds": time.perf_counter() - t0}
 
 
+PARTS = ("sample", "decode", "all")
+"""`sample`: greedy, pass@k, maj@k and the critics' read-outs over the k samples (`metrics/iter_<k>.json`);
+`decode`: eta-MCTS search decoding (`metrics/decode_<k>.json`); two DVC stages, so that a change of
+`evaluate.k` does not redo minutes of search decoding. `all` (by hand): both, in one file."""
+
+
 def run(cfg: ArborConfig, *, policy_dir: str | Path = "models/iter_0/policy",
         eval_file: str | Path = "data/eval.jsonl", tracker: Tracker | None = None,
-        critics_dir: str | Path | None = None) -> dict[str, Any]:
-    """Load the policy (and the critics of `critics_dir`, if given) and evaluate it; returns the metrics dict."""
+        critics_dir: str | Path | None = None, part: str = "all") -> dict[str, Any]:
+    """Load the policy (and the critics of `critics_dir`, if given) and evaluate `part` of it (see `PARTS`).
+
+    Every iteration is evaluated on the same eval problems with the same seed (derived from the root seed
+    only), so that iterations differ by their policy alone.
+    """
     from arbor.lm.loading import load_policy
 
+    if part not in PARTS:
+        raise ArborInputError(f"--part {part!r}: expected one of {', '.join(PARTS)}")
     tracker = tracker or NullTracker()
     e = cfg.evaluate
     problems = read_problems(eval_file)[: e.n_problems]
@@ -172,20 +184,28 @@ def run(cfg: ArborConfig, *, policy_dir: str | Path = "models/iter_0/policy",
         raise ArborInputError(f"{eval_file}: no evaluation problems")
     policy = load_policy(policy_dir, cfg)
     task = build_task(cfg.task)
-    seed = derive_seed(cfg.seed, "evaluate", str(policy_dir))
-    metrics, samples = sample_policy(policy, task, problems, k=e.k, temperature=e.temperature,
-                                     max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, seed=seed)
-    scorer = None
+    seed = derive_seed(cfg.seed, "evaluate")
+    critics = None
     if critics_dir is not None:
-        from arbor.critics.scorer import CriticScorer, load_critics
+        from arbor.critics.scorer import load_critics
 
         c = cfg.critics
-        kinds = sorted({"prm", "orm", *c.needed(gold=False)})
+        kinds = sorted({"prm", "orm", *c.needed(gold=False)}) if part != "decode" else sorted(c.needed(gold=False))
         critics = load_critics(critics_dir, kinds, device=cfg.device, budget_bytes=int(c.kv_budget_mb * 2**20),
                                batch_size=c.batch_size)
-        metrics |= critic_readouts(critics, policy, task, problems, samples, step_tokens=cfg.search.eta.step_tokens)
-        scorer = CriticScorer(critics, c)  # decoding: no gold, terminals by the ORM
-    if e.search:
+    metrics: dict[str, Any] = {}
+    if part in ("sample", "all"):
+        metrics, samples = sample_policy(policy, task, problems, k=e.k, temperature=e.temperature,
+                                         max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, seed=seed)
+        if critics is not None:
+            metrics |= critic_readouts(critics, policy, task, problems, samples,
+                                       step_tokens=cfg.search.eta.step_tokens)
+    if part in ("decode", "all") and (e.search or part == "decode"):
+        scorer = None
+        if critics is not None:
+            from arbor.critics.scorer import CriticScorer
+
+            scorer = CriticScorer(critics, cfg.critics)  # decoding: no gold, terminals by the ORM
         metrics |= search_decode(policy, task, problems, eta=cfg.search.eta, simulations=e.search_simulations,
                                  seed=seed + 2, kv_budget_mb=cfg.search.kv_budget_mb, scorer=scorer)
     return {**metrics, "critics": None if critics_dir is None else str(critics_dir)}
@@ -202,14 +222,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         p.add_argument("--critics", default=None, metavar="DIR|none",
                        help="Critics for the read-outs and search decoding (a `critics` stage output, e.g. "
                             "models/iter_<iter>/critics); default none: likelihood-scored search only.")
-        p.add_argument("--metrics", default=None, help="Metrics JSON (default metrics/iter_<iter>.json).")
+        p.add_argument("--part", default="all", choices=PARTS,
+                       help="sample: greedy/pass@k/maj@k/critic read-outs; decode: eta-MCTS decoding; all: both.")
+        p.add_argument("--metrics", default=None, help="Metrics JSON (default metrics/iter_<iter>.json, "
+                                                       "metrics/decode_<iter>.json for --part decode).")
 
     def go(cfg: ArborConfig, a: argparse.Namespace, tr: Tracker) -> dict[str, Any]:
         crit = None if a.critics in (None, "none") else a.critics
-        m = run(cfg, policy_dir=a.policy or f"models/iter_{a.iter}/policy", eval_file=a.eval, tracker=tr,
-                critics_dir=crit)
+        policy_dir = a.policy or f"models/iter_{a.iter}/policy"
+        m = run(cfg, policy_dir=policy_dir, eval_file=a.eval, tracker=tr, critics_dir=crit, part=a.part)
         m["iteration"] = a.iter
-        write_json(a.metrics or f"metrics/iter_{a.iter}.json", m)
+        default = f"metrics/decode_{a.iter}.json" if a.part == "decode" else f"metrics/iter_{a.iter}.json"
+        write_json(a.metrics or default, m)
+        if a.part != "decode":  # the policy as an MLflow model version, with its eval metrics
+            m["registered_version"] = tr.register_policy(policy_dir, a.iter, m)
         return m
 
     return stage_cli("evaluate", __doc__ or "", paths, go, argv)
