@@ -17,6 +17,10 @@
    backup, path assembly, merge, sibling stats, scoring glue, read-outs; `SearchResult.timing`) over real
    `eta_mcts` searches with the default config and the oracle-reward scorer (as `arbor search`) on synthetic
    problems, with the tiny policy (`--policy`, default models/iter_0/policy; a fresh tiny model if missing).
+   Then `bookkeeping_fraction_replayed`: the same searches replayed against their recorded policy outputs (no
+   model between the tree's steps, fastest of 3): the tree work's own cost with warm CPU caches. The gap between
+   the two is the cost of running Python cold after every model call (the model evicts the interpreter's
+   working set from the caches; on a shared CPU other processes do too).
 
 Results: `--quick` writes bench/results/kernels.quick.json, a full run bench/results/kernels.local.json; only
 `--reference` writes the committed reference bench/results/kernels.json (or `--out PATH`).
@@ -34,7 +38,7 @@ import numpy as np
 from arbor.mcts.kernels import UCT, backup, select_leaves, simulate
 from arbor.mcts.pytree import PyTree
 from arbor.mcts.tree import add_child, new_tree
-from bench.common import RESULTS, machine, table
+from bench.common import RESULTS, machine, speedprobe, table
 
 
 class Node:
@@ -209,8 +213,52 @@ def kernel_rows(sizes: list[int], sims: int, rounds: int) -> list[dict]:
     return rows
 
 
-def bookkeeping(n_problems: int, policy_dir: Path) -> dict:
-    """Tree work / total wall time over real eta-MCTS searches (see module docstring)."""
+class _Recorder:
+    """The policy, with every `expand` result and its forward tokens recorded in call order."""
+
+    def __init__(self, policy: object) -> None:
+        self._policy, self.log = policy, []
+        self.counters = policy.counters  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._policy, name)
+
+    def expand(self, *args: object, **kw: object) -> object:
+        before = self.counters.snapshot()
+        out = self._policy.expand(*args, **kw)  # type: ignore[attr-defined]
+        self.log.append((out, self.counters.since(before).forward_tokens))
+        return out
+
+
+class _Replay:
+    """A policy that answers each `expand` with the recorded result (and calls `final` as the policy did): the
+    same search, with no model in it."""
+
+    def __init__(self, policy: object, log: list) -> None:
+        from arbor.lm.base import TokenCounters
+
+        self._policy, self.log, self.i = policy, log, 0
+        self.counters = TokenCounters()
+        self.eos_token_id = policy.eos_token_id  # type: ignore[attr-defined]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._policy.decode(ids)  # type: ignore[attr-defined]
+
+    def expand(self, parents: object, num_samples: object, *, final: object = None, **kw: object) -> object:
+        out, tokens = self.log[self.i]
+        self.i += 1
+        self.counters.forward_tokens += tokens
+        for j, conts in enumerate(out):
+            for c in conts:
+                if final is not None and c.finish in ("newline", "length"):
+                    final(j, c.text)  # type: ignore[operator]
+        return out
+
+
+def bookkeeping(n_problems: int, policy_dir: Path, replays: int = 3) -> dict:
+    """Tree work / total wall time over real eta-MCTS searches (see module docstring); then the same searches
+    replayed against their recorded policy outputs (`replays` times, the fastest kept): the tree work with warm
+    caches, without the model run between its steps."""
     from arbor.lm.hf import HFPolicy
     from arbor.lm.kvcache import KVStore
     from arbor.mcts.scoring import RewardScorer
@@ -236,14 +284,21 @@ def bookkeeping(n_problems: int, policy_dir: Path) -> dict:
     task_cfg, search_cfg, cfg = TaskConfig(), SearchConfig(), EtaMCTSConfig()
     task = build_task(task_cfg)
     problems = make_splits(task_cfg, n_problems + 1, 0, seed=1234)[0]
+
+    def search(p: object, i: int, pol: object) -> object:
+        scorer = RewardScorer(lambda text, p=p: task.reward(p, text), n_rollouts=search_cfg.n_rollouts,
+                              rollout_tokens=search_cfg.rollout_tokens)
+        return eta_mcts(pol, policy.encode_prompt(task.prompt(p)), scorer=scorer,  # type: ignore[arg-type]
+                        is_terminal=is_terminal_step, cfg=cfg, seed=i, store=KVStore())
+
     model = total = 0.0
     phases = dict.fromkeys(PHASES, 0.0)
     nodes = sims = 0
+    logs = []
     for i, problem in enumerate(problems):
-        scorer = RewardScorer(lambda text, p=problem: task.reward(p, text), n_rollouts=search_cfg.n_rollouts,
-                              rollout_tokens=search_cfg.rollout_tokens)
-        res = eta_mcts(policy, policy.encode_prompt(task.prompt(problem)), scorer=scorer,
-                       is_terminal=is_terminal_step, cfg=cfg, seed=i, store=KVStore())
+        rec = _Recorder(policy)
+        res = search(problem, i, rec)
+        logs.append(rec.log)
         if i == 0:
             continue  # warm-up (untimed): loads the numba cache of every kernel the search calls
         model += res.timing.model
@@ -252,12 +307,15 @@ def bookkeeping(n_problems: int, policy_dir: Path) -> dict:
             phases[k] += v
         nodes += res.builder.tree.num_nodes
         sims += res.simulations
+    warm = min(sum(search(p, i, _Replay(policy, logs[i])).timing.tree for i, p in enumerate(problems) if i)
+               for _ in range(replays))
     torch.set_num_threads(threads)
     tree = total - model
     return {"policy": source, "torch_threads": 1, "problems": n_problems, "nodes": nodes, "simulations": sims,
             "model_seconds": model, "tree_seconds": tree, "total_seconds": total,
             "tree_seconds_by_phase": phases, "tree_us_per_node": 1e6 * tree / max(nodes, 1),
-            "bookkeeping_fraction": tree / total}
+            "bookkeeping_fraction": tree / total, "replayed_tree_seconds": warm,
+            "bookkeeping_fraction_replayed": warm / (warm + model)}
 
 
 def main() -> None:
@@ -280,7 +338,8 @@ def main() -> None:
               "speedup_vs_pytree": at10k["speedup_vs_pytree"],
               "speedup_per_call_vs_object_tree": at10k["speedup_per_call_vs_object_tree"],
               "bookkeeping_fraction": book["bookkeeping_fraction"],
-              "select_backup": rows, "bookkeeping": book, "quick": args.quick,
+              "bookkeeping_fraction_replayed": book["bookkeeping_fraction_replayed"],
+              "select_backup": rows, "bookkeeping": book, "quick": args.quick, "speedprobe": speedprobe(),
               "machine": machine(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     from arbor.pipeline.io import write_json
 
@@ -292,6 +351,8 @@ def main() -> None:
           f"model {book['model_seconds']:.3f}s over {book['problems']} eta-MCTS searches, {book['nodes']} nodes, "
           f"{book['tree_us_per_node']:.0f} us tree work per node; policy: {book['policy']})")
     print("tree seconds by phase: " + ", ".join(f"{k} {v:.3f}" for k, v in book["tree_seconds_by_phase"].items()))
+    print(f"replayed against the recorded policy outputs (warm caches, no model between steps): tree "
+          f"{book['replayed_tree_seconds']:.3f}s -> fraction {book['bookkeeping_fraction_replayed']:.4f}")
     print(f"speedup_vs_object_tree (select + backup, 10k nodes) = {result['speedup_vs_object_tree']:.1f}   -> {out}")
 
 

@@ -188,3 +188,41 @@ def test_small_budget_bounds_store_and_batch_and_keeps_results_exact(char_tok):
     assert tight.tree.tokens[: tight.tree.num_tokens].tolist() == full.tree.tokens[: full.tree.num_tokens].tolist()
     assert tight.tree.parent[:n].tolist() == full.tree.parent[:n].tolist()
     assert store.evictions > 0 and store.peak_total <= budget  # store + the batch in flight
+
+
+def test_search_metrics_report_trie_compute_and_kv_memory_ratios(char_tok):
+    from arbor.pipeline.config import load_config
+    from arbor.stages.search import search_problem, summarize
+    from arbor.tasks import build_task, make_splits
+
+    cfg = load_config(None, {"search.eta.num_simulations": 8, "search.eta.step_tokens": 6,
+                             "search.eta.max_depth": 3, "tracking.enabled": False})
+    task = build_task(cfg.task)
+    policy = _peaked_policy(char_tok, 8.0)
+    store = KVStore()
+    stats = [search_problem(policy, task, p, cfg.search, i, store)[1]
+             for i, p in enumerate(make_splits(cfg.task, 2, 0, seed=5)[0])]
+    m = summarize(stats, "eta_mcts")
+    assert m["trie_tokens"] == sum(s["trie_tokens"] for s in stats) <= m["stored_tokens"]
+    assert m["compute_ratio"] == pytest.approx(m["forward_tokens"] / m["trie_tokens"]) and m["compute_ratio"] <= 1.0
+    assert m["forward_per_stored_token"] == pytest.approx(m["forward_tokens"] / m["stored_tokens"])
+    # the store held each distinct prefix once: its KV, hidden state and id per token (E = 32 floats here)
+    per_token = (store.kv_token_bytes + 4 + 32 * 4) / store.kv_token_bytes
+    assert 0 < m["kv_memory_ratio"] <= per_token and "reuse_ratio" not in m
+
+
+def test_clear_frees_the_chunks_at_once_without_the_garbage_collector():
+    import gc
+    import weakref
+
+    store = KVStore()
+    root = _chunk(store, None, [1, 2, 3])
+    leaf = _chunk(store, root, [4, 5])
+    refs = [weakref.ref(root.kv), weakref.ref(leaf.kv)]
+    del root, leaf
+    gc.disable()
+    try:
+        store.clear()  # parent <-> children links are a cycle: cut, so the tensors go now, not at the next GC
+        assert all(r() is None for r in refs) and store.nbytes == 0 and store.chunks == 0
+    finally:
+        gc.enable()

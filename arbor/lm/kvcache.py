@@ -301,7 +301,10 @@ class KVStore:
         self.peak_total = self.nbytes + self.working
 
     def clear(self) -> None:
-        """Drop everything (peaks and eviction counts are kept)."""
+        """Drop everything (peaks and eviction counts are kept). The trie's parent/children links are cut, so
+        the chunks' tensors are freed at once, not when the garbage collector next finds the cycles."""
+        for c in self._lru.values():
+            c.children, c.parent, c.kv, c.hidden, c.state = {}, None, None, None, None
         self._lru.clear()
         self._keys.clear()
         self._roots.clear()
