@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from arbor.lm.base import Policy
 from arbor.lm.kvcache import KVStore
+from arbor.mcts.accounting import sum_accounting, trie_tokens
 from arbor.mcts.grow import TreeBuilder
 from arbor.mcts.kernels import backup_values, terminal_nodes
 from arbor.mcts.samplers import chain_tree, tree_grpo
@@ -90,6 +91,7 @@ def search_problem(policy: Policy, task: Task, problem: Problem, cfg: SearchConf
     nodes instead of rollouts; their prefix stores are emptied afterwards."""
     prompt = policy.encode_prompt(task.prompt(problem))
     before = policy.counters.snapshot()
+    store.reset_peaks()
     t0 = time.perf_counter()
 
     def reward(text: str) -> float:
@@ -124,7 +126,8 @@ def search_problem(policy: Policy, task: Task, problem: Problem, cfg: SearchConf
 
     stats = {
         "problem_id": problem.id, "nodes": tree.num_nodes, "terminals": len(terms),
-        "forward_tokens": used.forward_tokens, "unique_tokens": tree.num_tokens,
+        "forward_tokens": used.forward_tokens, "unique_tokens": tree.num_tokens, "trie_tokens": trie_tokens(tree),
+        "kv_peak_bytes": store.peak_nbytes, "kv_token_bytes": store.kv_token_bytes,
         "padded_positions": used.padded_positions, "padded_kv_positions": used.padded_kv_positions,
         "solved_any": any(is_solved(r) for r in tree.reward[terms]), "solved_greedy": ok(res.greedy_leaf),
         "solved_best": ok(res.best_leaf), "solved_rerank": ok(res.rerank_leaf),
@@ -159,7 +162,7 @@ def summarize(stats: list[dict[str, Any]], algorithm: str) -> dict[str, Any]:
             "merged", "critic_forward_tokens", "wall_seconds"]
     tot = {k: sum(s[k] for s in stats) for k in keys + (["grpo_expected_tokens"] if algorithm == "tree_grpo" else [])}
     out: dict[str, Any] = {"algorithm": algorithm, "problems": n, **tot, "trajectories": tot["terminals"],
-                           "reuse_ratio": tot["forward_tokens"] / max(1, tot["unique_tokens"]),
+                           **sum_accounting({**s, "stored_tokens": s["unique_tokens"]} for s in stats),
                            "critic_token_ratio": tot["critic_forward_tokens"] / max(1, tot["unique_tokens"])}
     for k in ("solved_any", "solved_greedy", "solved_best", "solved_rerank", "solved_vote"):
         out[k] = sum(s[k] for s in stats) / max(1, n)
