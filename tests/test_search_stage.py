@@ -173,9 +173,34 @@ def test_changed_config_clears_only_the_stage_files(setup):
     _run(setup)
     live = setup / "trees" / f".tmp-part-00000.parquet-{os.getppid()}-0badc0de"  # a concurrent writer's temp
     live.write_text("in progress")
-    m, _ = _run(setup, **{"search.n_problems": 2})
-    assert m["problems"] == 2 and len(list((setup / "trees").glob("part-*.parquet"))) == 2
+    m, policy = _run(setup, **{"search.eta.c": 1.0})
+    assert policy.counters.forward_tokens > 0  # another config: searched again
+    assert m["problems"] == 3 and len(list((setup / "trees").glob("part-*.parquet"))) == 3
     assert live.exists() and verified_files(setup / "trees")
+
+
+def _rows(trees):
+    return [pq.read_table(f).to_pylist() for f in verified_files(trees)]
+
+
+@pytest.mark.parametrize(("before", "after"), [(3, 5), (5, 3)])
+def test_changing_n_problems_keeps_the_problems_already_searched(setup, before, after):
+    """search.n_problems up: finished problems are kept (also those of a shard merged at the smaller count) and
+    only the new ones are searched; down: the extra problems leave the output. Both equal a fresh run."""
+    fresh = setup / "fresh"
+    fresh.mkdir()
+    for name in ("policy", "train.jsonl"):
+        os.symlink(setup / name, fresh / name)
+    cfg = {"search.shard_size": 2}
+    want, _ = _run(fresh, **cfg, **{"search.n_problems": after})
+    _, first = _run(setup, **cfg, **{"search.n_problems": before})
+    got, second = _run(setup, **cfg, **{"search.n_problems": after})
+    timeless = [{k: v for k, v in m.items() if k != "wall_seconds"} for m in (got, want)]
+    assert timeless[0] == timeless[1] and _rows(setup / "trees") == _rows(fresh / "trees")
+    if after > before:
+        assert 0 < second.counters.forward_tokens < first.counters.forward_tokens  # only problems 4 and 5
+    else:
+        assert second.counters.forward_tokens == 0
 
 
 def test_changed_code_is_not_resumed_from(setup, monkeypatch):

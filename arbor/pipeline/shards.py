@@ -63,8 +63,11 @@ class ShardedOutput:
     """A directory of per-item parquet results (see module docstring), resumable item by item."""
 
     def __init__(self, directory: str | Path, *, n_items: int, shard_size: int, fingerprint: str,
-                 what: str) -> None:
+                 what: str, item_key: str = "problem_id") -> None:
+        """`item_key`: the column of a unit's rows, and the key of its stats, that names the item (used to
+        split a shard back into its items when `n_items` changed since it was merged)."""
         self.dir = Path(directory)
+        self.item_key = item_key
         self.meta = {"fingerprint": fingerprint, "items": n_items}
         claim_dir(self.dir, fingerprint, OWN, what)
         self.shards = [range(a, min(a + shard_size, n_items)) for a in range(0, n_items, shard_size)]
@@ -88,17 +91,20 @@ class ShardedOutput:
                 self._shard_stats = {si: read_json(self._part(si)[1])["stats"] for si in range(len(self.shards))}
                 self._remove_work()
                 return True
-            why = "; ".join(f"{rel}: {w}" for rel, w in sorted(bad.items())) or f"manifest meta {meta}"
-            log.warning("%s: damaged output (%s); the damaged parts are redone", self.dir, why)
+            if bad:
+                why = "; ".join(f"{rel}: {w}" for rel, w in sorted(bad.items()))
+                log.warning("%s: damaged output (%s); the damaged parts are redone", self.dir, why)
+            else:
+                log.info("%s: %s items before, %d now; finished items are kept", self.dir, meta.get("items"),
+                         self.meta["items"])
             (self.dir / MANIFEST).unlink()
+        self._drop_beyond()
         for si, idx in enumerate(self.shards):
             stats = _read_committed(*self._part(si))
             if stats is not None and len(stats) == len(idx):
                 self._shard_stats[si] = stats
-            elif stats is not None:
-                log.warning("%s: %d items, expected %d; it is redone", self._part(si)[0], len(stats), len(idx))
-                for f in self._part(si):
-                    f.unlink()
+            elif stats is not None:  # merged when the item count was another: back into its items
+                self._split(si, stats)
         for si, idx in enumerate(self.shards):
             if si in self._shard_stats:
                 continue
@@ -109,6 +115,37 @@ class ShardedOutput:
             if all(i in self._item_stats for i in idx):  # killed between the last item and the merge
                 self._merge(si)
         return False
+
+    def _drop_beyond(self) -> None:
+        """Remove the parts and work items of items >= n_items (the count went down): never in the output."""
+        n = self.meta["items"]
+        for f in self.dir.glob("part-*"):
+            if OWN.fullmatch(f.name) and int(f.name[5:10]) * self.shard_size >= n:
+                f.unlink()
+        work = self.dir / WORK
+        for f in work.glob("i-*") if work.is_dir() else ():
+            if _WORK_FILE.fullmatch(f.name) and int(f.name[2:8]) >= n:
+                f.unlink()
+
+    def _split(self, si: int, stats: list[dict[str, Any]]) -> None:
+        """Turn part `si`, merged with another item count, back into committed work items (those still wanted)."""
+        part, side = self._part(si)
+        table = pq.read_table(part)
+        ids = table.column(self.item_key).to_pylist()
+        for j, st in enumerate(stats):
+            i = si * self.shard_size + j
+            if i >= self.meta["items"]:
+                break
+            rows = table.filter(pa.array([x == st[self.item_key] for x in ids]))
+            data, record = self._item(i)
+            data.parent.mkdir(exist_ok=True)
+            with atomic_path(data) as tmp:
+                pq.write_table(rows, tmp)
+            write_json(record, {"file": file_record(data), "stats": [st]})
+        log.info("%s: %d items, shard now holds %d; its items are kept and re-merged", part, len(stats),
+                 len(self.shards[si]))
+        side.unlink()
+        part.unlink()
 
     def todo(self) -> list[int]:
         """Items not committed yet, in order."""

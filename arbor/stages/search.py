@@ -147,7 +147,10 @@ def _fingerprint(cfg: ArborConfig, policy_dir: str | Path, train_file: str | Pat
                  critics_dir: str | Path | None = None) -> str:
     """What the trees depend on: search/task config, seeds, the policy, critics and train file contents, the
     source."""
-    search = {k: v for k, v in to_dict(cfg.search).items() if k not in EXECUTION_KEYS}  # not where it ran
+    # not where it ran, nor how many problems (each problem's tree is its own: raising search.n_problems keeps
+    # the problems already searched), nor the KV budget (eviction never changes a tree; tests/test_engine.py)
+    search = {k: v for k, v in to_dict(cfg.search).items()
+              if k not in EXECUTION_KEYS and k not in ("n_problems", "kv_budget_mb")}
     config = {"search": search, "seed": cfg.seed, "task": to_dict(cfg.task), "iteration": iteration,
               "policy": to_dict(cfg.policy)}
     if critics_dir is None:
