@@ -182,6 +182,22 @@ def test_save_load_gives_identical_scores_and_batching_shapes(policy, char_tok, 
     assert out["value"].shape == (2, 4) and out["orm"].shape == (2, 4)
 
 
+def test_a_step_that_adds_no_token_is_scored_at_its_prefix(policy):
+    """A child whose path equals its parent's (a step of no tokens, e.g. an EOS) gets its prefix's score,
+    batched with ordinary children, and nothing is recomputed for it."""
+    from arbor.critics.scorer import CachedCritic
+
+    critic = CachedCritic(CriticModel.from_policy(policy.model, ["value"]))
+    parent = policy.encode_prompt("Q: 7 +5\n7+5=12\n")
+    child = [*parent, *policy.encode_prompt("Answer: 12\n")[1:]]
+    mixed = critic.score([child, parent], [len(parent), len(parent)], kinds=["value"])["value"]
+    alone = critic.score([parent], [len(parent) - 3], kinds=["value"])["value"]
+    fresh = CachedCritic(critic.model).score([child], [len(parent)], kinds=["value"])["value"]
+    np.testing.assert_allclose(mixed, [fresh[0], alone[0]], atol=1e-5)
+    with pytest.raises(ValueError, match="empty path"):
+        critic.score([[]], [0], kinds=["value"])
+
+
 # -- training: a planted rule ---------------------------------------------------------------------------------
 def planted_trees(tok, n_problems: int, seed: int):
     """Trees whose paths die (reward 0) once a step 'b' appears; terminals answer 1 (correct) or 2."""

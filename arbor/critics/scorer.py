@@ -73,13 +73,25 @@ class CachedCritic:
     def score(self, paths: Sequence[Sequence[int]], parent_lens: Sequence[int], *, kinds: Sequence[str],
               keep: Sequence[bool] | None = None) -> dict[str, np.ndarray]:
         """{kind: [n] sigmoid scores at the last token of each path}. Path i extends the cached prefix
-        `paths[i][:parent_lens[i]]` (recomputed and stored on a miss); only `paths[i][parent_lens[i]:]` (>= 1
-        token) is fed. `keep[i]`: store path i's own state for later children (default all)."""
+        `paths[i][:parent_lens[i]]` (recomputed and stored on a miss); only `paths[i][parent_lens[i]:]` is fed
+        (a path that adds no token is scored at the prefix it ends with). `keep[i]`: store path i's own state
+        for later children (default all)."""
         keep = [True] * len(paths) if keep is None else list(keep)
         out: dict[str, list[np.ndarray]] = {k: [] for k in kinds}
         for a in range(0, len(paths), self.batch_size):
             idx = range(a, min(len(paths), a + self.batch_size))
-            hs = self._extend([paths[i] for i in idx], [parent_lens[i] for i in idx], [keep[i] for i in idx])
+            grow = [i for i in idx if len(paths[i]) > parent_lens[i]]
+            same = [i for i in idx if len(paths[i]) <= parent_lens[i]]  # a step that added no token (e.g. EOS)
+            rows: dict[int, torch.Tensor] = {}
+            if grow:
+                got = self._extend([paths[i] for i in grow], [parent_lens[i] for i in grow], [keep[i] for i in grow])
+                rows |= dict(zip(grow, got, strict=True))
+            if same:  # scored as the prefix it ends with: that prefix's cached last hidden state
+                if any(len(paths[i]) == 0 for i in same):
+                    raise ValueError("an empty path cannot be scored")
+                got = self._parent_states([paths[i] for i in same])
+                rows |= {i: st.logits.to(self.model.device) for i, st in zip(same, got, strict=True)}
+            hs = torch.stack([rows[i] for i in idx])
             for k, v in self.model.head_logits(hs, kinds).items():
                 out[k].append(torch.sigmoid(v).cpu().numpy())
         return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
