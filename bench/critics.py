@@ -7,10 +7,11 @@ Labels (MC / Math-Shepherd, with the extra completions of `critics.min_completio
 first max(--problems) searched problems (cached in `--labels` when given). The held-out problems are those
 `assign_splits` holds out among the first min(--problems) problems, for every row, so rows differ only in the
 training labels (more problems) or the training choice (variant). Each row trains the critics from the policy
-(arbor/stages/critics.py helpers) and reports held-out AUROC / precision / recall / ECE per critic, the epochs
-and the training seconds. `separate` costs 3x the backbone compute of `shared` per epoch; `shared_3x` gives the
-shared backbone that compute (3x the epochs and patience). Writes bench/results/critics.json and prints a
-table. `--trees` may be a finished or a still-running search output (committed problems only).
+(arbor/stages/critics.py helpers) and reports held-out AUROC / precision / recall / ECE per critic, the epochs,
+the training seconds and the AUROCs on the training problems (over- or under-fitting). `separate` costs 3x the
+backbone compute of `shared` per epoch; `shared_3x` gives the shared backbone that compute (3x the epochs and
+patience). Writes bench/results/<--name>.json and prints a table. `--trees` may be a finished or a
+still-running search output (committed problems only).
 
 `--ceiling N`: what a perfect critic could reach against these labels. The labels are Monte Carlo estimates
 from few completions (a hard label is 1 when any of ~`min_completions` completions is right), so even a critic
@@ -34,6 +35,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "value_bce": {"value_loss": "bce"},
     "separate": {"shared_backbone": False},
     "shared_3x": {"max_epochs": 30, "patience": 9},
+    "completion_rows": {"completion_rows": True},
 }
 
 
@@ -70,7 +72,7 @@ def labels_for(args: argparse.Namespace, cfg: Any, n: int) -> Any:
     c = cfg.critics
     table = build_labels(trees, min_completions=c.min_completions, policy=policy, rewards=rewards,
                          completion_tokens=c.completion_tokens, step_tokens=cfg.search.eta.step_tokens,
-                         seed=derive_seed(cfg.seed, "critics", 0), progress=True)
+                         seed=derive_seed(cfg.seed, "critics", 0), progress=True, completion_rows=True)
     if cache is not None:
         write_labels(cache, table)
     return table
@@ -171,14 +173,17 @@ def main() -> None:
             t0 = time.perf_counter()
             summary = train_critics(models, items["train"], items["val"], c, seed=seed, progress=False)
             metrics, _ = held_out_metrics(models, parts["heldout"], items["heldout"], c)
+            seen, seen_items = split_items(labels, {p: "heldout" for p, x in split.items() if x == "train"}, c)
+            fit, _ = held_out_metrics(models, seen["heldout"], seen_items["heldout"], c)  # tree nodes of train
+            metrics |= {f"train_{k}_auroc": fit[f"{k}_auroc"] for k in ("value", "prm", "orm")}
             counts = label_counts(parts["train"])
             rows.append({"problems": n, "variant": name, **metrics, "train_seconds": time.perf_counter() - t0,
                          "epochs": summary["critic_epochs"], "best_epoch": summary["critic_best_epoch"],
                          "train_problems": counts["problems"], "heldout_problems": len(items["heldout"]),
                          "train_value_n": counts["value_n"], "train_prm_n": counts["prm_n"],
                          "train_orm_n": counts["orm_n"]})
-            print(table(rows[-1:], ["problems", "variant", "value_auroc", "prm_auroc", "orm_auroc",
-                                    "train_seconds", "epochs"]), flush=True)
+            print(table(rows[-1:], ["problems", "variant", "value_auroc", "prm_auroc", "orm_auroc", "train_value_auroc",
+                                    "train_prm_auroc", "train_orm_auroc", "train_seconds", "epochs"]), flush=True)
     cols = ["problems", "variant", "value_auroc", "value_precision", "value_recall", "value_ece", "prm_auroc",
             "prm_precision", "prm_recall", "prm_ece", "orm_auroc", "orm_precision", "orm_recall", "orm_ece",
             "epochs", "train_seconds"]

@@ -95,6 +95,36 @@ def test_extra_completions_fill_thin_nodes_and_count_for_ancestors(tree_table):
     assert lab["owner"][row[2]] == 5
 
 
+def test_completion_rows_label_each_extra_completion_step_by_its_outcome(tree_table):
+    def options(solution: str) -> list[str]:
+        return ["c\n"] if solution.endswith("b\n") else ["Answer: 1\n"]
+
+    world = StepWorld(options, prompt=PROMPT)
+    plain = build_labels(tree_table, min_completions=2, policy=world, rewards={"p0": reward})
+    lab = build_labels(tree_table, min_completions=2, policy=world, rewards={"p0": reward},
+                       completion_rows=True).to_pydict()
+    tree_rows_ = [i for i, n in enumerate(lab["node"]) if n >= 0]
+    assert {k: [v[i] for i in tree_rows_] for k, v in lab.items()} == plain.to_pydict()  # tree labels unchanged
+    extra = [i for i, n in enumerate(lab["node"]) if n < 0]
+    # node 2's completion "c\nAnswer: 1\n" -> two rows on one sequence; node 5's two completions -> one row each
+    assert [lab["step"][i] for i in extra] == ["c\n", "Answer: 1\n", "Answer: 1\n", "Answer: 1\n"]
+    assert [lab["node"][i] for i in extra] == [-1, -2, -3, -4] and [lab["owner"][i] for i in extra] == [-2, -2, -3, -4]
+    assert [lab["depth"][i] for i in extra] == [2, 3, 3, 3] and [lab["orm"][i] for i in extra] == [None, 1.0, 1.0, 1.0]
+    assert [lab["value"][i] for i in extra] == [1.0] * 4 and [lab["terminal"][i] for i in extra] == [0, 1, 1, 1]
+    i = extra[1]
+    assert dec(lab["tokens"][i]) == "Q\nb\nc\nAnswer: 1\n" and lab["prefix_len"][i] == len("Q\nb\nc\n")
+    assert lab["parent"][i] == lab["node"][i]  # its own parent: no sibling pairs with tree steps
+    assert label_counts(pa_table(lab))["completion_rows"] == 4
+
+
+def pa_table(cols):
+    import pyarrow as pa
+
+    from arbor.critics.labels import LABEL_SCHEMA
+
+    return pa.table(cols, schema=LABEL_SCHEMA)
+
+
 def test_split_is_by_problem_deterministic_and_complete():
     ids = [f"p{i}" for i in range(40)]
     a = assign_splits(ids, heldout_fraction=0.25, val_fraction=0.15, seed=3)
@@ -113,4 +143,4 @@ def test_label_set_opens_with_datasets(tree_table, tmp_path):
     assert ds.num_rows == 6 and set(ds.column_names) >= {"problem_id", "node", "depth", "n_completions", "prefix",
                                                          "step", "value", "prm_soft", "prm_hard", "orm"}
     assert label_counts(table) == {"value_n": 6, "value_pos": 5, "prm_n": 5, "prm_pos": 4, "orm_n": 3,
-                                   "orm_pos": 2, "problems": 1}
+                                   "orm_pos": 2, "problems": 1, "completion_rows": 0}

@@ -31,6 +31,8 @@ class CriticsConfig:
     min_completions: int = _f(4, "Extra policy completions from a node with fewer terminal descendants than this "
                                  "(0 = labels from the trees only).", min=0)
     completion_tokens: int = _f(96, "Longest extra completion, in tokens.", min=1)
+    completion_rows: bool = _f(False, "Also train on each extra completion's steps and outcome (one-sample MC "
+                                      "labels; several times the outcome labels, no extra policy compute).")
     heldout_fraction: float = _f(0.25, "Fraction of problems held out for the reported metrics (split by "
                                        "problem, never by node).", gt=0.0, max=0.9)
     val_fraction: float = _f(0.15, "Fraction of the remaining problems used for early stopping.", gt=0.0, max=0.9)

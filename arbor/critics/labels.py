@@ -19,6 +19,13 @@ id from the prompt through the step) and owner. `owner` packs the labels into fe
 each node is owned by the leaf reached by following first children, so the owner's token path contains the
 node's and every node is labelled in exactly one sequence (`path_owner`). Label sets are parquet, open with
 `datasets.load_dataset("parquet", data_files=...)`, and are split by problem (`assign_splits`), never by node.
+
+Completion rows (`build_labels(completion_rows=True)`): the extra completions are whole solutions with a known
+outcome, so each can also train the critics directly: one row per step of the completion (split as the tree
+splits steps, `step_ends`), node = a negative id (never a tree node), value = prm_soft = prm_hard = its outcome
+(a one-sample Monte Carlo label: unbiased, noisy), orm at its last step; the rows of one completion share one
+owner (one training sequence) and each row is its own parent (no sibling pairs). They multiply the outcome
+labels several times at no extra policy compute; metrics are only ever taken on tree nodes (node >= 0).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numba as nb
 import numpy as np
@@ -141,13 +149,36 @@ class TreeArrays:
         return "".join(self.step_text[n] for n in self.path(node)[1:])
 
 
+def step_ends(token_ids: Sequence[int], piece: Callable[[int], str], *, step_tokens: int,
+              is_terminal: Callable[[str], bool]) -> list[int]:
+    """Exclusive end index of each step of `token_ids` [T] as the search tree splits a path (a step ends after a
+    token whose text `piece(t)` holds a newline, or after `step_tokens` tokens), cut after the first step that
+    `is_terminal` accepts.
+
+    >>> step_ends([1, 10, 2, 10, 3], lambda t: "\\n" if t == 10 else "x", step_tokens=8, is_terminal=lambda s: False)
+    [2, 4, 5]
+    """
+    ends: list[int] = []
+    start, text = 0, ""
+    for i, t in enumerate(token_ids):
+        p = piece(int(t))
+        text += p
+        if "\n" in p or i + 1 - start >= step_tokens or i + 1 == len(token_ids):
+            ends.append(i + 1)
+            if is_terminal(text):
+                break
+            start, text = i + 1, ""
+    return ends
+
+
 def extra_completions(trees: Sequence[TreeArrays], needs: Sequence[np.ndarray], *, policy: Policy,
                       rewards: Sequence[Callable[[str], float]], max_tokens: int, step_tokens: int, seed: int,
-                      rows_per_call: int = 256, progress: bool = False,
+                      rows_per_call: int = 256, progress: bool = False, sink: list | None = None,
                       ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Sample `needs[t][i]` completions from node i of tree t, each ended at its first terminal step line (as a
     fast rollout is), batched across trees in `Policy.expand` calls of about `rows_per_call` sequences; scored by
-    `rewards[t]`. Returns (extra_n, extra_correct, extra_sum), each [N_t], per tree."""
+    `rewards[t]`. Returns (extra_n, extra_correct, extra_sum), each [N_t], per tree. `sink`: when given, gets
+    one (tree index, node, continuation, reward) per completion."""
     out = [(np.zeros(len(t), np.int64), np.zeros(len(t), np.int64), np.zeros(len(t), np.float64)) for t in trees]
     jobs = [(t, int(i), int(need[i])) for t, need in enumerate(needs) for i in np.flatnonzero(need > 0)]
     stop = StopRule(at_newline=False, max_new_tokens=max_tokens, line_tokens=step_tokens,
@@ -171,6 +202,8 @@ def extra_completions(trees: Sequence[TreeArrays], needs: Sequence[np.ndarray], 
         for (t, i, _), cs in zip(chunk, conts, strict=True):
             prefix = trees[t].solution_text(i)
             got = [float(rewards[t](prefix + c.text)) for c in cs]
+            if sink is not None:
+                sink.extend((t, i, c, r) for c, r in zip(cs, got, strict=True))
             out[t][0][i] = len(got)
             out[t][1][i] = sum(is_solved(r) for r in got)
             out[t][2][i] = float(np.sum(got))
@@ -210,13 +243,42 @@ def tree_labels(tree: TreeArrays, extra: tuple[np.ndarray, np.ndarray, np.ndarra
     return cols
 
 
+def completion_labels(tree: TreeArrays, node: int, cont: Any, reward: float, first_id: int, *,
+                      piece: Callable[[int], str], step_tokens: int, eos_token_id: int | None) -> dict[str, list]:
+    """Label columns of one extra completion from `node` (module docstring, "Completion rows"): one row per step,
+    node ids first_id, first_id - 1, ... (negative), owner = the id of its last row."""
+    toks = list(cont.token_ids)
+    if toks and cont.finish == "eos" and toks[-1] == eos_token_id:
+        toks = toks[:-1]
+    ends = step_ends(toks, piece, step_tokens=step_tokens, is_terminal=is_terminal_step)
+    cols: dict[str, list] = {name: [] for name in LABEL_SCHEMA.names}
+    path = tree.path_tokens(node).tolist()
+    solved = float(is_solved(reward))
+    prefix = "".join(tree.step_text[m] for m in tree.path(node))
+    for j, e in enumerate(ends):
+        start = ends[j - 1] if j else 0
+        step = "".join(piece(t) for t in toks[start:e])
+        last = j + 1 == len(ends)
+        row = {"problem_id": tree.problem_id, "node": first_id - j, "parent": first_id - j,
+               "depth": int(tree.depth[node]) + j + 1, "terminal": last, "n_completions": 1, "n_extra": 0,
+               "n_correct": int(solved), "value": float(reward), "prm_soft": solved, "prm_hard": solved,
+               "orm": solved if last else None, "prefix": prefix, "step": step, "prefix_len": len(path) + start,
+               "tokens": path + toks[:e], "owner": first_id - len(ends) + 1}
+        prefix += step
+        for k, v in row.items():
+            cols[k].append(v)
+    return cols
+
+
 def build_labels(trees: pa.Table, *, min_completions: int = 0, policy: Policy | None = None,
                  rewards: dict[str, Callable[[str], float]] | None = None, completion_tokens: int = 96,
-                 step_tokens: int = 32, seed: int = 0, rows_per_call: int = 256, progress: bool = False) -> pa.Table:
+                 step_tokens: int = 32, seed: int = 0, rows_per_call: int = 256, progress: bool = False,
+                 completion_rows: bool = False) -> pa.Table:
     """The label table of every tree in `trees` (rows of arbor/mcts/treeio.py, any number of problems).
 
     With `min_completions` > 0, nodes with fewer completions in the tree get extra ones from `policy` (batched
-    across problems), scored by `rewards[problem_id](solution text)` (the task's oracle reward).
+    across problems), scored by `rewards[problem_id](solution text)` (the task's oracle reward); with
+    `completion_rows` each of them also becomes labelled rows of its own (module docstring).
     """
     if min_completions > 0 and (policy is None or rewards is None):
         raise ValueError("min_completions > 0 needs a policy and the problems' reward functions")
@@ -230,11 +292,22 @@ def build_labels(trees: pa.Table, *, min_completions: int = 0, policy: Policy | 
             z = np.zeros(len(t), np.int64)
             cnt, _, _ = mc_counts(t.parent, t.terminal, t.reward, t.solved, z, z, z.astype(np.float64))
             needs.append(np.where(t.terminal, 0, np.maximum(0, min_completions - cnt)))
+        sink: list | None = [] if completion_rows else None
         extras = list(extra_completions(arrays, needs, policy=policy, rewards=[rewards[p] for p in pids],  # type: ignore
                                         max_tokens=completion_tokens, step_tokens=step_tokens, seed=seed,
-                                        rows_per_call=rows_per_call, progress=progress))
+                                        rows_per_call=rows_per_call, progress=progress, sink=sink))
     decode = policy.decode if policy is not None else None
     parts = [tree_labels(t, e, decode=decode) for t, e in zip(arrays, extras, strict=True)]
+    if min_completions > 0 and completion_rows:
+        from functools import lru_cache
+
+        piece = lru_cache(maxsize=None)(lambda t: policy.decode([t]))  # type: ignore[union-attr]
+        next_id = [-1] * len(arrays)
+        for t, node, cont, reward in sink:  # type: ignore[union-attr]
+            cols = completion_labels(arrays[t], node, cont, reward, next_id[t], piece=piece, step_tokens=step_tokens,
+                                     eos_token_id=policy.eos_token_id)  # type: ignore[union-attr]
+            next_id[t] -= len(cols["node"])
+            parts.append(cols)
     cols = {name: [v for p in parts for v in p[name]] for name in LABEL_SCHEMA.names}
     return pa.table(cols, schema=LABEL_SCHEMA)
 
@@ -257,12 +330,15 @@ def write_labels(path: str | Path, table: pa.Table) -> None:
 
 
 def label_counts(table: pa.Table) -> dict[str, int]:
-    """Rows and positives per critic: value (V >= 0.5), prm (hard label, steps only), orm (terminals)."""
-    d = table.to_pydict()
+    """Rows and positives per critic over tree nodes: value (V >= 0.5), prm (hard label, steps only), orm
+    (terminals); `completion_rows`: the rows of extra completions (not counted above)."""
+    node = table.column("node").to_numpy()
+    d = table.filter(pc.greater_equal(table.column("node"), 0)).to_pydict()
     depth = np.asarray(d["depth"])
     value = np.asarray(d["value"], np.float64)
     hard = np.asarray(d["prm_hard"], np.float64)
     orm = [x for x in d["orm"] if x is not None]
     return {"value_n": len(value), "value_pos": int((value >= 0.5).sum()),
             "prm_n": int((depth > 0).sum()), "prm_pos": int(hard[depth > 0].sum()),
-            "orm_n": len(orm), "orm_pos": int(sum(orm)), "problems": len(set(d["problem_id"]))}
+            "orm_n": len(orm), "orm_pos": int(sum(orm)), "problems": len(set(d["problem_id"])),
+            "completion_rows": int((node < 0).sum())}

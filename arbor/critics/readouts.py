@@ -8,12 +8,12 @@ Given the k complete solutions a policy sampled for one problem (the samples beh
 - `prm_min_best_of_n` / `prm_last_best_of_n`: the sample whose PRM aggregate is highest, aggregate = min over
   its steps (Lightman et al. 2023) or the last step's score (Math-Shepherd's / Wang et al. 2024 "last").
 
-Each sample is split into steps as the search tree splits a path (a step ends after a token whose text holds a
-newline, or after `step_tokens` tokens) and cut after its first terminal step (the answer line, as a tree path
-ends); a trailing EOS is not fed. The critics read the samples with prefix caching: the prompt once per problem,
-then each step on top of its parent's cached KV (`CachedCritic.score`, fed level by level), so every distinct
-sample token passes each critic backbone once; that work is `critic_forward_tokens`. Ties go to the first
-sample.
+Each sample is split into steps as the search tree splits a path (`arbor.critics.labels.step_ends`: a step
+ends after a token whose text holds a newline, or after `step_tokens` tokens) and cut after its first terminal
+step (the answer line, as a tree path ends); a trailing EOS is not fed. The critics read the samples with
+prefix caching: the prompt once per problem, then each step on top of its parent's cached KV
+(`CachedCritic.score`, fed level by level), so every distinct sample token passes each critic backbone once;
+that work is `critic_forward_tokens`. Ties go to the first sample.
 """
 
 from __future__ import annotations
@@ -23,31 +23,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from arbor.critics.labels import step_ends
 from arbor.critics.scorer import CachedCritic
 from arbor.lm.base import Continuation
 
 READOUTS = ("orm_best_of_n", "orm_vote", "prm_min_best_of_n", "prm_last_best_of_n")
-
-
-def step_ends(token_ids: Sequence[int], piece: Callable[[int], str], *, step_tokens: int,
-              is_terminal: Callable[[str], bool]) -> list[int]:
-    """Exclusive end index of each step of `token_ids` [T] (a step ends after a token whose text `piece(t)`
-    holds a newline, or after `step_tokens` tokens), cut after the first step that `is_terminal` accepts.
-
-    >>> step_ends([1, 10, 2, 10, 3], lambda t: "\\n" if t == 10 else "x", step_tokens=8, is_terminal=lambda s: False)
-    [2, 4, 5]
-    """
-    ends: list[int] = []
-    start, text = 0, ""
-    for i, t in enumerate(token_ids):
-        p = piece(int(t))
-        text += p
-        if "\n" in p or i + 1 - start >= step_tokens or i + 1 == len(token_ids):
-            ends.append(i + 1)
-            if is_terminal(text):
-                break
-            start, text = i + 1, ""
-    return ends
+__all__ = ["READOUTS", "SampleScores", "rerank", "score_samples", "step_ends"]
 
 
 @dataclass

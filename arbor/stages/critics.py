@@ -65,15 +65,20 @@ def held_out_metrics(models: dict[str, CriticModel], labels: Any, items: list[di
 
 def split_items(labels: Any, split: dict[str, str], c: CriticsConfig) -> tuple[dict[str, Any], dict[str, list]]:
     """The label rows (pyarrow tables) and packed training items (arbor/train/critic.py) of each split named in
-    `split` (problem_id -> train | val | heldout)."""
+    `split` (problem_id -> train | val | heldout). Completion rows (node < 0) train and validate only with
+    `c.completion_rows`, and never enter the held-out metrics."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     from arbor.train.critic import pack_problems
 
+    if not c.completion_rows:
+        labels = labels.filter(pc.greater_equal(labels.column("node"), 0))
     col = labels.column("problem_id")
     parts = {s: labels.filter(pc.is_in(col, pa.array([p for p, x in split.items() if x == s])))
              for s in dict.fromkeys(split.values())}
+    if "heldout" in parts:
+        parts["heldout"] = parts["heldout"].filter(pc.greater_equal(parts["heldout"].column("node"), 0))
     items = {s: pack_problems(t, prm_label=c.prm_label, pair_margin=c.pair_margin) for s, t in parts.items()}
     return parts, items
 
@@ -125,7 +130,7 @@ def run(cfg: ArborConfig, *, trees_dir: str | Path, policy_dir: str | Path, trai
     seed = derive_seed(cfg.seed, "critics", iteration)
     labels = build_labels(trees, min_completions=c.min_completions, policy=policy, rewards=rewards,
                           completion_tokens=c.completion_tokens, step_tokens=cfg.search.eta.step_tokens, seed=seed,
-                          progress=True)
+                          progress=True, completion_rows=c.completion_rows)
     t_labels = time.perf_counter() - t0
     split = assign_splits(pids, heldout_fraction=c.heldout_fraction, val_fraction=c.val_fraction, seed=seed)
     parts, items = split_items(labels, split, c)
