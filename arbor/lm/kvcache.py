@@ -312,17 +312,18 @@ class KVStore:
 
     # -- batches -----------------------------------------------------------------------------------------------
     @staticmethod
-    def gather(anchors: Sequence[KVChunk | None], width: int | None = None
-               ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-        """One gather of each anchor's prefix KV into a preallocated, left-padded batch: per layer (keys, values)
-        [R, H, W, D], W = `width` or the longest prefix; and the attention mask [R, W] (1 on real slots). A None
-        anchor is an empty prefix. Consecutive rows with the same anchor share one concatenation of its chain."""
+    def gather(anchors: Sequence[KVChunk | None], width: int | None = None, extra: int = 0,
+               ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """One gather of each anchor's prefix KV into preallocated, left-padded batch buffers: per layer one
+        [2, R, H, W + extra, D] (keys, values; W = `width` or the longest prefix, `extra` positions reserved for
+        decoding, see arbor/lm/batchcache.py), and the attention mask [R, W] (1 on real slots). A None anchor is
+        an empty prefix. Consecutive rows with the same anchor share one concatenation of its chain."""
         real = [a for a in anchors if a is not None]
         width = max(a.end for a in real) if width is None else width
         kv0 = real[0].kv
         assert kv0 is not None
         n_layers, _, heads, _, dim = kv0.shape
-        bufs = [kv0.new_zeros((2, len(anchors), heads, width, dim)) for _ in range(n_layers)]
+        bufs = [kv0.new_zeros((2, len(anchors), heads, width + extra, dim)) for _ in range(n_layers)]
         mask = torch.zeros((len(anchors), width), dtype=torch.long, device=kv0.device)
         prev, full = None, kv0
         for r, a in enumerate(anchors):
@@ -333,9 +334,9 @@ class KVStore:
                 full = chain[0].kv if len(chain) == 1 else torch.cat([c.kv for c in chain], dim=3)  # type: ignore[misc]
                 prev = a
             for li in range(n_layers):
-                bufs[li][:, r, :, width - a.end :] = full[li]
+                bufs[li][:, r, :, width - a.end : width] = full[li]
             mask[r, width - a.end :] = 1
-        return [(b[0], b[1]) for b in bufs], mask
+        return bufs, mask
 
     # -- detached whole-prefix states (critics) ----------------------------------------------------------------
     def get(self, key: Hashable) -> PrefixState | None:

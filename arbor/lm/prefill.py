@@ -13,6 +13,7 @@ from collections.abc import Hashable, Sequence
 import torch
 from transformers import DynamicCache
 
+from arbor.lm.batchcache import reserved_cache
 from arbor.lm.kvcache import KVChunk, KVStore
 from arbor.lm.trie import Runner, batch_bytes
 
@@ -92,8 +93,8 @@ def extend(runner: Runner, store: KVStore, jobs: Sequence[tuple[KVChunk | None, 
     r = len(jobs)
     bases = [b for b, _, _ in jobs]
     if width > 0:
-        layers, pmask = KVStore.gather(bases, width)
-        cache: DynamicCache | None = DynamicCache(ddp_cache_data=layers)
+        bufs, pmask = KVStore.gather(bases, width, extra=span)
+        cache: DynamicCache | None = reserved_cache(bufs, width)
     else:
         pmask, cache = torch.zeros((r, 0), dtype=torch.long), None
     dev = pmask.device

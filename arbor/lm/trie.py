@@ -31,6 +31,7 @@ import torch
 from transformers import DynamicCache
 
 from arbor.lm.base import Continuation, Excluded, StopRule, TokenCounters
+from arbor.lm.batchcache import reserve, reserved_cache
 from arbor.lm.kvcache import Cursor, KVChunk, KVStore, prefix_key
 
 OPEN, ENDED, CLOSING = 0, 1, 2
@@ -59,8 +60,8 @@ class Runner(Protocol):
 
 
 def batch_bytes(rows: int, width: int, kv_token_bytes: int, num_layers: int) -> int:
-    """Working memory of a decoding batch of `rows` x `width` cached positions: its KV, plus one layer's copy while
-    a step concatenates the new position (DynamicCache) or selects rows."""
+    """Working memory of a decoding batch of `rows` x `width` cached positions: its KV buffers
+    (arbor/lm/batchcache.py), plus one layer's copy while rows are selected."""
     return rows * width * kv_token_bytes * (num_layers + 1) // max(num_layers, 1)
 
 
@@ -140,8 +141,8 @@ class TrieSampler:
         for r in rows:
             self.store.pin(r.anchor)  # type: ignore[arg-type]
         if rows:
-            layers, mask = KVStore.gather([r.anchor for r in rows])  # type: ignore[misc]
-            self._decode(rows, DynamicCache(ddp_cache_data=layers), mask, mask.sum(1))
+            bufs, mask = KVStore.gather([r.anchor for r in rows], extra=self.stop.max_new_tokens)  # type: ignore[misc]
+            self._decode(rows, reserved_cache(bufs, mask.shape[1]), mask, mask.sum(1))
 
     def from_prefill(self, last_hidden: torch.Tensor, cache: DynamicCache, mask: torch.Tensor,
                      next_pos: torch.Tensor) -> None:
@@ -158,6 +159,7 @@ class TrieSampler:
                 rows.append(_Row(g, None, t, status == CLOSING))
                 keep.append(j)
         if rows:
+            cache = reserve(cache, self.stop.max_new_tokens)
             if len(keep) < len(groups):
                 idx = torch.tensor(keep, device=mask.device)
                 cache.batch_select_indices(idx)

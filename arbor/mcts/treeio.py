@@ -66,6 +66,8 @@ def write_trees(path: str | Path, parts: Sequence[dict[str, list]]) -> None:
     table = pa.table(cols, schema=SCHEMA)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
+    del table, cols
+    pa.default_memory_pool().release_unused()  # arrow's pool would keep the write's pages (RSS) across problems
 
 
 def read_trees(path: str | Path) -> pa.Table:
