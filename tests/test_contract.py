@@ -1,4 +1,5 @@
-"""The HF transformers backend passes the backend contract (tests/contract.py), on both tiny architectures."""
+"""The HF transformers backend passes the backend contract (tests/contract.py), on both tiny architectures (GPT-2
+with the slow tests: the suite takes ~15 s of CPU per architecture)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from .contract import Backend, PolicyContract
 
 
 class TestHFBackendContract(PolicyContract):
-    @pytest.fixture(scope="class", params=["llama", "gpt2"])
+    @pytest.fixture(scope="class", params=["llama", pytest.param("gpt2", marks=pytest.mark.slow)])
     def backend(self, request: pytest.FixtureRequest, char_tok) -> Backend:
         model = tiny_model(char_tok, request.param, seed=7)
         return Backend(make=lambda: HFPolicy(model, char_tok), store=KVStore, evict=KVStore.clear)

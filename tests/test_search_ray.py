@@ -1,7 +1,11 @@
 """Stage `search` on a local 2-worker Ray (`search.executor: ray`) writes the same trees as the local executor,
-and resumes an output the local executor left unfinished (issue #14)."""
+and resumes an output the local executor left unfinished; a lost actor's item is redone (issue #14)."""
 
+import os
 import shutil
+import sys
+from collections.abc import Callable
+from functools import partial
 
 import pyarrow.parquet as pq
 import pytest
@@ -39,10 +43,11 @@ def one_thread():
 
 
 @pytest.fixture()
-def local_ray():
+def local_ray(monkeypatch):
     """One local Ray (2 CPUs) for the test's runs; the executor uses a Ray that is already up and leaves it up."""
     import ray
 
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # never a cluster the environment points at
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
@@ -84,3 +89,27 @@ def test_unknown_executor_and_missing_ray_are_one_clear_error(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
     with pytest.raises(ArborInputError, match=r"search.executor=ray needs the ray package"):
         Executor("ray")
+
+
+def _dies_once_on_item_1(marker: str) -> Callable[[int], tuple[int, int]]:
+    """A worker whose process dies the first time it meets item 1 (as a lost node would)."""
+
+    def work(i: int) -> tuple[int, int]:
+        if i == 1 and not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)
+        return i, os.getpid()
+
+    return work
+
+
+@pytest.mark.slow
+def test_a_lost_ray_actor_is_restarted_and_its_item_redone(tmp_path, local_ray):
+    import ray
+
+    from arbor.pipeline.executors import Executor
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
+    got = dict(Executor("ray", workers=1).map([0, 1, 2], partial(_dies_once_on_item_1, str(tmp_path / "died"))))
+    assert sorted(got) == [0, 1, 2] and (tmp_path / "died").exists()
+    assert got[0][1] != got[2][1]  # item 2 ran in the restarted actor
