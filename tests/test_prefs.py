@@ -66,9 +66,33 @@ def test_mc_values_and_sibling_pairs_by_hand(tmp_path):
     assert sibling_pairs(t.parent, value, 0.5)[1].tolist() == [1, 4]  # a gap equal to the margin counts
 
 
+def test_policy_values_weight_children_by_the_policy(tmp_path):
+    """0 ─┬─ 1 "a" ─┬─ 3 "Answer: 1" p=0.9 (1)     policy value of 1: 0.9 (plain mean: 1/3)
+          │         ├─ 4 "Answer: 2" p=0.05 (0)
+          │         └─ 5 "Answer: 11" p=0.05 (0)
+          └─ 2 "b" ── 6 "c" ─┬─ 7 "Answer: 3" log p=-1000 (1)   log-priors far below float range still
+                             └─ 8 "Answer: 4" log p=-1001 (0)   weigh e^0 : e^-1"""
+    tree = new_tree(16, 256, enc(PROMPT))
+    for parent, text, lp, terminal, reward in [
+            (0, "a\n", -0.1, False, np.nan), (0, "b\n", -2.0, False, np.nan),
+            (1, "Answer: 1\n", math.log(0.9), True, 1.0), (1, "Answer: 2\n", math.log(0.05), True, 0.0),
+            (1, "Answer: 11\n", math.log(0.05), True, 0.0), (2, "c\n", 0.0, False, np.nan),
+            (6, "Answer: 3\n", -1000.0, True, 1.0), (6, "Answer: 4\n", -1001.0, True, 0.0)]:
+        add_child(tree, parent, enc(text), log_prior=lp, terminal=terminal, reward=reward)
+    write_trees(tmp_path / "w.parquet", [tree_rows("w", tree, dec)])
+    t = ScoredTree(read_tree_files([tmp_path / "w.parquet"]))
+    v, _ = node_values(t, "policy")
+    deep = 1 / (1 + math.exp(-1))
+    p1, p2 = math.exp(-0.1), math.exp(-2.0)
+    assert v[[1, 2, 6, 3, 4]] == pytest.approx([0.9, deep, deep, 1.0, 0.0])
+    assert v[0] == pytest.approx((p1 * 0.9 + p2 * deep) / (p1 + p2))
+    assert node_values(t, "mc")[0][1] == pytest.approx(1 / 3)
+    assert tree_pairs(t, PrefsConfig(value="policy", margin=0.3))["chosen_node"] == [3, 3, 7]  # root gap 0.17
+
+
 def test_pairs_rows_depth_gap_and_tokens(tmp_path):
     t = scored(tmp_path)
-    cols = tree_pairs(t, PrefsConfig(margin=0.3))
+    cols = tree_pairs(t, PrefsConfig(value="mc", margin=0.3))
     assert cols["depth"] == [1, 2] and cols["gap"] == [0.5, 1.0] and cols["node"] == [0, 1]
     assert cols["prefix"] == ["Q\n", "Q\na\n"] and cols["chosen"] == ["a\n", "Answer: 1\n"]
     assert cols["rejected"] == ["b\n", "Answer: 2\n"]
@@ -76,7 +100,7 @@ def test_pairs_rows_depth_gap_and_tokens(tmp_path):
     assert cols["chosen_terminals"] == [2, 1] and cols["rejected_terminals"] == [2, 1]
     assert dec(cols["prefix_ids"][1]) == "Q\na\n" and dec(cols["chosen_ids"][1]) == "Answer: 1\n"
     # every step needs 2 terminals below it: only the root's pair is left
-    assert tree_pairs(t, PrefsConfig(margin=0.3, min_terminals=2))["chosen_node"] == [1]
+    assert tree_pairs(t, PrefsConfig(value="mc", margin=0.3, min_terminals=2))["chosen_node"] == [1]
     # values from the search's Q (1: 0.5, 2: 0.1, 3: 0.5; 4: 1, 5: 0, 6: 0.5) or the critic score
     q = tree_pairs(t, PrefsConfig(value="q", margin=0.3))
     assert list(zip(q["chosen_node"], q["rejected_node"], strict=True)) == [(1, 2), (3, 2), (4, 5), (4, 6), (6, 5)]

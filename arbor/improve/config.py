@@ -11,15 +11,17 @@ from dataclasses import dataclass
 from arbor.pipeline.fields import COUNT
 from arbor.pipeline.fields import config_field as _f
 
-VALUES = ("mc", "q", "critic")
+VALUES = ("policy", "mc", "q", "critic")
 
 
 @dataclass
 class PrefsConfig:
     """Stage `prefs`: step-level preference pairs from sibling subtrees, and the Tree-GRPO trajectory view."""
 
-    value: str = _f("mc", "What a step is worth: mc (mean outcome reward of the terminals below it) | q (the "
-                          "search's backed-up Q) | critic (the node's critic score).", choices=VALUES)
+    value: str = _f("policy", "What a step is worth: policy (expected outcome below it, children weighted by the "
+                              "policy's probability) | mc (plain mean outcome reward of the terminals below it) | q "
+                              "(the search's backed-up Q) | critic (the node's critic score).", choices=VALUES)
     margin: float = _f(0.3, "Pair two sibling steps when their values differ by at least this.", gt=0.0, max=1.0)
-    min_terminals: int = _f(1, "value=mc: a step needs at least this many scored terminals below it.", **COUNT)
+    min_terminals: int = _f(1, "value=policy|mc: a step needs at least this many scored terminals below it.",
+                            **COUNT)
     max_pairs_per_node: int = _f(0, "Keep at most this many pairs per node, largest gaps first (0 = all).", min=0)

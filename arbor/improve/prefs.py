@@ -7,8 +7,15 @@ rejected = the worse), with `gap = v(chosen) - v(rejected)` (Step-DPO, arXiv 240
 pairs of AlphaLLM-style self-improvement; all depths are kept, depth is a column).
 
 A step's value v (`PrefsConfig.value`):
-- `mc`: the Monte Carlo mean outcome reward of the scored terminals in its subtree (`mc_counts` of
-  arbor/critics/labels.py); a step needs `min_terminals` of them, an unexpanded leaf has none (no value);
+- `policy`: the policy's expected outcome from the step, estimated on the tree: a scored terminal is worth its
+  reward, an inner node the average of its valued children weighted by the policy, P(a|s) renormalised over
+  them (softmax of their `log_prior`; `policy_values`). Search widens a node with steps sampled without
+  replacement, so the tree holds low-probability siblings far more often than the policy produces them (a
+  correct state's answer line gets "Answer: 11", "Answer: 2", ... beside the right one); weighting by the
+  policy undoes that, where a plain mean would count each forced wrong sibling as often as the likely one;
+- `mc`: the plain Monte Carlo mean outcome reward of the scored terminals in its subtree (`mc_counts` of
+  arbor/critics/labels.py);
+  with either, a step needs `min_terminals` scored terminals below it, an unexpanded leaf has none (no value);
 - `q`: the search's backed-up Q = W / N (includes the scorer's values of inner nodes), visited steps only;
 - `critic`: the node's own `critic_score` (the critic's estimate of the state after the step).
 
@@ -51,6 +58,7 @@ class ScoredTree(TreeArrays):
         self.q = col("q").to_numpy(zero_copy_only=False).astype(np.float64)
         self.critic_score = col("critic_score").to_numpy(zero_copy_only=False).astype(np.float64)
         self.group = col("group").to_numpy().astype(np.int32)
+        self.log_prior = col("log_prior").to_numpy(zero_copy_only=False).astype(np.float64)
 
     def path_ids(self, node: int) -> np.ndarray:
         """[L] token ids from the prompt through `node`'s step (numba path walk)."""
@@ -66,7 +74,10 @@ def node_values(tree: ScoredTree, how: str, min_terminals: int = 1) -> tuple[np.
     """(value [N] float64, NaN = no value; terminals [N] int64, scored terminals in each subtree)."""
     z = np.zeros(len(tree), np.int64)
     n, _, total = mc_counts(tree.parent, tree.terminal, tree.reward, tree.solved, z, z, z.astype(np.float64))
-    if how == "mc":
+    if how == "policy":
+        value = np.where(n >= min_terminals, policy_values(tree.parent, tree.log_prior, tree.terminal, tree.reward),
+                         np.nan)
+    elif how == "mc":
         with np.errstate(invalid="ignore", divide="ignore"):
             value = np.where(n >= min_terminals, total / np.maximum(n, 1), np.nan)
     elif how == "q":
@@ -74,8 +85,42 @@ def node_values(tree: ScoredTree, how: str, min_terminals: int = 1) -> tuple[np.
     elif how == "critic":
         value = tree.critic_score.copy()
     else:
-        raise ValueError(f"value={how!r}: expected one of mc, q, critic")
+        raise ValueError(f"value={how!r}: expected one of policy, mc, q, critic")
     return value, n
+
+
+@nb.njit(cache=True)
+def policy_values(parent, log_prior, terminal, reward):  # pragma: no cover - numba
+    """V [N] float64: reward at scored terminals; elsewhere sum_a w_a V(a) / sum_a w_a over the children a with
+    a value, w_a = exp(log_prior[a]) (a running log-sum-exp, so a 40-token step at -120 nats does not underflow;
+    children whose log-priors are all -inf weigh equally); NaN where no child has a value. parent [N] int32
+    (parent[i] < i), log_prior [N] float64, terminal [N] bool, reward [N] float (NaN = unscored)."""
+    n = parent.shape[0]
+    value = np.full(n, np.nan)
+    m = np.full(n, -np.inf)  # running max of the valued children's log-priors
+    s = np.zeros(n)  # sum of exp(log_prior - m)
+    w = np.zeros(n)  # sum of exp(log_prior - m) * V
+    count = np.zeros(n, np.int64)
+    for i in range(n - 1, -1, -1):  # children (higher index) are done before their parent
+        if terminal[i]:
+            if not np.isnan(reward[i]):
+                value[i] = reward[i]
+        elif count[i] > 0:
+            value[i] = w[i] / s[i] if s[i] > 0 else np.nan
+        p = parent[i]
+        if p < 0 or np.isnan(value[i]):
+            continue
+        lp = log_prior[i] if np.isfinite(log_prior[i]) else -1e300  # -inf (underflowed): weight ~0
+        if lp > m[p]:
+            scale = np.exp(m[p] - lp) if np.isfinite(m[p]) else 0.0
+            s[p] *= scale
+            w[p] *= scale
+            m[p] = lp
+        e = np.exp(lp - m[p])
+        s[p] += e
+        w[p] += e * value[i]
+        count[p] += 1
+    return value
 
 
 @nb.njit(cache=True)

@@ -1,1 +1,0 @@
-"""One module per `arbor <stage>` command (see arbor/cli.py)."""
