@@ -31,6 +31,7 @@ def test_items_name_their_predecessor():
     ("[{it: 1, prev: 1}]", "loop.iterations[0]: expected {'it': 1, 'prev': 0}"),
     ("[1, 2]", "expected a list of {it: k, prev: k-1} items"),
     ("3", "expected a list, got 3"),
+    ("[]", "expected at least one iteration"),
 ])
 def test_bad_iteration_lists_are_refused_by_key(tmp_path, yaml_items, fragment):
     p = tmp_path / "params.yaml"

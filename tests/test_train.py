@@ -10,9 +10,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from arbor.pipeline.config import ArborInputError, load_config
-from arbor.pipeline.manifest import verify, write_manifest
+from arbor.pipeline.manifest import read_manifest, verify, write_manifest
 from arbor.train import dpo, grpo
 from arbor.train.config import TrainConfig
 from arbor.train.dpo import StepDPOModule, attach_reference, dpo_loss
@@ -215,7 +216,7 @@ def test_killed_training_resumes_to_the_same_weights(workspace, monkeypatch, cap
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_train_stage_refuses_missing_or_empty_prefs(workspace):
+def test_train_stage_with_empty_prefs_keeps_the_policy_and_refuses_missing_ones(workspace):
     import pyarrow.parquet as pq
 
     from arbor.stages import train
@@ -227,8 +228,12 @@ def test_train_stage_refuses_missing_or_empty_prefs(workspace):
     pq.write_table(table.filter(pa.compute.less(table.column("reward"), 1.0)), empty / "trajectories.parquet")
     pq.write_table(pq.read_table(workspace / "prefs" / "pairs.parquet"), empty / "pairs.parquet")
     write_manifest(empty)
-    with pytest.raises(ArborInputError, match="no training items for train.objective=sft_best"):
-        train.run(cfg, prefs_dir=empty, policy_dir=workspace / "policy", out=workspace / "out")
+    # no training items: the loop goes on with policy_k = policy_{k-1}, marked untrained in metrics and manifest
+    m = train.run(cfg, prefs_dir=empty, policy_dir=workspace / "policy", out=workspace / "out")
+    assert m["trained"] is False and m["items"] == 0
+    assert read_manifest(workspace / "out")["meta"]["trained"] is False
+    a, b = (load_file(d / "model.safetensors") for d in (workspace / "policy", workspace / "out"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ArborInputError, match="damaged or incomplete"):
         train.run(cfg, prefs_dir=workspace / "trees_missing", policy_dir=workspace / "policy", out=workspace / "o")
-    assert not (workspace / "out").exists() and np.isfinite(TrainConfig().lr)
+    assert not (workspace / "o").exists() and np.isfinite(TrainConfig().lr)

@@ -32,6 +32,8 @@ def check_items(items: Any, where: str = "loop.iterations") -> None:
     """Raise `ConfigError` unless `items` is `iteration_items(len(items))` (consecutive, each naming k-1)."""
     if not isinstance(items, list) or any(not isinstance(x, dict) for x in items):
         raise ConfigError(f"{where}: expected a list of {{it: k, prev: k-1}} items, got {items!r}")
+    if not items:
+        raise ConfigError(f"{where}: expected at least one iteration (dvc.yaml's report reads the last one), got []")
     want = iteration_items(len(items))
     for i, (got, exp) in enumerate(zip(items, want, strict=True)):
         if got != exp:

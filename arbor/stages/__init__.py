@@ -1,0 +1,1 @@
+"""One module per `arbor <stage>` command (see arbor/cli.py)."""

@@ -97,10 +97,16 @@ def run(cfg: ArborConfig, *, prefs_dir: str | Path = "prefs/iter_1", policy_dir:
     pad_id, eos_id = int(tok.pad_token_id), int(tok.eos_token_id)  # type: ignore[attr-defined]
     obj = OBJECTIVES[t.objective]
     items = obj.training_items(pq.read_table(files[PAIRS]), pq.read_table(files[TRAJECTORIES]), t, eos_id)
-    if not items:
-        raise ArborInputError(f"{prefs_dir}: no training items for train.objective={t.objective} (no pairs, no "
-                              "trajectory with a non-zero advantage, or no path reaching train.sft_min_reward); "
-                              "search more problems or lower prefs.margin")
+    if not items:  # the loop goes on: policy_k = policy_{k-1}, said loudly and in the metrics
+        log.warning("train: %s: no training items for train.objective=%s (no pairs, no trajectory with a non-zero "
+                    "advantage, or no path reaching train.sft_min_reward); policy_%d is policy_%d unchanged. "
+                    "Search more problems or lower prefs.margin.", prefs_dir, t.objective, iteration, iteration - 1)
+        with atomic_path(out, is_dir=True) as tmp:
+            model.cpu().eval().save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)  # type: ignore[attr-defined]
+            write_manifest(tmp, {"stage": "train", "iteration": iteration, "objective": t.objective,
+                                 "trained": False})
+        return {"objective": t.objective, "items": 0, "trained": False, "wall_seconds": time.perf_counter() - t0}
     seed = derive_seed(cfg.seed, "train", iteration)
     seed_everything(seed)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
