@@ -102,7 +102,7 @@ def bench_steps(args: argparse.Namespace) -> dict[str, Any]:
 
     rows = []
     for rule in ("newline", "sentence"):
-        cfg = preset_config({"task.step_end": rule})
+        cfg = preset_config({"task.step_end": rule, "search.eta.num_simulations": args.simulations})
         tcfg = task_config(cfg, CANDIDATES[args.task])
         task, problems = build_task(tcfg), eval_problems(tcfg, args.n, cfg.seed)
         policy = load_policy(args.policy, cfg)
@@ -128,7 +128,8 @@ def bench_steps(args: argparse.Namespace) -> dict[str, Any]:
                      "mean_step_tokens": float(np.mean(step_lens)) if step_lens else 0.0,
                      "forward_tokens": policy.counters.forward_tokens, "wall_seconds": time.perf_counter() - t0})
         print(table(rows[-1:], list(rows[-1])), file=sys.stderr)
-    return {"rows": rows, "eta": yaml.safe_dump(vars(preset_config().search.eta), default_flow_style=True).strip()}
+    eta = vars(preset_config({"search.eta.num_simulations": args.simulations}).search.eta)
+    return {"rows": rows, "eta": yaml.safe_dump(eta, default_flow_style=True).strip()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -142,7 +143,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-new-tokens", type=int, default=160)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
-    p.add_argument("--task", default="chain_sum", choices=list(CANDIDATES), help="steps: the task searched.")
+    p.add_argument("--task", default="basic_arithmetic", choices=list(CANDIDATES), help="steps: the task searched.")
+    p.add_argument("--simulations", type=int, default=16, help="steps: eta-MCTS simulations per problem.")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared CPU).")
     args = p.parse_args(argv)
     args.n = args.n or (24 if args.what == "tasks" else 12)
