@@ -136,6 +136,8 @@ def main() -> None:
     ap.add_argument("--problems", type=int, nargs="+", default=[64])
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="critics.<KEY> overrides applied to every variant (e.g. problems_per_batch=1).")
     ap.add_argument("--ceiling", type=int, default=0, help="Fresh completions per held-out node for the label-noise "
                                                           "ceiling (0 = skip).")
     ap.add_argument("--name", default="critics", help="bench/results/<name>.json")
@@ -153,7 +155,8 @@ def main() -> None:
     from .common import save, table
 
     torch.set_num_threads(args.threads)
-    cfg = load_config(args.params if Path(args.params).exists() else None)
+    cfg = load_config(args.params if Path(args.params).exists() else None,
+                      {f"critics.{kv.split('=', 1)[0]}": kv.split("=", 1)[1] for kv in args.set})
     labels = labels_for(args, cfg, max(args.problems))
     pids = list(dict.fromkeys(labels.column("problem_id").to_pylist()))
     seed = derive_seed(cfg.seed, "critics", 0)
@@ -177,7 +180,8 @@ def main() -> None:
             fit, _ = held_out_metrics(models, seen["heldout"], seen_items["heldout"], c)  # tree nodes of train
             metrics |= {f"train_{k}_auroc": fit[f"{k}_auroc"] for k in ("value", "prm", "orm")}
             counts = label_counts(parts["train"])
-            rows.append({"problems": n, "variant": name, **metrics, "train_seconds": time.perf_counter() - t0,
+            rows.append({"problems": n, "variant": " ".join([name, *args.set]), **metrics,
+                         "train_seconds": time.perf_counter() - t0,
                          "epochs": summary["critic_epochs"], "best_epoch": summary["critic_best_epoch"],
                          "train_problems": counts["problems"], "heldout_problems": len(items["heldout"]),
                          "train_value_n": counts["value_n"], "train_prm_n": counts["prm_n"],

@@ -134,6 +134,8 @@ def test_evaluate_with_critics_writes_the_readouts(world, tmp_path):
         assert key in m, key
     assert all(0.0 <= m[k] <= 1.0 for k in READOUTS)
     assert m["search_scorer"] == "critics" and m["search_critic_forward_tokens"] > 0
+    # decoding has no gold: every stored token (terminals included) passes the shared critic once
+    assert 0.9 <= m["search_critic_token_ratio"] <= 1.05 and m["search_stored_tokens"] > 0
     assert m["rerank_critic_forward_tokens"] > 0 and m["samples_forward_tokens"] > 0
     assert m["forward_tokens"] == m["samples_forward_tokens"] + m["greedy_forward_tokens"]  # samples drawn once
 

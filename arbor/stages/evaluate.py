@@ -126,8 +126,9 @@ def search_decode(policy: Policy, task: Task, problems: Sequence[Problem], *, et
 
     Prefix states live in one KV store of `kv_budget_mb` (the search stage's `search.kv_budget_mb`), emptied
     after each problem; terminal steps store none (the builder tells the policy they end a trajectory).
-    Token work (`search_forward_tokens`, `search_padded_kv_positions`, `search_critic_forward_tokens`) and the
-    store's peak are reported.
+    Token work (`search_forward_tokens`, `search_padded_kv_positions`, `search_critic_forward_tokens`), the
+    tokens stored in the trees (`search_stored_tokens`, prompt once + every step; `search_critic_token_ratio` =
+    critic forward / stored tokens) and the store's peak are reported.
     """
     from arbor.lm.kvcache import KVStore
     from arbor.mcts.scoring import LikelihoodScorer
@@ -139,9 +140,11 @@ def search_decode(policy: Policy, task: Task, problems: Sequence[Problem], *, et
     critic_before = scorer.critic_forward_tokens if scorer is not None else 0
     t0 = time.perf_counter()
     ok = Counter()
+    stored = 0
     for i, p in enumerate(problems):
         res = eta_mcts(policy, policy.encode_prompt(task.prompt(p)), scorer=scorer or LikelihoodScorer(policy),
                        is_terminal=is_terminal_step, cfg=eta, seed=seed + i, store=store)
+        stored += res.builder.tree.num_tokens
         store.clear()  # another problem's prefixes are never reused
         if scorer is not None:
             scorer.clear()
@@ -150,12 +153,14 @@ def search_decode(policy: Policy, task: Task, problems: Sequence[Problem], *, et
         ok["search_vote_pass1"] += res.vote_answer is not None and task.is_correct(p, f"Answer: {res.vote_answer}\n")
     n = len(problems)
     used = policy.counters.since(before)
+    critic = 0 if scorer is None else scorer.critic_forward_tokens - critic_before
     return {**{k: ok[k] / n for k in ("search_pass1", "search_best_pass1", "search_vote_pass1")},
             "search_forward_tokens": used.forward_tokens, "search_padded_kv_positions": used.padded_kv_positions,
             "search_cache_misses": used.cache_misses, "search_kv_evictions": store.evictions,
             "search_kv_peak_mb": store.peak_nbytes / 2**20,
             "search_simulations": simulations, "search_scorer": "likelihood" if scorer is None else "critics",
-            "search_critic_forward_tokens": 0 if scorer is None else scorer.critic_forward_tokens - critic_before,
+            "search_critic_forward_tokens": critic, "search_stored_tokens": stored,
+            "search_critic_token_ratio": critic / max(1, stored),
             "search_wall_seconds": time.perf_counter() - t0}
 
 
