@@ -50,7 +50,7 @@ def _project(tmp_path: Path, copy_source: bool = False) -> Path:
 def _run(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("ARBOR_") and k != "MLFLOW_TRACKING_URI"}
     full_env = {**full_env, "PATH": str(BIN) + os.pathsep + os.environ["PATH"], **env}
-    r = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, f"{cmd} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r
 
