@@ -341,23 +341,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return str(value)
-    if tp is dict or origin is dict:
+    container = dict if (tp is dict or origin is dict) else list if (tp is list or origin is list) else None
+    if container is not None:  # a YAML mapping / list, in the params file or as command-line YAML text
+        kind = "mapping" if container is dict else "list"
         if isinstance(value, str):
             try:
                 value = parse_yaml(value)
             except yaml.YAMLError as e:
-                raise ConfigError(f"{where}: expected a YAML mapping, got {value!r} ({_one_line(e)})") from None
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return value
-    if tp is list or origin is list:
-        if isinstance(value, str):
-            try:
-                value = parse_yaml(value)
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{where}: expected a YAML list, got {value!r} ({_one_line(e)})") from None
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+                raise ConfigError(f"{where}: expected a YAML {kind}, got {value!r} ({_one_line(e)})") from None
+        if not isinstance(value, container):
+            raise ConfigError(f"{where}: expected a {kind}, got {value!r}")
         return value
     raise ConfigError(f"{where}: unsupported type {tp}")
 

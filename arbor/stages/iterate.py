@@ -17,9 +17,9 @@ import sys
 from collections.abc import Sequence
 
 from arbor.pipeline.config import load_config
-from arbor.pipeline.lock import lock_or_exit
+from arbor.pipeline.lock import ProjectLock
 from arbor.pipeline.loop import write_more_iterations
-from arbor.stages.run import run_pipeline
+from arbor.stages.run import locked, run_pipeline
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -33,16 +33,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.more < 0:
         p.error(f"--more {a.more}: expected an integer >= 0")
     before = load_config(a.params).loop.count
-    lock = lock_or_exit("arbor iterate")
-    try:
+
+    def body(lock: ProjectLock) -> int:
         count = write_more_iterations(a.params, a.more) if a.more else before
         print(f"arbor iterate: {a.params}: loop.iterations {before} -> {count}", file=sys.stderr)
-        rc = 0 if a.no_run else run_pipeline(dvc_args, lock, a.params)
-    finally:
-        lock.release()
-    if rc:
-        raise SystemExit(rc)
-    return 0
+        return 0 if a.no_run else run_pipeline(dvc_args, lock, a.params)
+
+    return locked("arbor iterate", body)
 
 
 if __name__ == "__main__":

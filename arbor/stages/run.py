@@ -13,7 +13,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -88,9 +88,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _, dvc_args = parser.parse_known_args(argv)
     load_config("params.yaml")  # a broken params file is one line before the lock is taken
-    lock = lock_or_exit("arbor run")
+    return locked("arbor run", lambda lock: run_pipeline(dvc_args, lock))
+
+
+def locked(command: str, body: Callable[[ProjectLock], int]) -> int:
+    """Run `body(lock)` holding the project lock (exit 2 naming the holder if taken); exit with its code if
+    nonzero, else return 0."""
+    lock = lock_or_exit(command)
     try:
-        rc = run_pipeline(dvc_args, lock)
+        rc = body(lock)
     finally:
         lock.release()
     if rc:
