@@ -192,7 +192,7 @@ def decoding(cfg: Any, policy: Any, task: Any, problems: Sequence[Any], args: ar
         d = search_decode(policy, task, problems, eta=cfg.search.eta, simulations=sims, seed=seed + 2,
                           kv_budget_mb=cfg.search.kv_budget_mb, scorer=scorer)
         points.append({"method": "eta_mcts", "n": sims, "accuracy": d["search_pass1"],
-                       "vote_accuracy": d["search_vote_pass1"],
+                       "vote_accuracy": d["search_vote_pass1"], "best_accuracy": d["search_best_pass1"],
                        "forward_tokens": (d["search_forward_tokens"] + d["search_critic_forward_tokens"]) / n,
                        "critic_forward_tokens": d["search_critic_forward_tokens"] / n,
                        "wall_seconds": d["search_wall_seconds"]})
@@ -220,8 +220,8 @@ def summarize(train_rows: list[dict], points: list[dict]) -> dict[str, Any]:
     return {"training": training, "decoding": decoding}
 
 
-def plot(result: dict[str, Any], points: list[dict], suffix: str) -> list[str]:
-    """equal_budget_training.png (pass@1 vs budget level) and equal_budget_decoding.png (accuracy vs tokens)."""
+def plot(result: dict[str, Any], points: list[dict], name: str) -> list[str]:
+    """<name>_training.png (pass@1 vs budget level) and <name>_decoding.png (accuracy vs tokens)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -236,7 +236,7 @@ def plot(result: dict[str, Any], points: list[dict], suffix: str) -> list[str]:
     ax.set(xlabel="forward tokens per training problem", ylabel="greedy pass@1 after training", xscale="log")
     ax.legend()
     fig.tight_layout()
-    paths.append(str(RESULTS / f"equal_budget{suffix}_training.png"))
+    paths.append(str(RESULTS / f"{name}_training.png"))
     fig.savefig(paths[-1], dpi=120)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for m in ("greedy", "self_consistency", "orm_best_of_n", "eta_mcts"):
@@ -245,7 +245,7 @@ def plot(result: dict[str, Any], points: list[dict], suffix: str) -> list[str]:
     ax.set(xlabel="forward tokens per problem (policy + critics)", ylabel="accuracy", xscale="log")
     ax.legend()
     fig.tight_layout()
-    paths.append(str(RESULTS / f"equal_budget{suffix}_decoding.png"))
+    paths.append(str(RESULTS / f"{name}_decoding.png"))
     fig.savefig(paths[-1], dpi=120)
     plt.close("all")
     return paths
@@ -271,6 +271,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="chain_grpo chains share equal token prefixes (the trie engine); default: each chain "
                          "computes its own tokens after the cached prompt (the usual practice, bench.tokens' "
                          "chain_cached).")
+    ap.add_argument("--name", default=None, help="Results bench/results/<name>.json and <name>_*.png (default "
+                                                 "equal_budget, equal_budget_quick with --quick).")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-probe", action="store_true", help="Skip the speed probe (minutes on a loaded machine).")
     args = ap.parse_args(argv)
@@ -307,14 +309,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                                             "pass1", "wall_seconds"]), flush=True)
     points = decoding(cfg, policy, task, evals[: args.decode_problems], args) if args.critics else []
     result = summarize(rows, points)
-    suffix = "_quick" if q else ""
+    name = args.name or ("equal_budget_quick" if q else "equal_budget")
     result |= {"policy_0_greedy_pass1": base, "pilot": pilot, "training_runs": rows, "decoding_curves": points,
                "args": vars(args), "wall_seconds": time.perf_counter() - t0, "speedprobe_before": probe,
                "speedprobe_after": None if args.no_probe else speedprobe()}
-    result["plots"] = plot(result, points, suffix)
-    path = save(f"equal_budget{suffix}", result)
+    result["plots"] = plot(result, points, name)
+    path = save(name, result)
     flat = [{"method": m, "level": lv, **c} for m, cs in result["training"].items() for lv, c in cs.items()]
-    print(table(flat, ["method", "level", "mean", "std", "seeds", "forward_tokens"]))
+    if flat:
+        print(table(flat, ["method", "level", "mean", "std", "seeds", "forward_tokens"]))
     print(table(points, ["method", "n", "accuracy", "forward_tokens", "wall_seconds"]))
     print(f"policy_0 greedy pass@1 {base:.3f}; speedprobe {probe} -> {result['speedprobe_after']}; wrote {path}")
 
