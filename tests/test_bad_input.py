@@ -88,7 +88,7 @@ def evaluate_argv(ws: Path, s: dict[str, Path], params: Path | str = "", *extra:
 # ---------------------------------------------------------------------------------------------------------------
 # every params key, wrong type and out of range, generated from the config dataclasses
 
-_WRONG_TYPE = {bool: "maybe", int: "many", float: "many", str: [1, 2], dict: [1]}
+_WRONG_TYPE = {bool: "maybe", int: "many", float: "many", str: [1, 2], dict: [1], list: {"a": 1}}
 
 
 def _out_of_range(f: dataclasses.Field) -> list[Any]:
@@ -113,7 +113,7 @@ def _cases() -> list[tuple[str, Any, bool]]:
     cases = []
     for key, f, tp in iter_fields():
         base = _base_type(tp)
-        cases.append((key, _WRONG_TYPE[base], base not in (str, dict)))
+        cases.append((key, _WRONG_TYPE[base], base not in (str, dict, list)))
         cases += [(key, v, True) for v in _out_of_range(f)]
         if base is float:
             cases += [(key, math.nan, True), (key, math.inf, True)]
