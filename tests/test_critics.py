@@ -124,7 +124,9 @@ def check_cached_equals_uncached(policy: HFPolicy, b: TreeBuilder, batches: list
     got = np.concatenate([scorer(b, batch, seed=0) for batch in batches])
     nodes = [n for batch in batches for n in batch]
     ref = model.score([tree.path_tokens(n).tolist() for n in nodes], batch_size=4)
-    want = np.where(tree.terminal[nodes], ref["orm"], ref["value"])
+    answered = np.array([any(is_terminal_step(x) for x in b.text(n).splitlines()) for n in nodes])
+    # terminals: the ORM if they state an answer, else 0 (incomplete); inner nodes: the value
+    want = np.where(tree.terminal[nodes], np.where(answered, ref["orm"], 0.0), ref["value"])
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert critic.critic_forward_tokens == tree.num_tokens  # prompt once + every step once
     assert critic.counters.cache_misses == 1  # the prompt, once
@@ -255,6 +257,18 @@ def test_each_critic_learns_a_planted_rule(char_tok, tmp_path, shared, one_threa
     assert cal.auroc(pred["value"], np.asarray(d["value"]) >= 0.5) >= 0.9
     assert cal.auroc(pred["prm"][depth > 0], np.asarray(d["prm_hard"])[depth > 0]) >= 0.9
     assert cal.auroc(pred["orm"][term], np.asarray([x for x in d["orm"] if x is not None])) >= 0.9
+
+
+def test_frozen_backbone_trains_the_heads_only(char_tok, tmp_path, one_thread):
+    write_trees(tmp_path / "t.parquet", planted_trees(char_tok, 6, seed=0))
+    items = pack_problems(build_labels(read_tree_files([tmp_path / "t.parquet"])))
+    model = CriticModel.from_policy(tiny_model(char_tok, seed=2), ["value", "prm", "orm"])
+    body = {k: p.detach().clone() for k, p in model.backbone.named_parameters()}
+    heads = {k: p.detach().clone() for k, p in model.heads.named_parameters()}
+    cfg = CriticsConfig(max_epochs=1, problems_per_batch=2, freeze_backbone=True, head_lr=1e-2)
+    train_critics(dict.fromkeys(("value", "prm", "orm"), model), items[:4], items[4:], cfg, progress=False)
+    assert all(torch.equal(body[k], p) for k, p in model.backbone.named_parameters())
+    assert any(not torch.equal(heads[k], p) for k, p in model.heads.named_parameters())
 
 
 def test_stage_writes_loadable_critics_metrics_and_plot(char_tok, tmp_path, one_thread):

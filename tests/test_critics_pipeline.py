@@ -60,8 +60,11 @@ def test_rerank_picks_by_hand():
     # ORM best: sample 1; vote: "3" weighs 0.6 < "5" 0.9 -> sample 1; PRM min: 0.8, 0.1, 0.6, 0.5 -> sample 0;
     # PRM last: 0.8, 0.95, 0.7, 0.5 -> sample 1
     assert got == {"orm_best_of_n": 1, "orm_vote": 1, "prm_min_best_of_n": 0, "prm_last_best_of_n": 1}
+    # a sample that states no answer is never chosen, however high its scores
+    top = SampleScores(orm=np.array([0.99, 0.2]), prm=[np.array([0.99]), np.array([0.1])])
+    assert set(rerank(top, [None, "7"]).values()) == {1}
     assert rerank(SampleScores(np.array([0.3, 0.2]), [np.zeros(1)] * 2), ["4", "4"])["orm_vote"] == 0
-    assert rerank(SampleScores(np.array([0.3]), [np.zeros(1)]), [None])["orm_vote"] == -1
+    assert set(rerank(SampleScores(np.array([0.3]), [np.zeros(1)]), [None]).values()) == {-1}
     assert set(READOUTS) == set(got)
 
 

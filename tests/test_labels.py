@@ -9,6 +9,7 @@ from arbor.critics.labels import (
     TreeArrays,
     assign_splits,
     build_labels,
+    hard_label,
     label_counts,
     mc_counts,
     path_owner,
@@ -123,6 +124,19 @@ def pa_table(cols):
     from arbor.critics.labels import LABEL_SCHEMA
 
     return pa.table(cols, schema=LABEL_SCHEMA)
+
+
+def test_hard_label_from_a_fixed_number_of_completions(tree_table):
+    rng = np.random.default_rng(0)
+    assert hard_label(3, 1, 0, rng) == 1.0 and hard_label(3, 0, 0, rng) == 0.0  # N = 0: all completions
+    assert hard_label(4, 1, 4, rng) == 1.0 and hard_label(30, 0, 4, rng) == 0.0 and hard_label(30, 30, 4, rng) == 1.0
+    # 10 correct of 100, N = 4: P(any) = 1 - C(90, 4) / C(100, 4) = 0.3484
+    freq = np.mean([hard_label(100, 10, 4, rng) for _ in range(4000)])
+    assert abs(freq - 0.3484) < 0.03
+    # the root (3 completions, 2 correct) and node 1 (2, 1) are drawn at N = 1; the rest have <= 1 completion
+    draws = [build_labels(tree_table, hard_completions=1, seed=s).to_pydict()["prm_hard"] for s in range(12)]
+    assert draws[0] == build_labels(tree_table, hard_completions=1, seed=0).to_pydict()["prm_hard"]  # seeded
+    assert all(d[2:] == [1.0, 1.0, 0.0, 1.0] for d in draws) and len({tuple(d[:2]) for d in draws}) > 1
 
 
 def test_split_is_by_problem_deterministic_and_complete():

@@ -52,6 +52,8 @@ class CriticsConfig:
     patience: int = _f(3, "Epochs without a better validation loss before stopping.", min=1)
     problems_per_batch: int = _f(4, "Problems per training batch (a problem's packed paths stay together, so "
                                     "sibling pairs share a batch).", min=1)
+    freeze_backbone: bool = _f(False, "Train the scalar heads only (the backbone stays the policy's): linear "
+                                      "probes of its hidden states; cheaper, and less prone to memorise problems.")
     lr: float = _f(3e-4, "AdamW learning rate of the backbone (3e-4 beat 1e-3 on held-out AUROC, tiny default).",
                    gt=0.0)
     head_lr: float = _f(3e-3, "AdamW learning rate of the scalar heads.", gt=0.0)

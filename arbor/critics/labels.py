@@ -7,7 +7,12 @@ added like virtual terminal children and summed upward). Per node, with n comple
 
 - value (MC return):   V(s) = mean_i r_i                                           -> value model (MSE/BCE)
 - Math-Shepherd soft:  prm_soft = (1/n) sum_i is_solved(r_i)                      -> PRM (BCE on soft labels)
-- Math-Shepherd hard:  prm_hard = 1 if any completion is_solved else 0
+- Math-Shepherd hard:  prm_hard = 1 if any completion is_solved else 0; with `hard_completions` = N > 0, any of
+                       N of the node's completions drawn without replacement (seeded), as Math-Shepherd labels a
+                       step from a fixed N completions. Over all of them, a shallow node (many terminals below)
+                       would be positive far more often than a deep one of the same success rate: the label
+                       would measure the tree's shape (on the default trees the completion count alone ranks
+                       hard labels at AUROC 0.71).
 - outcome (terminals): orm = is_solved(reward)                                     -> ORM (BCE)
 
 `arbor.tasks.is_solved` is the one definition of correct. Nodes with no completion are left unlabelled.
@@ -213,16 +218,28 @@ def extra_completions(trees: Sequence[TreeArrays], needs: Sequence[np.ndarray], 
     return out
 
 
+def hard_label(n: int, correct: int, hard_completions: int, rng: np.random.Generator) -> float:
+    """Math-Shepherd hard label: 1 if any of `hard_completions` of the n completions (drawn without replacement)
+    is correct, all n when hard_completions is 0 or >= n."""
+    if hard_completions <= 0 or n <= hard_completions:
+        return float(correct > 0)
+    return float(rng.hypergeometric(correct, n - correct, hard_completions) > 0) if correct else 0.0
+
+
 def tree_labels(tree: TreeArrays, extra: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-                decode: Callable[[Sequence[int]], str] | None = None) -> dict[str, list]:
+                decode: Callable[[Sequence[int]], str] | None = None, hard_completions: int = 0,
+                seed: int = 0) -> dict[str, list]:
     """Label columns (LABEL_SCHEMA) of one tree's labelled nodes; `extra` = `extra_completions(...)`.
-    `decode` gives the prompt text of the root (default: the root row's step_text)."""
+    `decode` gives the prompt text of the root (default: the root row's step_text); `hard_completions`: see
+    the module docstring (draws seeded by `seed` and the problem id)."""
     n = len(tree)
     ex = extra or (np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.float64))
     cnt, correct, total = mc_counts(tree.parent, tree.terminal, tree.reward, tree.solved, *ex)
     owner = path_owner(tree.parent)
     prompt = decode(tree.tokens[: tree.tok_len[0]].tolist()) if decode else tree.step_text[0]
     cols: dict[str, list] = {name: [] for name in LABEL_SCHEMA.names}
+    pid_hash = int.from_bytes(hashlib.blake2b(tree.problem_id.encode(), digest_size=8).digest())
+    rng = np.random.default_rng([seed, pid_hash])
     for i in np.flatnonzero(cnt > 0).tolist():
         path = tree.path(i)
         toks = tree.path_tokens(i)
@@ -231,7 +248,7 @@ def tree_labels(tree: TreeArrays, extra: tuple[np.ndarray, np.ndarray, np.ndarra
             "problem_id": tree.problem_id, "node": i, "parent": int(tree.parent[i]), "depth": int(tree.depth[i]),
             "terminal": bool(tree.terminal[i]), "n_completions": int(cnt[i]), "n_extra": int(ex[0][i]),
             "n_correct": int(correct[i]), "value": float(total[i] / cnt[i]), "prm_soft": float(soft),
-            "prm_hard": float(correct[i] > 0),
+            "prm_hard": hard_label(int(cnt[i]), int(correct[i]), hard_completions, rng),
             "orm": float(tree.solved[i]) if tree.terminal[i] and not np.isnan(tree.reward[i]) else None,
             "prefix": "" if i == 0 else prompt + "".join(tree.step_text[m] for m in path[1:-1]),
             "step": prompt if i == 0 else tree.step_text[i],
@@ -273,12 +290,13 @@ def completion_labels(tree: TreeArrays, node: int, cont: Any, reward: float, fir
 def build_labels(trees: pa.Table, *, min_completions: int = 0, policy: Policy | None = None,
                  rewards: dict[str, Callable[[str], float]] | None = None, completion_tokens: int = 96,
                  step_tokens: int = 32, seed: int = 0, rows_per_call: int = 256, progress: bool = False,
-                 completion_rows: bool = False) -> pa.Table:
+                 completion_rows: bool = False, hard_completions: int = 0) -> pa.Table:
     """The label table of every tree in `trees` (rows of arbor/mcts/treeio.py, any number of problems).
 
     With `min_completions` > 0, nodes with fewer completions in the tree get extra ones from `policy` (batched
     across problems), scored by `rewards[problem_id](solution text)` (the task's oracle reward); with
-    `completion_rows` each of them also becomes labelled rows of its own (module docstring).
+    `completion_rows` each of them also becomes labelled rows of its own; `hard_completions`: Math-Shepherd's
+    fixed N for the hard labels (module docstring).
     """
     if min_completions > 0 and (policy is None or rewards is None):
         raise ValueError("min_completions > 0 needs a policy and the problems' reward functions")
@@ -297,7 +315,8 @@ def build_labels(trees: pa.Table, *, min_completions: int = 0, policy: Policy | 
                                         max_tokens=completion_tokens, step_tokens=step_tokens, seed=seed,
                                         rows_per_call=rows_per_call, progress=progress, sink=sink))
     decode = policy.decode if policy is not None else None
-    parts = [tree_labels(t, e, decode=decode) for t, e in zip(arrays, extras, strict=True)]
+    parts = [tree_labels(t, e, decode=decode, hard_completions=hard_completions, seed=seed)
+             for t, e in zip(arrays, extras, strict=True)]
     if min_completions > 0 and completion_rows:
         from functools import lru_cache
 

@@ -77,14 +77,21 @@ def score_samples(critics: dict[str, CachedCritic], prompt: Sequence[int], sampl
 
 def rerank(scores: SampleScores, keys: Sequence[str | None]) -> dict[str, int]:
     """{read-out: index of the chosen sample} for one problem; `keys[i]` = sample i's vote key (its parsed
-    final answer, None if it states none). `orm_vote` picks the first sample carrying the winning answer
-    (-1 when no sample states an answer)."""
-    out = {"orm_best_of_n": int(np.argmax(scores.orm)),
-           "prm_min_best_of_n": int(np.argmax([float(p.min()) for p in scores.prm])),
-           "prm_last_best_of_n": int(np.argmax([float(p[-1]) for p in scores.prm]))}
+    final answer, None if it states none). Only complete samples (stating an answer) are candidates, as only
+    complete solutions are a verifier's input; -1 when no sample states an answer. `orm_vote` picks the first
+    sample carrying the winning answer."""
+    done = [i for i, k in enumerate(keys) if k is not None]
+    if not done:
+        return dict.fromkeys(READOUTS, -1)
+
+    def best(values: Sequence[float]) -> int:
+        return done[int(np.argmax([values[i] for i in done]))]
+
+    out = {"orm_best_of_n": best(scores.orm), "prm_min_best_of_n": best([float(p.min()) for p in scores.prm]),
+           "prm_last_best_of_n": best([float(p[-1]) for p in scores.prm])}
     weight: dict[str, float] = {}
     for k, s in zip(keys, scores.orm, strict=True):
         if k is not None:
             weight[k] = weight.get(k, 0.0) + float(s)
-    out["orm_vote"] = keys.index(max(weight, key=lambda k: weight[k])) if weight else -1
+    out["orm_vote"] = keys.index(max(weight, key=lambda k: weight[k]))
     return out

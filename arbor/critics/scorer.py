@@ -10,9 +10,10 @@ separately from the policy: `CachedCritic.counters.forward_tokens` (`critic_forw
 
 For a critic store, `PrefixState.logits` holds the last hidden state [H] of the prefix (what the heads read),
 not vocabulary logits. Terminals: the oracle reward when a gold answer is known (`reward`), else the ORM
-(`CriticsConfig.orm_at_terminals`), else the weighted V/PRM. A critic with weight 0 is never loaded or run.
-Fast rollouts continue from the node's cached KV in the policy's store; the ORM reads each rollout from the
-node's cached KV in its own store (rollouts are never stored).
+(`CriticsConfig.orm_at_terminals`), else the weighted V/PRM; without gold, a terminal whose text states no
+final answer (the task's `is_terminal` on none of its lines: cut at the depth limit or by EOS) scores 0. A
+critic with weight 0 is never loaded or run. Fast rollouts continue from the node's cached KV in the policy's
+store; the ORM reads each rollout from the node's cached KV in its own store (rollouts are never stored).
 """
 
 from __future__ import annotations
@@ -248,6 +249,9 @@ class CriticScorer:
             else:  # no ORM at terminals: the weighted V/PRM of the complete solution
                 vp = w["value"] + w["prm"]
                 values[term] = sum(w[k] * scores[k][term] for k in ("value", "prm") if w[k] > 0) / max(vp, 1e-12)
+            for i in term:  # cut at the depth limit or EOS before any answer line: incomplete, never right
+                if not any(builder.is_terminal(line) for line in builder.text(nodes[i]).splitlines()):
+                    values[i] = 0.0
         return np.clip(values, 0.0, 1.0)
 
     def _rollout_orm(self, builder: TreeBuilder, nodes: list[int], paths: list[np.ndarray], seed: int) -> np.ndarray:

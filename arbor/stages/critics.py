@@ -10,8 +10,8 @@ counts and a reliability diagram.
 Outputs: `models/iter_<k>/critics/` = `shared/` (one backbone, three heads) or `value/`, `prm/`, `orm/`, each a
 model directory loadable with `arbor.critics.load`, plus `labels/{train,val,heldout}.parquet` and
 `_manifest.json`, written atomically; `metrics/critics_<k>.json`; `plots/critics_<k>_reliability.png`.
-Binary labels for the metrics: value = MC value >= 0.5, PRM = Math-Shepherd hard label (steps only), ORM =
-correct (terminals).
+Binary labels for the metrics: value = MC value >= 0.5, PRM = Math-Shepherd hard label (steps only; any of
+N = `critics.min_completions` completions correct, arbor/critics/labels.py), ORM = correct (terminals).
 
 Iteration k (arbor/pipeline/plan.py): trees/iter_<k>; extra completions from the policy that grew them
 (policy_0 for k = 0, policy_{k-1} after), backbones from policy_k -> models/iter_<k>/critics. `CriticsConfig`
@@ -130,7 +130,7 @@ def run(cfg: ArborConfig, *, trees_dir: str | Path, policy_dir: str | Path, trai
     seed = derive_seed(cfg.seed, "critics", iteration)
     labels = build_labels(trees, min_completions=c.min_completions, policy=policy, rewards=rewards,
                           completion_tokens=c.completion_tokens, step_tokens=cfg.search.eta.step_tokens, seed=seed,
-                          progress=True, completion_rows=c.completion_rows)
+                          progress=True, completion_rows=c.completion_rows, hard_completions=c.min_completions)
     t_labels = time.perf_counter() - t0
     split = assign_splits(pids, heldout_fraction=c.heldout_fraction, val_fraction=c.val_fraction, seed=seed)
     parts, items = split_items(labels, split, c)

@@ -11,7 +11,9 @@ Losses, each a mean over the labelled positions of its kind, summed over kinds (
   arXiv 2501.04519 §3.3, eq. 5), r the PRM logit, pairs = siblings whose soft labels differ by >= margin;
 - ORM: BCE(logit, is_solved) at terminals.
 Three separate critics train side by side in one module (one optimizer, summed losses), a shared backbone
-with three heads the same way. The weights of the epoch with the lowest validation loss are restored at the end.
+with three heads the same way. `freeze_backbone`: only the heads learn (linear probes of the policy's hidden
+states; on the tiny default's 38 training problems fine-tuning the body memorised problems instead). The
+weights of the epoch with the lowest validation loss are restored at the end.
 """
 
 from __future__ import annotations
@@ -160,9 +162,10 @@ class CriticModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         heads = [p for m in self.nets for p in m.heads.parameters()]
-        body = [p for m in self.nets for p in m.backbone.parameters()]
-        return torch.optim.AdamW([{"params": body, "lr": self.cfg.lr}, {"params": heads, "lr": self.cfg.head_lr}],
-                                 weight_decay=self.cfg.weight_decay)
+        groups = [{"params": heads, "lr": self.cfg.head_lr}]
+        if not self.cfg.freeze_backbone:
+            groups.append({"params": [p for m in self.nets for p in m.backbone.parameters()], "lr": self.cfg.lr})
+        return torch.optim.AdamW(groups, weight_decay=self.cfg.weight_decay)
 
 
 class BestWeights(L.Callback):
@@ -196,6 +199,7 @@ def train_critics(models: dict[str, CriticModel], train: list[Item], val: list[I
     val_dl = DataLoader(val, batch_size=cfg.problems_per_batch, collate_fn=collate)
     for m in models.values():
         m.train()
+        m.backbone.requires_grad_(not cfg.freeze_backbone)  # frozen: no graph through the body, heads only
     module = CriticModule(models, cfg)
     best = BestWeights()
     trainer = L.Trainer(max_epochs=cfg.max_epochs, accelerator=accelerator, devices=devices, logger=logger,
