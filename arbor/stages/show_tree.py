@@ -40,7 +40,8 @@ def load_tree(trees: str | Path, problem_id: str | None) -> list[dict[str, Any]]
     elif path.exists():
         files = [path]
     else:
-        raise FileNotFoundError(f"{path}: no such tree directory or parquet file (run `arbor search` first)")
+        raise FileNotFoundError(f"{path}: file or directory not found (a tree directory or parquet file; "
+                                "run `arbor search` first)")
     for f in files:
         table = pq.read_table(f)
         ids = table.column("problem_id").to_pylist()
