@@ -105,7 +105,8 @@ def ceiling(args: argparse.Namespace, cfg: Any, labels: Any, heldout: list[str],
     for t, (cnt, correct, _) in zip(arrays, got, strict=True):
         for i in range(len(t)):
             p_hat[(t.problem_id, i)] = float(t.solved[i]) if t.terminal[i] else correct[i] / max(1, cnt[i])
-    d = labels.filter(pc.is_in(labels.column("problem_id"), pa.array(heldout))).to_pydict()
+    d = labels.filter(pc.and_(pc.is_in(labels.column("problem_id"), pa.array(heldout)),
+                              pc.greater_equal(labels.column("node"), 0))).to_pydict()
     score = np.array([p_hat[(p, i)] for p, i in zip(d["problem_id"], d["node"], strict=True)])
     depth = np.asarray(d["depth"])
     return {"variant": f"ceiling (p_hat from {n} completions)",

@@ -237,7 +237,7 @@ def test_each_critic_learns_a_planted_rule(char_tok, tmp_path, shared, one_threa
     write_trees(tmp_path / "t.parquet", planted_trees(char_tok, 20, seed=0))
     labels = build_labels(read_tree_files([tmp_path / "t.parquet"]))
     split = assign_splits(labels.column("problem_id").to_pylist(), heldout_fraction=0.25, val_fraction=0.15, seed=0)
-    cfg = CriticsConfig(max_epochs=8, patience=8, problems_per_batch=3, lr=3e-3, head_lr=3e-2,
+    cfg = CriticsConfig(max_epochs=8, patience=8, problems_per_batch=3, lr=3e-3, head_lr=3e-2, freeze_backbone=False,
                         prm_pairwise=not shared)
     items = pack_problems(labels, prm_label=cfg.prm_label, pair_margin=cfg.pair_margin)
     assert any(it["pairs"] for it in items)

@@ -52,11 +52,13 @@ class CriticsConfig:
     patience: int = _f(3, "Epochs without a better validation loss before stopping.", min=1)
     problems_per_batch: int = _f(4, "Problems per training batch (a problem's packed paths stay together, so "
                                     "sibling pairs share a batch).", min=1)
-    freeze_backbone: bool = _f(False, "Train the scalar heads only (the backbone stays the policy's): linear "
-                                      "probes of its hidden states; cheaper, and less prone to memorise problems.")
+    freeze_backbone: bool = _f(True, "Train the scalar heads only (the backbone stays the policy's): linear "
+                                     "probes of its hidden states. Tiny default, 64 searched problems: held-out "
+                                     "AUROC value/PRM/ORM 0.53/0.63/0.57 frozen vs 0.50/0.49/0.55 fine-tuned (which "
+                                     "memorised the 38 training problems), at 1/5 of the training time.")
     lr: float = _f(3e-4, "AdamW learning rate of the backbone (3e-4 beat 1e-3 on held-out AUROC, tiny default).",
                    gt=0.0)
-    head_lr: float = _f(3e-3, "AdamW learning rate of the scalar heads.", gt=0.0)
+    head_lr: float = _f(1e-2, "AdamW learning rate of the scalar heads.", gt=0.0)
     weight_decay: float = _f(0.1, "AdamW weight decay (the critics overfit problem identity without it).", min=0.0)
     # metrics (arbor/critics/calibration.py)
     threshold: float = _f(0.5, "Decision threshold for precision and recall.", gt=0.0, max=1.0)
