@@ -87,7 +87,14 @@ def test_policy_values_weight_children_by_the_policy(tmp_path):
     assert v[[1, 2, 6, 3, 4]] == pytest.approx([0.9, deep, deep, 1.0, 0.0])
     assert v[0] == pytest.approx((p1 * 0.9 + p2 * deep) / (p1 + p2))
     assert node_values(t, "mc")[0][1] == pytest.approx(1 / 3)
-    assert tree_pairs(t, PrefsConfig(value="policy", margin=0.3))["chosen_node"] == [3, 3, 7]  # root gap 0.17
+    every = tree_pairs(t, PrefsConfig(value="policy", margin=0.3, min_step_prob=0.0))
+    assert list(zip(every["chosen_node"], every["rejected_node"], strict=True)) == [(3, 4), (3, 5), (7, 8)]
+    # only steps the policy takes: 7 and 8 (log p -1000, -1001) are not paired, then not 4 and 5 (p = 0.05)
+    assert tree_pairs(t, PrefsConfig(value="policy", margin=0.3, min_step_prob=0.01))["rejected_node"] == [4, 5]
+    assert tree_pairs(t, PrefsConfig(value="policy", margin=0.3, min_step_prob=0.06))["rejected_node"] == []
+    # the same rule for trajectories: 7 and 8 end paths through a step of log p -1000
+    assert leaf_advantages(t, 0.01)["leaf"].tolist() == [3, 4, 5]
+    assert leaf_advantages(t)["leaf"].tolist() == [3, 4, 5, 7, 8]
 
 
 def test_pairs_rows_depth_gap_and_tokens(tmp_path):

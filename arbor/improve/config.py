@@ -25,3 +25,6 @@ class PrefsConfig:
     min_terminals: int = _f(1, "value=policy|mc: a step needs at least this many scored terminals below it.",
                             **COUNT)
     max_pairs_per_node: int = _f(0, "Keep at most this many pairs per node, largest gaps first (0 = all).", min=0)
+    min_step_prob: float = _f(0.01, "Use only steps the policy that grew the tree takes at least this often (exp "
+                                    "of the step's log-prior; 0 = any): both steps of a pair, every step of a "
+                                    "trajectory (module docstring of arbor/improve/prefs.py).", min=0.0, max=1.0)

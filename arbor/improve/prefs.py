@@ -19,6 +19,16 @@ A step's value v (`PrefsConfig.value`):
 - `q`: the search's backed-up Q = W / N (includes the scorer's values of inner nodes), visited steps only;
 - `critic`: the node's own `critic_score` (the critic's estimate of the state after the step).
 
+On-policy steps only (`min_step_prob`): search widens a node with steps sampled without replacement, so a
+tree holds steps the policy almost never takes, and the outcome reward makes some of them look good. After a
+wrong intermediate result, the gold answer is among the answer lines sampled without replacement ("...=26"
+then "Answer: 27", probability ~4e-4) and earns reward 1: a pair (chosen "Answer: 27", rejected "Answer: 26")
+teaches the policy to write a number other than the one it computed. Pushing down a rejected step the policy
+never takes teaches nothing and displaces the likelihood of similar correct steps. On the tiny default's
+iteration-1 trees 356 of 406 pairs were such answer lines and step-DPO on them broke the policy (greedy pass@1
+0.47 -> 0.13); both steps of a pair must have probability >= `min_step_prob` under the policy that grew the
+tree (their `log_prior`). The Tree-GRPO view applies the same rule to every step of a trajectory.
+
 The pairing walks the tree arrays in a numba kernel (`sibling_pairs`); rows are built per tree in Python.
 """
 
@@ -181,6 +191,10 @@ def tree_pairs(tree: ScoredTree, cfg: PrefsConfig, prompt: str | None = None) ->
     """PAIR_SCHEMA columns of one tree's pairs. `prompt` is the prompt text (default: the root row's text)."""
     value, terms = node_values(tree, cfg.value, cfg.min_terminals)
     node, chosen, rejected = sibling_pairs(tree.parent, value, cfg.margin)
+    if cfg.min_step_prob > 0:
+        floor = np.log(cfg.min_step_prob)
+        likely = (tree.log_prior[chosen] >= floor) & (tree.log_prior[rejected] >= floor)
+        node, chosen, rejected = node[likely], chosen[likely], rejected[likely]
     gap = value[chosen] - value[rejected]
     keep = _cap_per_node(node, gap, cfg.max_pairs_per_node)
     prompt = tree.step_text[0] if prompt is None else prompt
