@@ -271,24 +271,36 @@ def test_frozen_backbone_trains_the_heads_only(char_tok, tmp_path, one_thread):
     assert any(not torch.equal(heads[k], p) for k, p in model.heads.named_parameters())
 
 
-def test_stage_writes_loadable_critics_metrics_and_plot(char_tok, tmp_path, one_thread):
+def stage_inputs(tok, tmp_path, *, chat_template: str | None = None):
+    """Searched trees (12 planted problems, with a manifest), a saved tiny policy (its tokenizer with
+    `chat_template`) and the problems' file: (trees dir, policy dir, train file)."""
     import json
 
-    from arbor.critics.scorer import critic_scorer, load_critics
-    from arbor.pipeline.config import ArborConfig, TrackingConfig
     from arbor.pipeline.manifest import write_manifest
-    from arbor.stages.critics import run
 
     trees = tmp_path / "trees"
     trees.mkdir()
-    write_trees(trees / "part-0.parquet", planted_trees(char_tok, 12, seed=1))
+    write_trees(trees / "part-0.parquet", planted_trees(tok, 12, seed=1))
     write_manifest(trees)
     policy_dir = tmp_path / "policy"
-    tiny_model(char_tok, seed=3).save_pretrained(policy_dir)
-    char_tok.save_pretrained(policy_dir)
+    tiny_model(tok, seed=3).save_pretrained(policy_dir)
+    tok.chat_template = chat_template
+    try:
+        tok.save_pretrained(policy_dir)
+    finally:
+        tok.chat_template = None
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps({"id": f"p{i}", "question": f"{i % 10}", "answer": "1"}) + "\n"
                              for i in range(12)))
+    return trees, policy_dir, train
+
+
+def test_stage_writes_loadable_critics_metrics_and_plot(char_tok, tmp_path, one_thread):
+    from arbor.critics.scorer import critic_scorer, load_critics
+    from arbor.pipeline.config import ArborConfig, TrackingConfig
+    from arbor.stages.critics import run
+
+    trees, policy_dir, train = stage_inputs(char_tok, tmp_path)
     cfg = ArborConfig(tracking=TrackingConfig(enabled=False))
     crit = CriticsConfig(max_epochs=2, min_completions=2, completion_tokens=6, shared_backbone=True)
     m = run(cfg, trees_dir=trees, policy_dir=policy_dir, train_file=train, out_dir=tmp_path / "critics",
@@ -303,3 +315,31 @@ def test_stage_writes_loadable_critics_metrics_and_plot(char_tok, tmp_path, one_
     assert critics["orm"].model.score([[1, 40, 50, 5]])["orm"].shape == (1,)
     scorer = critic_scorer(tmp_path / "critics", CriticsConfig(b_value=1.0, b_prm=0.0))  # decoding: + ORM
     assert set(scorer.critics) == {"value", "orm"} and len(scorer.backbones) == 1 and not scorer.uses_oracle
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_stage_runs_the_policy_as_configured(char_tok, tmp_path, monkeypatch, one_thread, freeze):
+    """The stage loads the policy as search does (`load_policy`: dtype, step-end rule, chat prompts), so the
+    extra completions come from the policy that grew the trees; a frozen backbone runs in `policy.dtype`, one
+    trained in full starts from float32 master weights."""
+    from safetensors.torch import load_file
+
+    from arbor.pipeline.config import load_config
+    from arbor.stages import critics as stage
+
+    from .test_pretrained import TEMPLATE
+
+    trees, policy_dir, train = stage_inputs(char_tok, tmp_path, chat_template=TEMPLATE)
+    seen = []
+    real = stage.build_labels
+    monkeypatch.setattr(stage, "build_labels", lambda *a, **k: seen.append(k["policy"]) or real(*a, **k))
+    cfg = load_config(None, {"tracking.enabled": False, "policy.dtype": "bfloat16", "policy.chat_template": True,
+                             "task.step_end": "sentence"})
+    crit = CriticsConfig(max_epochs=1, min_completions=2, completion_tokens=6, freeze_backbone=freeze)
+    m = stage.run(cfg, trees_dir=trees, policy_dir=policy_dir, train_file=train, out_dir=tmp_path / "critics",
+                  critics=crit)
+    [policy] = seen
+    assert policy.model.dtype == torch.bfloat16 and policy.step_end == "sentence" and policy.chat is not None
+    assert m["extra_completions"] > 0
+    backbone = load_file(tmp_path / "critics" / "shared" / "model.safetensors")
+    assert {w.dtype for w in backbone.values()} == {torch.bfloat16 if freeze else torch.float32}

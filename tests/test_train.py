@@ -182,6 +182,22 @@ def test_train_stage_writes_a_manifested_policy(workspace, objective):
     HFPolicy.from_pretrained(workspace / "out")  # a normal HF directory
 
 
+def test_train_stage_loads_the_policy_as_configured(workspace):
+    """Like every stage, train loads the policy through `load_policy` (a chat-template config needs the policy's
+    template), but trains float32 master weights whatever `policy.dtype` is (bf16 would round updates away)."""
+    from arbor.stages import train
+
+    short = {**RESUMABLE, "train.checkpoint_every": 0, "train.epochs": 1.0}
+    kw = {"prefs_dir": workspace / "prefs", "policy_dir": workspace / "policy"}
+    with pytest.raises(ArborInputError, match="no chat template"):
+        train.run(load_config(None, {**short, "policy.chat_template": True}), out=workspace / "chat", **kw)
+    assert not (workspace / "chat").exists()
+    train.run(load_config(None, {**short, "policy.dtype": "bfloat16"}), out=workspace / "out", **kw)
+    before, after = _weights(workspace / "policy"), _weights(workspace / "out")
+    assert all(w.dtype == torch.float32 for w in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
 def _kill_at(monkeypatch, step):
     def on_train_batch_end(self, outputs, batch, batch_idx):  # runs after the checkpoint callback of the step
         if self.global_step == step:

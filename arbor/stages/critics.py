@@ -90,6 +90,23 @@ def new_critics(base: Any, *, shared: bool) -> dict[str, CriticModel]:
     return {k: CriticModel.from_policy(base, [k]) for k in KINDS}
 
 
+def _backbone_source(cfg: ArborConfig, c: CriticsConfig, policy: Any, policy_dir: str | Path,
+                     backbone_dir: str | Path | None) -> Any:
+    """The causal LM whose body starts the critics: `policy.model` itself when `backbone_dir` is the policy's
+    and its dtype fits, else `backbone_dir` loaded as `cfg` says. A backbone that is trained in full
+    (`freeze_backbone` false) starts from float32 master weights (arbor/lm/loading.py); a frozen one runs in
+    `policy.dtype`."""
+    import torch
+
+    from arbor.lm.loading import load_policy
+
+    dtype = None if c.freeze_backbone else "float32"
+    source = Path(backbone_dir) if backbone_dir is not None else Path(policy_dir)
+    if source == Path(policy_dir) and (dtype is None or policy.model.dtype == torch.float32):
+        return policy.model
+    return load_policy(source, cfg, dtype=dtype).model
+
+
 def _mlflow_logger(tracker: Tracker, experiment: str) -> Any:
     if tracker.run_id is None:
         return False
@@ -107,9 +124,9 @@ def run(cfg: ArborConfig, *, trees_dir: str | Path, policy_dir: str | Path, trai
     `policy_dir`: the policy that grew the trees (it samples the extra completions, so labels stay on-policy);
     `backbone_dir`: the policy whose body starts the critics (default: the same).
     """
-    from arbor.lm.hf import HFPolicy
+    from arbor.lm.loading import load_policy
     from arbor.pipeline.io import atomic_path
-    from arbor.pipeline.manifest import verified_files, verify, write_manifest
+    from arbor.pipeline.manifest import verified_files, write_manifest
     from arbor.tasks import build_task, read_problems
     from arbor.train.critic import train_critics
     from arbor.train.sft import lightning_accelerator
@@ -118,8 +135,7 @@ def run(cfg: ArborConfig, *, trees_dir: str | Path, policy_dir: str | Path, trai
     c = critics or cfg.critics
     t0 = time.perf_counter()
     trees = read_tree_files(verified_files(trees_dir))
-    verify(policy_dir, required=False)
-    policy = HFPolicy.from_pretrained(policy_dir, cfg.device)
+    policy = load_policy(policy_dir, cfg)  # device, dtype, step-end rule and prompts as search ran it
     task = build_task(cfg.task)
     problems = {p.id: p for p in read_problems(train_file)}
     pids = list(dict.fromkeys(trees.column("problem_id").to_pylist()))
@@ -138,11 +154,7 @@ def run(cfg: ArborConfig, *, trees_dir: str | Path, policy_dir: str | Path, trai
         if not items.get(s):
             raise FileNotFoundError(f"{trees_dir}: {len(pids)} problems leave the {s} split empty; search more "
                                     "problems (search.n_problems) or change critics.heldout_fraction/val_fraction")
-    base = policy.model
-    if backbone_dir is not None and Path(backbone_dir) != Path(policy_dir):
-        verify(backbone_dir, required=False)
-        base = HFPolicy.from_pretrained(backbone_dir, cfg.device).model
-    models = new_critics(base, shared=c.shared_backbone)
+    models = new_critics(_backbone_source(cfg, c, policy, policy_dir, backbone_dir), shared=c.shared_backbone)
     accelerator, devices = lightning_accelerator(cfg.device)
     t1 = time.perf_counter()
     summary = train_critics(models, items["train"], items["val"], c, seed=seed, accelerator=accelerator,

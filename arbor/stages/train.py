@@ -76,7 +76,7 @@ def run(cfg: ArborConfig, *, prefs_dir: str | Path = "prefs/iter_1", policy_dir:
         out: str | Path = "models/iter_1/policy", iteration: int = 1, tracker: Tracker | None = None,
         checkpoint_dir: str | Path | None = None, train: TrainConfig | None = None) -> dict[str, Any]:
     """Train the iteration's policy (module docstring) and save it atomically with its manifest to `out`."""
-    from arbor.lm.hf import load_model_and_tokenizer
+    from arbor.lm.loading import load_policy
     from arbor.pipeline.io import atomic_path
     from arbor.pipeline.manifest import claim_dir, verified_files, write_manifest
     from arbor.pipeline.seeds import derive_seed, seed_everything
@@ -93,7 +93,10 @@ def run(cfg: ArborConfig, *, prefs_dir: str | Path = "prefs/iter_1", policy_dir:
     for name in (PAIRS, TRAJECTORIES):
         if name not in files:
             raise ArborInputError(f"{prefs_dir}: no {name}; expected the output of `arbor prefs`")
-    model, tok = load_model_and_tokenizer(policy_dir, cfg.device)  # checks the files and manifest first
+    # as every stage loads it (device, files and manifest checked, chat template required when configured), in
+    # float32: master weights, whose compute dtype train.precision decides (arbor/lm/loading.py)
+    policy = load_policy(policy_dir, cfg, dtype="float32")
+    model, tok = policy.model, policy.tokenizer
     pad_id, eos_id = int(tok.pad_token_id), int(tok.eos_token_id)  # type: ignore[attr-defined]
     obj = OBJECTIVES[t.objective]
     items = obj.training_items(pq.read_table(files[PAIRS]), pq.read_table(files[TRAJECTORIES]), t, eos_id)
