@@ -20,3 +20,11 @@ def test_library_noise_is_filtered_and_real_warnings_are_not(caplog):
         logging.getLogger("lightning.pytorch.utilities.rank_zero").warning("a real lightning warning")
         logging.getLogger("arbor").info("search: done")
     assert [r.getMessage() for r in caplog.records] == ["a real lightning warning", "search: done"]
+
+
+def test_lightning_banner_stays_quiet_after_lightning_is_imported(caplog):
+    quiet_libraries()
+    logging.getLogger("lightning.pytorch").setLevel(logging.INFO)  # what `import lightning.pytorch` does
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").info("GPU available: False, used: False")
+    assert caplog.records == []

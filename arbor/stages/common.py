@@ -129,8 +129,11 @@ def quiet_libraries() -> None:
     library warnings in `NOISE` filtered. Other warnings still show."""
     import warnings
 
-    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    # Importing lightning sets its package loggers back to INFO, so the leaf loggers that print the banner get
+    # their own level, which that import leaves alone.
+    for package in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"):
+        for name in (package, f"{package}.utilities.rank_zero"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     for message in NOISE:
         warnings.filterwarnings("ignore", message=message)
 
