@@ -12,6 +12,7 @@ from arbor.critics.config import CriticsConfig
 from arbor.critics.labels import assign_splits, build_labels, read_tree_files
 from arbor.critics.models import CriticModel, load
 from arbor.critics.scorer import CachedCritic, CriticScorer
+from arbor.lm.config import LoraConfig
 from arbor.lm.hf import HFPolicy
 from arbor.lm.kvcache import KVStore
 from arbor.mcts.grow import TreeBuilder
@@ -317,11 +318,11 @@ def test_stage_writes_loadable_critics_metrics_and_plot(char_tok, tmp_path, one_
     assert set(scorer.critics) == {"value", "orm"} and len(scorer.backbones) == 1 and not scorer.uses_oracle
 
 
-@pytest.mark.parametrize("freeze", [True, False])
-def test_stage_runs_the_policy_as_configured(char_tok, tmp_path, monkeypatch, one_thread, freeze):
+@pytest.mark.parametrize("body", ["frozen", "full", "lora"])
+def test_stage_runs_the_policy_as_configured(char_tok, tmp_path, monkeypatch, one_thread, body):
     """The stage loads the policy as search does (`load_policy`: dtype, step-end rule, chat prompts), so the
     extra completions come from the policy that grew the trees; a frozen backbone runs in `policy.dtype`, one
-    trained in full starts from float32 master weights."""
+    trained in full starts from float32 master weights, and LoRA adapters are merged in float32."""
     from safetensors.torch import load_file
 
     from arbor.pipeline.config import load_config
@@ -335,11 +336,36 @@ def test_stage_runs_the_policy_as_configured(char_tok, tmp_path, monkeypatch, on
     monkeypatch.setattr(stage, "build_labels", lambda *a, **k: seen.append(k["policy"]) or real(*a, **k))
     cfg = load_config(None, {"tracking.enabled": False, "policy.dtype": "bfloat16", "policy.chat_template": True,
                              "task.step_end": "sentence"})
-    crit = CriticsConfig(max_epochs=1, min_completions=2, completion_tokens=6, freeze_backbone=freeze)
+    crit = CriticsConfig(max_epochs=1, min_completions=2, completion_tokens=6, freeze_backbone=body == "frozen",
+                         lora=LoraConfig(enabled=body == "lora", r=2))
     m = stage.run(cfg, trees_dir=trees, policy_dir=policy_dir, train_file=train, out_dir=tmp_path / "critics",
                   critics=crit)
     [policy] = seen
     assert policy.model.dtype == torch.bfloat16 and policy.step_end == "sentence" and policy.chat is not None
-    assert m["extra_completions"] > 0
+    assert m["extra_completions"] > 0 and m["lora"] == (body == "lora")
     backbone = load_file(tmp_path / "critics" / "shared" / "model.safetensors")
-    assert {w.dtype for w in backbone.values()} == {torch.bfloat16 if freeze else torch.float32}
+    assert {w.dtype for w in backbone.values()} == {torch.bfloat16 if body == "frozen" else torch.float32}
+    assert not any("lora_" in k for k in backbone)
+
+
+def test_lora_critic_moves_the_body_by_low_rank_deltas_only(char_tok, tmp_path, one_thread):
+    """critics.lora: the backbone's own weights stay frozen under rank-r adapters, merged when training ends: every
+    change is a rank <= r update of an adapted linear layer; embeddings and norms are untouched."""
+    from arbor.lm import lora
+
+    write_trees(tmp_path / "t.parquet", planted_trees(char_tok, 6, seed=0))
+    items = pack_problems(build_labels(read_tree_files([tmp_path / "t.parquet"])))
+    model = CriticModel.from_policy(tiny_model(char_tok, seed=2), ["value", "prm", "orm"])
+    body = {k: p.detach().clone() for k, p in model.backbone.named_parameters()}
+    cfg = CriticsConfig(max_epochs=2, patience=2, problems_per_batch=2, freeze_backbone=False, lr=1e-2,
+                        lora=LoraConfig(enabled=True, r=2, alpha=4.0))
+    train_critics(dict.fromkeys(("value", "prm", "orm"), model), items[:4], items[4:], cfg, progress=False)
+    assert not lora.is_lora(model.backbone)
+    after = dict(model.backbone.named_parameters())
+    assert after.keys() == body.keys()
+    changed = [k for k in body if not torch.equal(body[k], after[k])]
+    assert changed and all(k.endswith("_proj.weight") for k in changed)
+    assert all(torch.linalg.matrix_rank(after[k].detach() - body[k]) <= 2 for k in changed)
+    model.save(tmp_path / "critic", tokenizer=char_tok)
+    ids = [[1, 40, 50, 5]]
+    np.testing.assert_allclose(load(tmp_path / "critic").score(ids)["value"], model.score(ids)["value"], atol=1e-6)

@@ -198,6 +198,69 @@ def test_train_stage_loads_the_policy_as_configured(workspace):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.parametrize("save", ["merged", "adapter"])
+def test_train_stage_with_lora_moves_only_the_adapters(workspace, monkeypatch, save):
+    """train.lora: the policy's own weights stay frozen while the adapters train; the saved policy (adapters
+    merged, or an adapter dir over the previous policy) loads with `load_policy` to the trained outputs."""
+    from arbor.lm import lora
+    from arbor.lm.loading import load_policy
+    from arbor.stages import train
+
+    ids = torch.tensor([ids_of(workspace)])
+    seen = {}
+    real = lora.save_trained
+
+    def spy(model, out, cfg, **kw):
+        assert lora.is_lora(model)
+        seen["state"] = {k: v.clone() for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            seen["logits"] = model(input_ids=ids).logits
+        real(model, out, cfg, **kw)
+
+    monkeypatch.setattr(lora, "save_trained", spy)
+    cfg = load_config(None, {**RESUMABLE, "train.checkpoint_every": 0, "train.epochs": 2.0, "train.lora.enabled": True,
+                             "train.lora.r": 4, "train.lora.save": save})
+    m = train.run(cfg, prefs_dir=workspace / "prefs", policy_dir=workspace / "policy", out=workspace / "out")
+    assert m["lora"] and m["steps"] == 2 and 0 < m["trainable_parameters"] < m["parameters"] / 5
+    before = _weights(workspace / "policy")
+    base = {k.removeprefix("base_model.model.").replace(".base_layer", ""): v for k, v in seen["state"].items()
+            if "lora_" not in k}
+    assert before.keys() <= base.keys() and all(torch.equal(base[k], before[k]) for k in before)  # frozen
+    assert any(v.abs().sum() > 0 for k, v in seen["state"].items() if "lora_B" in k)  # the adapters moved
+    verify(workspace / "out")
+    assert (workspace / "out" / lora.ADAPTER_CONFIG).is_file() == (save == "adapter")
+    policy = load_policy(workspace / "out", cfg)
+    assert not lora.is_lora(policy.model)
+    with torch.no_grad():
+        torch.testing.assert_close(policy.model(input_ids=ids).logits, seen["logits"], atol=1e-5, rtol=1e-4)
+    if save == "merged":  # only the adapted linear layers changed; embeddings and norms are the policy's
+        after = _weights(workspace / "out")
+        changed = {k for k in before if not torch.equal(before[k], after[k])}
+        assert changed and all(k.endswith("_proj.weight") for k in changed)
+        assert all(after[k].dtype == torch.float32 for k in after)
+
+
+def ids_of(workspace) -> list[int]:
+    from transformers import AutoTokenizer
+
+    return ids(AutoTokenizer.from_pretrained(workspace / "policy"), "Q: 42 -7 +1\n42-7=35\n")
+
+
+def test_lora_config_checks():
+    from arbor.pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.strategy: ddp or deepspeed"):
+        load_config(None, {"train.lora.enabled": True, "train.strategy": "fsdp"})
+    with pytest.raises(ConfigError, match="critics.freeze_backbone: false"):
+        load_config(None, {"critics.lora.enabled": True, "critics.freeze_backbone": True})
+    with pytest.raises(ConfigError, match="critics.lora.save: merged"):
+        load_config(None, {"critics.lora.enabled": True, "critics.freeze_backbone": False,
+                           "critics.lora.save": "adapter"})
+    with pytest.raises(ConfigError, match="train.lora.r"):
+        load_config(None, {"train.lora.r": 0})
+    assert load_config(None, {"train.lora.enabled": True, "train.lora.r": 8}).train.lora.r == 8
+
+
 def _kill_at(monkeypatch, step):
     def on_train_batch_end(self, outputs, batch, batch_idx):  # runs after the checkpoint callback of the step
         if self.global_step == step:

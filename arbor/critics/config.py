@@ -3,20 +3,24 @@
 Declared like the sections of arbor/pipeline/config.py (`_f(default, help, min=/max=/gt=/choices=)`, checked
 generically by `arbor.pipeline.config.build`; cross-field checks in `__post_init__`), so that it composes into
 `ArborConfig` as `critics: CriticsConfig = _sub(CriticsConfig)` and every key becomes a `--critics.<key>`
-option and a `params.yaml` entry. It imports only arbor/pipeline/fields.py (the shared field declaration),
-so arbor/pipeline/config.py can import it without an import cycle.
+option and a `params.yaml` entry. It imports only arbor/pipeline/fields.py (the shared field declaration) and
+arbor/lm/config.py (which imports only fields.py), so arbor/pipeline/config.py can import it without a cycle.
 
 Node score (AlphaLLM §4.3): `s = b_v V(s) + b_prm PRM(s) + b_orm mean_i ORM(rollout_i)`. The weights are
 normalised to sum 1 so that the score stays in [0, 1] (the `NodeScorer` contract); a critic whose weight is 0
 is never loaded or run. Terminals are scored by the oracle reward when a gold answer exists, else by the ORM
 (`orm_at_terminals`), which then runs even with `b_orm = 0` (b_orm weights only the rollouts of inner nodes).
+
+`critics.lora` (arbor/lm/config.py): LoRA adapters on the backbone instead of training it in full (needs
+`freeze_backbone: false`); they are merged into the saved backbone.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from arbor.pipeline.fields import ConfigError
+from arbor.lm.config import LoraConfig
+from arbor.pipeline.fields import ConfigError, section
 from arbor.pipeline.fields import config_field as _f
 
 KINDS = ("value", "prm", "orm")
@@ -75,6 +79,7 @@ class CriticsConfig:
     batch_size: int = _f(64, "Nodes per critic forward when scoring.", min=1)
     refresh: bool = _f(True, "Retrain the critics every iteration on its own trees (false: keep critics_0 for "
                              "every iteration, as AlphaLLM did).")
+    lora: LoraConfig = section(LoraConfig)
 
     def __post_init__(self) -> None:
         if self.b_value + self.b_prm + self.b_orm <= 0 and not self.orm_at_terminals:
@@ -83,6 +88,13 @@ class CriticsConfig:
         if self.heldout_fraction + self.val_fraction >= 1.0:
             raise ConfigError(f"critics.heldout_fraction={self.heldout_fraction} + val_fraction={self.val_fraction}"
                               " >= 1 leaves no training problems; lower one of them")
+        if self.lora.enabled and self.freeze_backbone:
+            raise ConfigError("critics.lora.enabled with critics.freeze_backbone=true: adapters train the backbone, "
+                              "which freeze_backbone keeps fixed; set critics.freeze_backbone: false (or disable "
+                              "critics.lora)")
+        if self.lora.enabled and self.lora.save != "merged":
+            raise ConfigError(f"critics.lora.save={self.lora.save}: a critic is saved as one backbone + heads "
+                              "directory, with the adapters merged; set critics.lora.save: merged")
 
     @property
     def weights(self) -> dict[str, float]:

@@ -68,9 +68,12 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """The plain model with the adapters folded into its weights (W + (alpha/r) B A); `model` if it has none.
-    The peft wrapper is consumed: use the returned model from here on."""
-    return model.merge_and_unload() if is_lora(model) else model  # type: ignore[operator]
+    """The plain model with the adapters folded into its weights (W + (alpha/r) B A), in float32: folded into a
+    bf16 base (`policy.dtype: bfloat16`), a small trained update would mostly round away. `model` itself if it
+    has no adapters. The peft wrapper is consumed: use the returned model from here on."""
+    if not is_lora(model):
+        return model
+    return model.float().merge_and_unload()  # type: ignore[operator]
 
 
 def save_trained(model: nn.Module, out: str | Path, cfg: LoraConfig, *, tokenizer: Any = None,

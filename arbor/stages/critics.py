@@ -94,13 +94,13 @@ def _backbone_source(cfg: ArborConfig, c: CriticsConfig, policy: Any, policy_dir
                      backbone_dir: str | Path | None) -> Any:
     """The causal LM whose body starts the critics: `policy.model` itself when `backbone_dir` is the policy's
     and its dtype fits, else `backbone_dir` loaded as `cfg` says. A backbone that is trained in full
-    (`freeze_backbone` false) starts from float32 master weights (arbor/lm/loading.py); a frozen one runs in
-    `policy.dtype`."""
+    (`freeze_backbone` false) starts from float32 master weights (arbor/lm/loading.py); a frozen one, or one
+    under LoRA adapters (`critics.lora`), runs in `policy.dtype`."""
     import torch
 
     from arbor.lm.loading import load_policy
 
-    dtype = None if c.freeze_backbone else "float32"
+    dtype = None if c.freeze_backbone or c.lora.enabled else "float32"
     source = Path(backbone_dir) if backbone_dir is not None else Path(policy_dir)
     if source == Path(policy_dir) and (dtype is None or policy.model.dtype == torch.float32):
         return policy.model
@@ -173,7 +173,7 @@ def run(cfg: ArborConfig, *, trees_dir: str | Path, policy_dir: str | Path, trai
     counts = {f"{s}_{k}": v for s, t in parts.items() for k, v in label_counts(t).items()}
     # undefined metrics (a held-out split without positives) are null in the JSON, not NaN
     metrics = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in metrics.items()}
-    return {**metrics, **counts, **summary, "shared_backbone": c.shared_backbone,
+    return {**metrics, **counts, **summary, "shared_backbone": c.shared_backbone, "lora": c.lora.enabled,
             "extra_completions": int(np.sum(labels.column("n_extra").to_numpy())) if c.min_completions else 0,
             "label_seconds": t_labels, "train_seconds": t_train, "wall_seconds": time.perf_counter() - t0}
 

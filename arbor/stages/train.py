@@ -3,7 +3,10 @@
 Reads `prefs/iter_<k>/` through its manifest (`pairs.parquet` for `dpo`, `trajectories.parquet` for `grpo` and
 `sft_best`, arbor/stages/prefs.py) and `models/iter_<k-1>/policy`, which is both the starting point and the
 reference (arbor/train/policy.py). Writes `models/iter_<k>/policy`, a normal HF model directory (safetensors,
-tokenizer) whose `_manifest.json` is written last, atomically; and `metrics/train_<k>.json`.
+tokenizer) whose `_manifest.json` is written last, atomically; and `metrics/train_<k>.json`. With `train.lora`
+only LoRA adapters on the frozen policy train (arbor/lm/lora.py); the policy is saved with them merged (float32),
+or as an adapter directory over `models/iter_<k-1>/policy` (`train.lora.save: adapter`), which `load_policy`
+reads back merged.
 
 Resumable after a kill: the reference log-probs are computed once and stored, and training checkpoints every
 `train.checkpoint_every` optimizer steps, in `--checkpoints` (default `checkpoints/train_<k>`, deliberately
@@ -76,7 +79,10 @@ def run(cfg: ArborConfig, *, prefs_dir: str | Path = "prefs/iter_1", policy_dir:
         out: str | Path = "models/iter_1/policy", iteration: int = 1, tracker: Tracker | None = None,
         checkpoint_dir: str | Path | None = None, train: TrainConfig | None = None) -> dict[str, Any]:
     """Train the iteration's policy (module docstring) and save it atomically with its manifest to `out`."""
+    import torch
+
     from arbor.lm.loading import load_policy
+    from arbor.lm.lora import apply_lora, save_trained, trainable_parameters
     from arbor.pipeline.io import atomic_path
     from arbor.pipeline.manifest import claim_dir, verified_files, write_manifest
     from arbor.pipeline.seeds import derive_seed, seed_everything
@@ -93,9 +99,10 @@ def run(cfg: ArborConfig, *, prefs_dir: str | Path = "prefs/iter_1", policy_dir:
     for name in (PAIRS, TRAJECTORIES):
         if name not in files:
             raise ArborInputError(f"{prefs_dir}: no {name}; expected the output of `arbor prefs`")
-    # as every stage loads it (device, files and manifest checked, chat template required when configured), in
-    # float32: master weights, whose compute dtype train.precision decides (arbor/lm/loading.py)
-    policy = load_policy(policy_dir, cfg, dtype="float32")
+    # as every stage loads it (device, files and manifest checked, chat template required when configured); trained
+    # in full, in float32: master weights, whose compute dtype train.precision decides (arbor/lm/loading.py); with
+    # train.lora the base stays frozen in policy.dtype and only the adapters (float32) train
+    policy = load_policy(policy_dir, cfg, dtype=None if t.lora.enabled else "float32")
     model, tok = policy.model, policy.tokenizer
     pad_id, eos_id = int(tok.pad_token_id), int(tok.eos_token_id)  # type: ignore[attr-defined]
     obj = OBJECTIVES[t.objective]
@@ -104,6 +111,8 @@ def run(cfg: ArborConfig, *, prefs_dir: str | Path = "prefs/iter_1", policy_dir:
         log.warning("train: %s: no training items for train.objective=%s (no pairs, no trajectory with a non-zero "
                     "advantage, or no path reaching train.sft_min_reward); policy_%d is policy_%d unchanged. "
                     "Search more problems or lower prefs.margin.", prefs_dir, t.objective, iteration, iteration - 1)
+        if model.dtype != torch.float32:  # saved as loaded (train.lora), policy_k would be policy_{k-1} rounded
+            model = load_policy(policy_dir, cfg, dtype="float32").model
         with atomic_path(out, is_dir=True) as tmp:
             model.cpu().eval().save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)  # type: ignore[attr-defined]
@@ -122,6 +131,8 @@ def run(cfg: ArborConfig, *, prefs_dir: str | Path = "prefs/iter_1", policy_dir:
         obj.attach_reference(items, stored_reference(ckpt, lambda: reference_logps(
             model, seqs, pad_id=pad_id, batch_size=2 * t.batch_size, device=cfg.device)))
     t_ref = time.perf_counter() - t1
+    model = apply_lora(model, t.lora)  # adapters on the frozen policy (arbor/lm/lora.py); `model` itself when off
+    trainable, total = trainable_parameters(model)
     steps = total_steps(t, len(items))
     start = time.perf_counter()
     summary = fit(obj.module(model, t, steps), items, lambda xs: obj.collate(xs, pad_id), t, steps=steps, seed=seed,
@@ -129,15 +140,16 @@ def run(cfg: ArborConfig, *, prefs_dir: str | Path = "prefs/iter_1", policy_dir:
     t_train = time.perf_counter() - start
     trained = summary.pop("model")  # `model` itself, or under FSDP its gathered weights (arbor/train/strategy.py)
     if summary.pop("global_zero"):
-        with atomic_path(out, is_dir=True) as tmp:
-            trained.cpu().eval().save_pretrained(tmp, safe_serialization=True)
-            tok.save_pretrained(tmp)  # type: ignore[attr-defined]
-            write_manifest(tmp, {"stage": "train", "iteration": iteration, "objective": t.objective})
+        with atomic_path(out, is_dir=True) as tmp:  # train.lora: merged, or an adapter dir over policy_dir
+            save_trained(trained.cpu().eval(), tmp, t.lora, tokenizer=tok, base_dir=policy_dir, final_dir=out)
+            write_manifest(tmp, {"stage": "train", "iteration": iteration, "objective": t.objective,
+                                 "lora": t.lora.save if t.lora.enabled else None})
         if ckpt is not None:
             checkpoints.clear(ckpt)  # the policy is safely in place: nothing left to resume
             for p in _reference_paths(ckpt):
                 p.unlink(missing_ok=True)
-    return {"objective": t.objective, **summary, "reference_seconds": t_ref, "train_seconds": t_train,
+    return {"objective": t.objective, **summary, "lora": t.lora.enabled, "trainable_parameters": trainable,
+            "parameters": total, "reference_seconds": t_ref, "train_seconds": t_train,
             "wall_seconds": time.perf_counter() - t0}
 
 

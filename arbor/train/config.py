@@ -1,14 +1,17 @@
 """`TrainConfig`: stage `train`, the policy update of one iteration (step-DPO, Tree-GRPO or SFT-best).
 
 Declared like the sections of arbor/pipeline/config.py (arbor/pipeline/fields.py), composed into `ArborConfig`
-as the `train:` section; every key is a `--train.<key>` option and a params.yaml entry.
+as the `train:` section; every key is a `--train.<key>` option and a params.yaml entry. `train.lora`
+(arbor/lm/config.py): LoRA adapters on the frozen previous policy instead of full fine-tuning; the trained
+policy is saved merged (a normal model dir) or as an adapter dir over policy_{k-1} (`train.lora.save`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from arbor.pipeline.fields import COUNT
+from arbor.lm.config import LoraConfig
+from arbor.pipeline.fields import COUNT, ConfigError, section
 from arbor.pipeline.fields import config_field as _f
 
 OBJECTIVES = ("dpo", "grpo", "sft_best")
@@ -50,3 +53,10 @@ class TrainConfig:
                            "SLURM).", **COUNT)
     checkpoint_every: int = _f(20, "Save a resumable checkpoint every N optimizer steps (0 = never); a killed "
                                    "run resumes from the last one.", min=0)
+    lora: LoraConfig = section(LoraConfig)
+
+    def __post_init__(self) -> None:
+        if self.lora.enabled and self.strategy == "fsdp":
+            raise ConfigError("train.lora.enabled with train.strategy=fsdp: the sharded save path rebuilds a plain "
+                              "model and cannot hold adapters; use train.strategy: ddp or deepspeed, or full "
+                              "fine-tuning (train.lora.enabled: false)")

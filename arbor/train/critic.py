@@ -12,8 +12,10 @@ Losses, each a mean over the labelled positions of its kind, summed over kinds (
 - ORM: BCE(logit, is_solved) at terminals.
 Three separate critics train side by side in one module (one optimizer, summed losses), a shared backbone
 with three heads the same way. `freeze_backbone`: only the heads learn (linear probes of the policy's hidden
-states; on the tiny default's 38 training problems fine-tuning the body memorised problems instead). The
-weights of the epoch with the lowest validation loss are restored at the end.
+states; on the tiny default's 38 training problems fine-tuning the body memorised problems instead). `lora`
+(`freeze_backbone: false`): LoRA adapters on each frozen backbone train at `lr` beside the heads, and are merged
+into the backbone when training ends (arbor/lm/lora.py). The weights of the epoch with the lowest validation
+loss are restored at the end.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch.utils.data import DataLoader
 
 from arbor.critics.config import KINDS, CriticsConfig
 from arbor.critics.models import CriticModel
+from arbor.lm.lora import apply_lora, merge
 
 Item = dict[str, Any]
 
@@ -163,8 +166,9 @@ class CriticModule(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         heads = [p for m in self.nets for p in m.heads.parameters()]
         groups = [{"params": heads, "lr": self.cfg.head_lr}]
-        if not self.cfg.freeze_backbone:
-            groups.append({"params": [p for m in self.nets for p in m.backbone.parameters()], "lr": self.cfg.lr})
+        if not self.cfg.freeze_backbone:  # the whole body, or with LoRA its adapters only
+            body = [p for m in self.nets for p in m.backbone.parameters() if p.requires_grad]
+            groups.append({"params": body, "lr": self.cfg.lr})
         return torch.optim.AdamW(groups, weight_decay=self.cfg.weight_decay)
 
 
@@ -197,9 +201,13 @@ def train_critics(models: dict[str, CriticModel], train: list[Item], val: list[I
     g = torch.Generator().manual_seed(seed)
     train_dl = DataLoader(train, batch_size=cfg.problems_per_batch, shuffle=True, collate_fn=collate, generator=g)
     val_dl = DataLoader(val, batch_size=cfg.problems_per_batch, collate_fn=collate)
-    for m in models.values():
+    nets = list({id(m): m for m in models.values()}.values())  # a shared backbone once
+    for m in nets:
         m.train()
-        m.backbone.requires_grad_(not cfg.freeze_backbone)  # frozen: no graph through the body, heads only
+        if cfg.lora.enabled:  # the body frozen under trainable adapters (CriticsConfig: not with freeze_backbone)
+            m.backbone = apply_lora(m.backbone, cfg.lora)
+        else:
+            m.backbone.requires_grad_(not cfg.freeze_backbone)  # frozen: no graph through the body, heads only
     module = CriticModule(models, cfg)
     best = BestWeights()
     trainer = L.Trainer(max_epochs=cfg.max_epochs, accelerator=accelerator, devices=devices, logger=logger,
@@ -207,7 +215,8 @@ def train_critics(models: dict[str, CriticModel], train: list[Item], val: list[I
                         num_sanity_val_steps=0, enable_progress_bar=progress, log_every_n_steps=1,
                         callbacks=[EarlyStopping("val_loss", patience=cfg.patience), best])
     trainer.fit(module, train_dataloaders=train_dl, val_dataloaders=val_dl)
-    for m in models.values():
+    for m in nets:
+        m.backbone = merge(m.backbone)  # a plain backbone again (float32 with LoRA); itself without
         m.eval()
     return {"critic_epochs": trainer.current_epoch, "critic_best_epoch": best.epoch, "critic_best_val_loss": best.best}
 

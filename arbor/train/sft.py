@@ -107,8 +107,9 @@ class SFTModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
-        no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
+        trained = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapters only
+        decay = [p for p in trained if p.ndim >= 2]
+        no_decay = [p for p in trained if p.ndim < 2]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=(0.9, 0.95))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(hp.warmup_steps, hp.max_steps))
