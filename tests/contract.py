@@ -52,6 +52,12 @@ def _is_step_end(policy: Policy, token: int) -> bool:
     return "\n" in policy.decode([token])
 
 
+def _ends_step(policy: Policy, ids: Sequence[int], j: int) -> bool:
+    """Whether token j of a step `ids` ends it: a step-end token after text that is not only whitespace (a blank
+    line joins the step after it)."""
+    return _is_step_end(policy, ids[j]) and bool(policy.decode(list(ids[: j + 1])).strip())
+
+
 PROMPTS = ("Q: 1 +2\n", "Q: 12 +3 *4 -1\n", "Q: 9\n")
 
 
@@ -87,13 +93,13 @@ class PolicyContract:
         assert {len(cs) for cs in got} == {6}
         assert {c.finish for c in conts} <= {"newline", "eos", "length"}
         for c in conts:
-            body = c.token_ids[:-1]
-            assert 0 < len(c.token_ids) <= limit and len(c.logprobs) == len(c.token_ids)
-            assert not any(_is_step_end(policy, t) or t == policy.eos_token_id for t in body)
+            ids, body = c.token_ids, c.token_ids[:-1]
+            assert 0 < len(ids) <= limit and len(c.logprobs) == len(ids)
+            assert not any(_ends_step(policy, ids, j) or t == policy.eos_token_id for j, t in enumerate(body))
             if c.finish == "newline":
-                assert _is_step_end(policy, c.token_ids[-1])
+                assert _ends_step(policy, ids, len(ids) - 1)
             else:  # a step-end token at the limit itself may report the limit
-                assert not _is_step_end(policy, c.token_ids[-1]) or len(c.token_ids) == limit
+                assert not _ends_step(policy, ids, len(ids) - 1) or len(ids) == limit
             assert (c.finish == "eos") == (c.token_ids[-1] == policy.eos_token_id)
             assert c.finish != "length" or len(c.token_ids) == limit
             assert c.text == policy.decode(c.token_ids)
@@ -121,7 +127,7 @@ class PolicyContract:
             lines, cur = [], []
             for t in c.token_ids:
                 cur.append(t)
-                if _is_step_end(policy, t) or len(cur) == 3:
+                if _ends_step(policy, cur, len(cur) - 1) or len(cur) == 3:
                     lines.append(policy.decode(cur))
                     cur = []
             assert c.finish in ("stop", "eos") and len(lines) <= 4

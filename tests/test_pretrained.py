@@ -91,9 +91,9 @@ def test_step_end_rules(char_tok):
     ends = set(policy.newline_ids.tolist())
     outs = policy.sample([policy.encode_prompt("Q: 3 +4\n")] * 16, stop=StopRule(at_newline=True, max_new_tokens=24),
                          temperature=1.0, seed=0)
-    for o in outs:  # a step stops at its first step-end token, and only there
-        cut = [j for j, t in enumerate(o.token_ids) if t in ends]
-        assert (o.finish == "newline") == bool(cut)
+    for o in outs:  # a step stops at its first step-end token after some text (not while blank), and only there
+        cut = [j for j, t in enumerate(o.token_ids) if t in ends and policy.decode(o.token_ids[: j + 1]).strip()]
+        assert (o.finish == "newline") == bool(cut) or len(o.token_ids) == 24  # at the limit it may say "length"
         if cut:
             assert cut == [len(o.token_ids) - 1]
 

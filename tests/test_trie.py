@@ -226,3 +226,69 @@ def test_clear_frees_the_chunks_at_once_without_the_garbage_collector():
         assert all(r() is None for r in refs) and store.nbytes == 0 and store.chunks == 0
     finally:
         gc.enable()
+
+
+# -- blank lines --------------------------------------------------------------------------------------------------
+BLANK_START = "\n\n12\nAnswer: 12\n"
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: one torch thread is much faster than two on a busy 2-core machine (150 steps: 0.5 s vs 140 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def blank_first(char_tok, one_thread) -> HFPolicy:
+    """A tiny llama overfit to answer "Q\\n" with `BLANK_START`: its first line is empty, as an instruct model's
+    often is after the assistant prompt."""
+    model = tiny_model(char_tok, seed=3)
+    ids = torch.tensor([[char_tok.bos_token_id, *char_tok.encode("Q\n" + BLANK_START, add_special_tokens=False),
+                         char_tok.eos_token_id]])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(150):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    policy = HFPolicy(model.eval(), char_tok)
+    prompt = policy.encode_prompt("Q\n")
+    got = policy.sample([prompt], stop=StopRule(max_new_tokens=20), temperature=0, seed=0)[0]
+    assert got.text == BLANK_START  # the fixture learned its answer
+    return policy
+
+
+def test_a_blank_line_joins_the_next_step(blank_first):
+    """A step-end token ends nothing while the step is only whitespace: the empty first line and the line after it
+    are one step (one tree node), with every token computed once and counted."""
+    from arbor.critics.labels import step_ends
+    from arbor.tasks import is_terminal_step
+
+    policy = blank_first
+    prompt = policy.encode_prompt("Q\n")
+    stop = StopRule(at_newline=True, max_new_tokens=12)
+    store = KVStore()
+    before = policy.counters.snapshot()
+    [[first]] = policy.expand([(prefix_key(prompt), prompt)], 1, stop=stop, temperature=0, seed=0, store=store)
+    assert first.text == "\n\n12\n" and first.finish == "newline" and len(first.token_ids) == 5
+    assert first.key == prefix_key(prompt + first.token_ids)  # continuable: its last token fed and stored
+    assert policy.counters.since(before).forward_tokens == len(prompt) + 5
+    path = prompt + first.token_ids
+    [[second]] = policy.expand([(first.key, path)], 1, stop=stop, temperature=0, seed=0, store=store)
+    assert second.text == "Answer: 12\n" and second.finish == "newline"
+    draws = [[(c.token_ids, c.finish) for c in policy.expand([(prefix_key(prompt), prompt)], 3, stop=stop,
+                                                              temperature=1.5, seed=7, store=KVStore())[0]]
+             for _ in range(2)]
+    assert draws[0] == draws[1]  # deterministic in the seed
+    # a trajectory cuts its lines the same way: one blank-led line, then the answer line
+    one = StopRule.trajectory(step_tokens=12, max_depth=1, is_terminal=is_terminal_step)
+    assert policy.sample([prompt], stop=one, temperature=0, seed=0)[0].text == "\n\n12\n"
+    full = policy.sample([prompt], stop=StopRule.trajectory(step_tokens=12, max_depth=3, is_terminal=is_terminal_step),
+                         temperature=0, seed=0)[0]
+    assert full.text == BLANK_START and full.finish == "stop"
+    # and so do the critics' read-outs and completion labels
+    assert step_ends(full.token_ids, lambda t: policy.decode([t]), step_tokens=12,
+                     is_terminal=is_terminal_step) == [5, len(full.token_ids)]

@@ -157,18 +157,21 @@ class TreeArrays:
 def step_ends(token_ids: Sequence[int], piece: Callable[[int], str], *, step_tokens: int,
               is_terminal: Callable[[str], bool]) -> list[int]:
     """Exclusive end index of each step of `token_ids` [T] as the search tree splits a path (a step ends after a
-    token whose text `piece(t)` holds a newline, or after `step_tokens` tokens), cut after the first step that
-    `is_terminal` accepts.
+    token whose text `piece(t)` holds a newline, unless the step is blank so far: a blank line starts the next
+    step, as in `arbor.lm.trie`; or after `step_tokens` tokens), cut after the first step that `is_terminal`
+    accepts.
 
     >>> step_ends([1, 10, 2, 10, 3], lambda t: "\\n" if t == 10 else "x", step_tokens=8, is_terminal=lambda s: False)
     [2, 4, 5]
+    >>> step_ends([10, 10, 2, 10, 3], lambda t: "\\n" if t == 10 else "x", step_tokens=8, is_terminal=lambda s: False)
+    [4, 5]
     """
     ends: list[int] = []
     start, text = 0, ""
     for i, t in enumerate(token_ids):
         p = piece(int(t))
         text += p
-        if "\n" in p or i + 1 - start >= step_tokens or i + 1 == len(token_ids):
+        if ("\n" in p and text.strip()) or i + 1 - start >= step_tokens or i + 1 == len(token_ids):
             ends.append(i + 1)
             if is_terminal(text):
                 break

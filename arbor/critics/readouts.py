@@ -9,7 +9,8 @@ Given the k complete solutions a policy sampled for one problem (the samples beh
   its steps (Lightman et al. 2023) or the last step's score (Math-Shepherd's / Wang et al. 2024 "last").
 
 Each sample is split into steps as the search tree splits a path (`arbor.critics.labels.step_ends`: a step
-ends after a token whose text holds a newline, or after `step_tokens` tokens) and cut after its first terminal
+ends after a token whose text holds a newline, a blank line joining the step after it, or after `step_tokens`
+tokens) and cut after its first terminal
 step (the answer line, as a tree path ends); a trailing EOS is not fed. The critics read the samples with
 prefix caching: the prompt once per problem, then each step on top of its parent's cached KV
 (`CachedCritic.score`, fed level by level), so every distinct sample token passes each critic backbone once;

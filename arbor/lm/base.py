@@ -15,7 +15,8 @@ in tests/test_contract.py, for both tiny architectures). What each method must d
   `key = arbor.lm.kvcache.prefix_key(parent ids + its ids)`; one that ends its trajectory (EOS, a line-rule stop,
   `final(i, text)`) has `key = None`, and its last token is never fed.
 - Per-step stop at the termination rule: `StopRule.at_newline` ends a continuation at the first step-end token
-  (newline; `finish="newline"`, the token included), EOS ends it (`"eos"`), `max_new_tokens` cuts it
+  (newline; `finish="newline"`, the token included) after text that is not only whitespace (a blank line joins
+  the step after it, never a step of its own), EOS ends it (`"eos"`), `max_new_tokens` cuts it
   (`"length"`); the line rule (`StopRule.trajectory`) stops after the first line that `final_line` accepts
   (`"stop"`). vLLM: `SamplingParams(stop_token_ids=<step-end ids>, include_stop_str_in_output=True)`; the line
   rule needs a logits processor or a per-line loop.
@@ -76,10 +77,11 @@ class TokenCounters:
 class StopRule:
     """When a continuation ends.
 
-    EOS always; a newline too if `at_newline` (one reasoning step, an option); `max_new_tokens` in all.
+    EOS always; a newline too if `at_newline` (one reasoning step, an option), unless the step is only
+    whitespace so far (leading blank lines join the step); `max_new_tokens` in all.
     A whole trajectory ends like a path of tree steps (`trajectory`): the text is cut into lines, a line
-    ending at a newline or after `line_tokens` tokens (as a step does), and decoding stops after the first
-    line satisfying `final_line` (the task's terminal-step predicate) or after `max_lines` lines.
+    ending at a newline (not while blank) or after `line_tokens` tokens (as a step does), and decoding stops
+    after the first line satisfying `final_line` (the task's terminal-step predicate) or after `max_lines` lines.
     """
 
     at_newline: bool = False

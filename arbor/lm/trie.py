@@ -102,7 +102,9 @@ class TrieSampler:
     """One `expand`/`sample` call's decoding (see the module docstring). Continuations accumulate in `out`,
     one list per parent, `k` entries per finished group.
 
-    Stop rule (`StopRule`): EOS, a newline if `stop.at_newline`, the line rule, or `stop.max_new_tokens`. With
+    Stop rule (`StopRule`): EOS, a newline if `stop.at_newline`, the line rule, or `stop.max_new_tokens`; a
+    step-end token ends nothing while the step (line) is only whitespace so far, so a blank line is never a step
+    of its own: it becomes the start of the next one (same tokens, same forwards, one node fewer). With
     `capture`, a continuation ending on a newline or the length limit has its last token fed and its prefix
     named in the store (`Continuation.key`), unless `final(parent, text)` says it ends its trajectory; EOS and
     line-rule stops are never fed. `exclude[parent]`: continuations that parent's samples must not repeat,
@@ -320,7 +322,9 @@ class TrieSampler:
         g.tokens.append(t)
         g.lps.append(lp)
         n = len(g.tokens)
-        newline = t in self.runner.newline_set
+        # a step-end token ends a step (or a line) only after some text: while the step is blank so far (the model
+        # opened it with an empty line), decoding goes on, so leading blank lines join the step that follows them
+        newline = t in self.runner.newline_set and bool(self.runner.decode(g.tokens[g.line_start:]).strip())
         if t == self.runner.eos_token_id:
             g.finish = "eos"
         elif stop.by_lines and (newline or n - g.line_start == stop.line_tokens):
