@@ -74,3 +74,18 @@ def test_every_preset_and_params_yaml_load():
     for f in files:
         load_config(f)
     assert (root / "params.yaml").read_text() == (root / "configs/tiny.yaml").read_text()
+
+
+def test_threads_key_sets_the_torch_threads_of_a_stage():
+    import torch
+
+    from arbor.stages.common import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        set_threads(load_config(None, {"threads": "1"}).threads)
+        assert torch.get_num_threads() == 1
+        set_threads(load_config(None, {}).threads)  # null: torch's default is left alone
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -199,6 +199,9 @@ class ArborConfig:
     seed: int = _f(1234, "Root seed; every stage derives its own from it.", min=0)
     device: str = _f("cpu", "Torch device for models: cpu, cuda, cuda:1, mps.", pattern=r"cpu|cuda(:\d+)?|mps",
                      expect="cpu, cuda, cuda:N or mps")
+    threads: int | None = _f(None, "Torch CPU threads of every model stage (torch.set_num_threads); null = torch's "
+                                   "default, one per core. The tiny default's small matrices run best on 1: a "
+                                   "second thread spin-waits, and on a busy CPU that costs ~10x.", **_COUNT)
     tracking: TrackingConfig = _sub(TrackingConfig)
     task: TaskConfig = _sub(TaskConfig)
     prepare: PrepareConfig = _sub(PrepareConfig)

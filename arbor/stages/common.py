@@ -69,6 +69,14 @@ def input_errors(name: str, debug: bool = False) -> Iterator[None]:
         raise SystemExit(2) from None
 
 
+def set_threads(threads: int | None) -> None:
+    """`torch.set_num_threads(threads)` for this process (params.yaml `threads`); None keeps torch's default."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def check_device(device: str, where: str) -> None:
     """Refuse a device this torch build cannot use, naming `where` the device was set (`params.yaml: device`)."""
     if device == "cpu":
@@ -156,6 +164,7 @@ def stage_cli(name: str, description: str, add_paths: Callable[[argparse.Argumen
         cfg = load_config(args.params or None, overrides)
         if uses_device:
             check_device(cfg.device, origin("device", args.params or "<defaults>", frozenset(overrides)))
+            set_threads(cfg.threads)
         lock = lock_or_exit(f"arbor {name}")  # one pipeline per project dir; exits 2 naming the holder
         tracker = make_tracker(enabled=cfg.tracking.enabled and not worker_rank(),  # DDP: rank 0 tracks for all
                                stage=name, experiment=cfg.tracking.experiment, uri=cfg.tracking.uri,
