@@ -24,7 +24,8 @@ def metrics(tmp_path):
                                         "wall_seconds": 20.0})
         _write(d, f"iter_{k}.json", {"greedy_pass1": 0.5 + k / 10, "pass_at_k": 0.8, "maj_at_k": 0.6,
                                      "orm_best_of_n": 0.7, "eval_problems": 10, "k": 16, "forward_tokens": 2000,
-                                     "greedy_forward_tokens": 400, "wall_seconds": 5.0})
+                                     "greedy_forward_tokens": 400, "wall_seconds": 5.0,
+                                     "greedy_borrow_misconception_rate": 0.9 - k / 10})
         _write(d, f"decode_{k}.json", {"search_pass1": 0.55 + k / 10, "search_forward_tokens": 1500,
                                        "critic_forward_tokens": 700, "search_wall_seconds": 7.0})
         if k:
@@ -45,6 +46,7 @@ def test_summary_has_one_entry_per_iteration_with_tokens_and_walls(tmp_path, met
     assert rows[0]["wall_seconds"]["bootstrap"] == 100.0 and rows[1]["wall_seconds"]["decode"] == 7.0
     assert rows[1]["tree_vs_chain"]["chain_tokens_per_problem"] == 160.0  # sampling tokens only, not greedy's
     assert rows[1]["tree_vs_chain"]["tree_trajectories_per_problem"] == 10.0
+    assert rows[1]["diagnostics"] == {"greedy_borrow_misconception_rate": 0.8}
     assert json.loads((metrics / "summary.json").read_text()) == summary
     for png in ("accuracy.png", "tree_vs_chain.png"):
         assert (tmp_path / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

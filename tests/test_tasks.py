@@ -1,4 +1,5 @@
 import json
+import math
 from fractions import Fraction
 
 import numpy as np
@@ -233,3 +234,14 @@ def test_noisy_solutions_terminate_even_when_slips_go_negative():
         from arbor.tasks.synthetic import subtract_without_borrow
 
         subtract_without_borrow(-15, 7)
+
+
+def test_synthetic_diagnostics_count_the_borrow_misconception():
+    from arbor.tasks.synthetic import SyntheticArithmetic
+
+    d = SyntheticArithmetic().diagnostics(["4*9=36\n36-7=31\n31+1=32\nAnswer: 32\n",  # 36-7: misconception
+                                           "42-7=35\n35-9=26\nAnswer: 26\n",  # two borrows, both right
+                                           "40-3=42\n"])  # a borrow step wrong, but not the misconception
+    assert d == {"step_error_rate": 2 / 6, "borrow_steps": 4.0, "borrow_misconception_rate": 1 / 4,
+                 "borrow_error_rate": 2 / 4}
+    assert math.isnan(SyntheticArithmetic().diagnostics(["Answer: 3"])["step_error_rate"])

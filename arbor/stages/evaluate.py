@@ -87,6 +87,9 @@ def sample_policy(policy: Policy, task: Task, problems: Sequence[Problem], *, k:
         "samples_forward_tokens": used.forward_tokens - greedy_tokens,
         "wall_seconds": time.perf_counter() - t0,
     }
+    for name, texts in (("greedy", [c.text for c in greedy]), ("samples", [c.text for c in samples])):
+        for key, value in task.diagnostics(texts).items():  # where accuracy changes come from (task-specific)
+            metrics[f"{name}_{key}"] = None if value != value else value
     return metrics, [samples[i * k : (i + 1) * k] for i in range(n)]
 
 

@@ -53,6 +53,8 @@ def iteration_entry(metrics_dir: Path, k: int) -> dict[str, Any]:
     entry["critic_forward_tokens"] = {s: m["critic_forward_tokens"] for s, m in per.items()
                                       if isinstance(m.get("critic_forward_tokens"), int)}
     entry |= {key: per["critics"].get(key) for key in AUROCS}
+    entry["diagnostics"] = {key: v for key, v in per["iter"].items() if key.startswith("greedy_") and
+                            key != "greedy_pass1" and key != "greedy_forward_tokens"}  # Task.diagnostics
     entry["wall_seconds"] = {s: m.get("wall_seconds", m.get("search_wall_seconds")) for s, m in per.items()}
     search, sample = per["search"], per["iter"]
     n_s, n_e = max(1, search.get("problems", 0)), max(1, sample.get("eval_problems", 0))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -72,6 +73,11 @@ class Task(Protocol):
         the task defines one, a systematic misconception (applied at `misconception_rate`)."""
         ...
 
+    def diagnostics(self, completions: Sequence[str]) -> dict[str, float]:
+        """Task-specific error rates over solutions (e.g. how often a known misconception appears), reported
+        beside accuracy so that a change in accuracy can be traced to its cause; {} when the task has none."""
+        ...
+
 
 class NumericTask:
     """Shared behaviour of tasks whose answer is a number: prompt template and number-matching reward.
@@ -103,6 +109,9 @@ class NumericTask:
         if not problem.solution:
             raise ArborInputError(f"task {self.name!r}: problem {problem.id} has no solution to train on")
         return problem.solution
+
+    def diagnostics(self, completions: Sequence[str]) -> dict[str, float]:
+        return {}
 
 
 def read_problems(path: str | Path) -> list[Problem]:

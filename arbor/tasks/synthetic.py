@@ -22,6 +22,9 @@ two kinds of error, each carried forward to the final answer as a careless solve
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+
 import numpy as np
 
 from arbor.pipeline.config import ArborInputError
@@ -29,6 +32,7 @@ from arbor.tasks.base import NumericTask, Problem
 
 _APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 SLIPS = (-10, -2, -1, 1, 2, 10)
+_STEP = re.compile(r"^(\d+)([-+*])(\d+)=(\d+)$", re.M)
 
 
 class SyntheticArithmetic(NumericTask):
@@ -104,6 +108,27 @@ class SyntheticArithmetic(NumericTask):
             lines.append(f"{value}{op}{b}={result}")
             value = result
         return "\n".join([*lines, f"Answer: {value}"]) + "\n"
+
+    def diagnostics(self, completions: Sequence[str]) -> dict[str, float]:
+        """Over every `a op b = c` line of `completions` (whatever came before it; NaN where there is none):
+        `step_error_rate` = share of lines with c != a op b; `borrow_steps` = lines `a-b=c` whose subtraction
+        borrows; `borrow_misconception_rate` = share of those with c = the digit-by-digit result (the bootstrap
+        misconception); `borrow_error_rate` = share of those with any wrong c."""
+        steps = wrong = borrow = misconceived = borrow_wrong = 0
+        for text in completions:
+            for a, op, b, c in _STEP.findall(text):
+                a, b, c = int(a), int(b), int(c)
+                ok = _APPLY[op](a, b) == c
+                steps += 1
+                wrong += not ok
+                if op == "-" and 0 <= b <= a and needs_borrow(a, b):
+                    borrow += 1
+                    borrow_wrong += not ok
+                    misconceived += c == subtract_without_borrow(a, b)
+        nan = float("nan")
+        return {"step_error_rate": wrong / steps if steps else nan, "borrow_steps": float(borrow),
+                "borrow_misconception_rate": misconceived / borrow if borrow else nan,
+                "borrow_error_rate": borrow_wrong / borrow if borrow else nan}
 
 
 def needs_borrow(a: int, b: int) -> bool:
