@@ -133,6 +133,9 @@ class EvaluateConfig:
     n_problems: int | None = _f(None, "Evaluate only the first n eval problems (default: all).", **_COUNT)
     search: bool = _f(False, "Also decode each eval problem with eta-MCTS (likelihood scorer, no oracle).")
     search_simulations: int = _f(32, "eta-MCTS simulations per eval problem when evaluate.search is on.", **_COUNT)
+    search_problems: int | None = _f(None, "eta-MCTS decoding reads only the first n of the evaluated problems "
+                                           "(null: all of them); it costs ~10x the sampling per problem.",
+                                     **_COUNT)
 
 
 @dataclass
@@ -171,7 +174,7 @@ class SearchConfig:
     """Stage `search`: tree search over the train split with the iteration's policy."""
 
     algorithm: str = _f("eta_mcts", "eta_mcts | tree_grpo | chains.", choices=("eta_mcts", "tree_grpo", "chains"))
-    n_problems: int | None = _f(64, "Search the first n train problems (default 64; null = all).", **_COUNT)
+    n_problems: int | None = _f(256, "Search the first n train problems (default 256; null = all).", **_COUNT)
     n_rollouts: int = _f(0, "eta_mcts: fast rollouts per new non-terminal node (0 = none: inner nodes 0.5).", min=0)
     rollout_tokens: int = _f(96, "Longest fast rollout, in tokens.", **_COUNT)
     grpo_m: int = _f(4, "tree_grpo: trees per prompt (M).", **_COUNT)

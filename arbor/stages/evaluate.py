@@ -161,7 +161,8 @@ def search_decode(policy: Policy, task: Task, problems: Sequence[Problem], *, et
             "search_forward_tokens": used.forward_tokens, "search_padded_kv_positions": used.padded_kv_positions,
             "search_cache_misses": used.cache_misses, "search_kv_evictions": store.evictions,
             "search_kv_peak_mb": store.peak_nbytes / 2**20,
-            "search_simulations": simulations, "search_scorer": "likelihood" if scorer is None else "critics",
+            "search_simulations": simulations, "search_problems": n,
+            "search_scorer": "likelihood" if scorer is None else "critics",
             "search_critic_forward_tokens": critic, "search_stored_tokens": stored,
             "search_critic_token_ratio": critic / max(1, stored),
             "search_wall_seconds": time.perf_counter() - t0}
@@ -214,7 +215,8 @@ def run(cfg: ArborConfig, *, policy_dir: str | Path = "models/iter_0/policy",
             from arbor.critics.scorer import CriticScorer
 
             scorer = CriticScorer(critics, cfg.critics)  # decoding: no gold, terminals by the ORM
-        metrics |= search_decode(policy, task, problems, eta=cfg.search.eta, simulations=e.search_simulations,
+        metrics |= search_decode(policy, task, problems[: e.search_problems], eta=cfg.search.eta,
+                                 simulations=e.search_simulations,
                                  seed=seed + 2, kv_budget_mb=cfg.search.kv_budget_mb, scorer=scorer)
     return {**metrics, "critics": None if critics_dir is None else str(critics_dir)}
 

@@ -28,11 +28,12 @@ class TrainConfig:
                                "clipped policy gradient with intra+inter advantages, KL to the reference) | "
                                "sft_best (NLL on the best correct path per problem, AlphaLLM's update).",
                         choices=OBJECTIVES)
-    epochs: float = _f(4.0, "Expected passes over the training items (items are drawn with replacement; steps "
+    epochs: float = _f(16.0, "Expected passes over the training items (items are drawn with replacement; steps "
                             "= ceil(epochs * items / (batch_size * accumulate_grad_batches))).", gt=0.0)
     batch_size: int = _f(16, "Items (pairs, trajectories or paths) per micro-batch.", **COUNT)
     accumulate_grad_batches: int = _f(1, "Micro-batches per optimizer step (gradient accumulation).", **COUNT)
-    lr: float = _f(3e-4, "Peak learning rate (AdamW, linear warm-up then cosine decay to 0.1x).", gt=0.0)
+    lr: float = _f(1e-5, "Peak learning rate (AdamW, linear warm-up then cosine decay to 0.1x). Fine-tuning "
+                             "rate: 3e-4 broke the tiny default (README, #10).", gt=0.0)
     warmup_steps: int = _f(10, "Warm-up optimizer steps.", min=0)
     weight_decay: float = _f(0.0, "AdamW weight decay.", min=0.0)
     gradient_clip: float = _f(1.0, "Clip the gradient norm at this value (0 = no clipping).", min=0.0)
