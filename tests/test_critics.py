@@ -369,3 +369,14 @@ def test_lora_critic_moves_the_body_by_low_rank_deltas_only(char_tok, tmp_path, 
     model.save(tmp_path / "critic", tokenizer=char_tok)
     ids = [[1, 40, 50, 5]]
     np.testing.assert_allclose(load(tmp_path / "critic").score(ids)["value"], model.score(ids)["value"], atol=1e-6)
+
+
+def test_grouped_auroc_ranks_within_each_problem_only():
+    # pooled, the scores separate the easy problem (all high) from the hard one (all low): AUROC 0.75
+    scores = np.array([0.9, 0.8, 0.7, 0.3, 0.2, 0.1])
+    labels = np.array([0, 1, 1, 0, 1, 0])
+    groups = np.array(["easy", "easy", "easy", "hard", "hard", "hard"])
+    assert cal.auroc(scores, labels) > 0.5
+    within, n = cal.grouped_auroc(scores, labels, groups)
+    assert n == 2 and within == pytest.approx((0.0 + 0.5) / 2)  # easy: the wrong one ranked first; hard: 1 of 2
+    assert cal.grouped_auroc(scores, np.ones(6, int), groups)[1] == 0

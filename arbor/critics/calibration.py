@@ -87,6 +87,14 @@ def critic_metrics(name: str, scores: np.ndarray, labels: np.ndarray, *, thresho
             f"{name}_ece": ece(scores, labels, n_bins), f"{name}_n": len(scores)}
 
 
+def grouped_auroc(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> tuple[float, int]:
+    """Mean AUROC within groups (problems) that hold both classes, and how many do: how well a critic ranks the
+    candidates of one problem, which is what best-of-N reranking and search need. A pooled AUROC also rewards
+    telling easy problems from hard ones. (NaN, 0) when no group has both classes."""
+    per = [auroc(scores[m], labels[m]) for g in np.unique(groups) if 0 < (labels[m := groups == g]).sum() < m.sum()]
+    return (float(np.mean(per)) if per else float("nan")), len(per)
+
+
 def reliability_diagram(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path,
                         n_bins: int = 10) -> None:
     """One PNG: for each critic name -> (scores, binary labels), observed frequency vs mean score per bin,

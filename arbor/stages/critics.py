@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from arbor.critics.calibration import critic_metrics, reliability_diagram
+from arbor.critics.calibration import critic_metrics, grouped_auroc, reliability_diagram
 from arbor.critics.config import KINDS, CriticsConfig
 from arbor.critics.labels import assign_splits, build_labels, label_counts, read_tree_files, write_labels
 from arbor.critics.models import CriticModel
@@ -48,7 +48,7 @@ def held_out_metrics(models: dict[str, CriticModel], labels: Any, items: list[di
 
     pred = predict(models, items)
     d = labels.take(pred["row"]).to_pydict()
-    depth, term = np.asarray(d["depth"]), np.asarray(d["terminal"])
+    depth, term, problem = np.asarray(d["depth"]), np.asarray(d["terminal"]), np.asarray(d["problem_id"])
     orm = np.asarray([np.nan if x is None else x for x in d["orm"]], np.float64)
     truth = {"value": (np.ones(len(depth), bool), np.asarray(d["value"]) >= 0.5),
              "prm": (depth > 0, np.asarray(d["prm_hard"]) >= 0.5),
@@ -59,6 +59,8 @@ def held_out_metrics(models: dict[str, CriticModel], labels: Any, items: list[di
         keep, y = truth[k]
         s = pred[k][keep]
         metrics.update(critic_metrics(k, s, y[keep], threshold=cfg.threshold, n_bins=cfg.n_bins))
+        within, groups = grouped_auroc(s, y[keep], problem[keep])
+        metrics |= {f"{k}_auroc_within_problem": within, f"{k}_within_problem_groups": groups}
         curves[k] = (s, y[keep])
     return metrics, curves
 
