@@ -16,6 +16,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: one torch thread is much faster than two on a busy 2-core machine (150 training steps:
+    0.5 s vs 140 s); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def char_tok():
     from arbor.lm.tokenizer import char_tokenizer

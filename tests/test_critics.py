@@ -224,15 +224,6 @@ def planted_trees(tok, n_problems: int, seed: int):
     return parts
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matrices: one torch thread is faster than two on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("shared", [True, False])
 def test_each_critic_learns_a_planted_rule(char_tok, tmp_path, shared, one_thread):
     write_trees(tmp_path / "t.parquet", planted_trees(char_tok, 20, seed=0))

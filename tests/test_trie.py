@@ -233,15 +233,6 @@ BLANK_START = "\n\n12\nAnswer: 12\n"
 
 
 @pytest.fixture
-def one_thread():
-    """Tiny matrices: one torch thread is much faster than two on a busy 2-core machine (150 steps: 0.5 s vs 140 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
 def blank_first(char_tok, one_thread) -> HFPolicy:
     """A tiny llama overfit to answer "Q\\n" with `BLANK_START`: its first line is empty, as an instruct model's
     often is after the assistant prompt."""
