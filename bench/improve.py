@@ -11,8 +11,9 @@ wrong (`Task.diagnostics`). Writes bench/results/improve.json and prints a table
 
 The three objectives of one iteration from the same preference set (#10): `--objectives dpo grpo sft_best
 --prefs prefs/iter_1 --base models/iter_0/policy` first trains one policy per objective (`arbor train`, the
-params' train settings otherwise, into a temporary directory; its train wall time is reported), then measures
-the base and each trained policy as above.
+params' train settings otherwise, into a temporary directory with its checkpoints, deleted at the end; its
+train wall time is reported), then measures the base and each trained policy as above. `arbor train` takes the
+project lock: run this when no pipeline is running.
 """
 
 from __future__ import annotations
@@ -80,8 +81,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         out = Path(tmp.name) / obj
         subprocess.run([sys.executable, "-m", "arbor.stages.train", "--params", args.params, "--iter", "1",
                         "--prefs", args.prefs, "--policy", args.base, "--out", str(out), "--metrics",
-                        str(out) + ".json", "--tracking.enabled", "false", "--threads", str(args.threads),
-                        "--train.objective", obj], check=True)
+                        str(out) + ".json", "--checkpoints", str(out) + ".ckpt", "--tracking.enabled", "false",
+                        "--threads", str(args.threads), "--train.objective", obj], check=True)
         trained[obj] = json.loads(Path(str(out) + ".json").read_text())
         specs.append(f"{obj}={out}")
     if not specs:
@@ -94,6 +95,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     for r in rows:
         r["greedy_gain"] = r["greedy_pass1"] - base["greedy_pass1"]
         r["pass_at_k_gain"] = r["pass_at_k"] - base["pass_at_k"]
+    for r in rows:  # the trained policies are temporary: their rows keep the numbers, not the paths
+        if r["policy"] in trained:
+            r["path"] = None
     path = save(args.name, {"rows": rows, "eval": args.eval, "n": args.n, "search": args.search,
                             "objectives": args.objectives, "prefs": args.prefs if args.objectives else None})
     tmp.cleanup()

@@ -256,3 +256,17 @@ def test_make_torch_index_is_optional():
 def test_make_run_uses_the_runner():
     run_lines = [line for line in _make_n("run").splitlines() if "arbor" in line]
     assert run_lines and run_lines[-1].strip() == ".venv/bin/arbor run"
+
+
+def test_tiny_cuda_preset_is_the_tiny_default_on_a_gpu():
+    """configs/tiny-cuda.yaml is the tiny default with a CUDA device (and bf16, and search decoding of every
+    eval problem): any other difference is a preset left behind when the default changed."""
+    from arbor.pipeline.config import load_config
+
+    def flat(d, prefix=""):
+        return {k2: v2 for k, v in d.items()
+                for k2, v2 in (flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(f"{prefix}{k}", v)])}
+
+    tiny = flat(to_dict(load_config(ROOT / "configs" / "tiny.yaml")))
+    cuda = flat(to_dict(load_config(ROOT / "configs" / "tiny-cuda.yaml")))
+    assert {k for k in tiny if tiny[k] != cuda[k]} == {"device", "train.precision", "evaluate.search_problems"}

@@ -27,6 +27,7 @@ def metrics(tmp_path):
                                      "greedy_forward_tokens": 400, "wall_seconds": 5.0,
                                      "greedy_borrow_misconception_rate": 0.9 - k / 10})
         _write(d, f"decode_{k}.json", {"search_pass1": 0.55 + k / 10, "search_forward_tokens": 1500,
+                                       "search_problems": 4,
                                        "critic_forward_tokens": 700, "search_wall_seconds": 7.0})
         if k:
             _write(d, f"prefs_{k}.json", {"pairs": 12, "wall_seconds": 1.0})
@@ -47,6 +48,7 @@ def test_summary_has_one_entry_per_iteration_with_tokens_and_walls(tmp_path, met
     assert rows[1]["tree_vs_chain"]["chain_tokens_per_problem"] == 160.0  # sampling tokens only, not greedy's
     assert rows[1]["tree_vs_chain"]["tree_trajectories_per_problem"] == 10.0
     assert rows[1]["diagnostics"] == {"greedy_borrow_misconception_rate": 0.8}
+    assert (rows[1]["eval_problems"], rows[1]["search_problems"]) == (10, 4)
     assert json.loads((metrics / "summary.json").read_text()) == summary
     for png in ("accuracy.png", "tree_vs_chain.png"):
         assert (tmp_path / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -30,16 +30,8 @@ def _rows(directory):
     return [pq.read_table(f).to_pylist() for f in verified_files(directory)]
 
 
-@pytest.fixture()
-def one_thread():
-    """Actors run torch on `ray_cpus_per_worker` = 1 thread; the local run must too for bitwise-equal priors
-    (a different thread count sums in another order: priors differ in the 7th digit)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# `one_thread` (conftest): actors run torch on `ray_cpus_per_worker` = 1 thread; the local run must too for
+# bitwise-equal priors (a different thread count sums in another order: priors differ in the 7th digit).
 
 
 @pytest.fixture()

@@ -245,3 +245,5 @@ def test_synthetic_diagnostics_count_the_borrow_misconception():
     assert d == {"step_error_rate": 2 / 6, "borrow_steps": 4.0, "borrow_misconception_rate": 1 / 4,
                  "borrow_error_rate": 2 / 4}
     assert math.isnan(SyntheticArithmetic().diagnostics(["Answer: 3"])["step_error_rate"])
+    negative = SyntheticArithmetic().diagnostics(["5-3=-8\n-8+3=-5\n"])  # a wrong step, then a right one
+    assert negative["step_error_rate"] == 1 / 2 and negative["borrow_steps"] == 0.0

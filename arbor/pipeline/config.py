@@ -131,7 +131,8 @@ class EvaluateConfig:
     max_new_tokens: int = _f(96, "Longest generated solution, in tokens.", **_COUNT)
     batch_size: int = _f(128, "Sequences per generation batch.", **_COUNT)
     n_problems: int | None = _f(None, "Evaluate only the first n eval problems (default: all).", **_COUNT)
-    search: bool = _f(False, "Also decode each eval problem with eta-MCTS (likelihood scorer, no oracle).")
+    search: bool = _f(False, "Also decode eval problems with eta-MCTS (likelihood scorer, no oracle; the first "
+                             "evaluate.search_problems of them).")
     search_simulations: int = _f(32, "eta-MCTS simulations per eval problem when evaluate.search is on.", **_COUNT)
     search_problems: int | None = _f(None, "eta-MCTS decoding reads only the first n of the evaluated problems "
                                            "(null: all of them); it costs ~10x the sampling per problem.",
@@ -205,7 +206,8 @@ class ArborConfig:
     threads: int | None = _f(None, "Torch CPU threads of every model stage (torch.set_num_threads); null = torch's "
                                    "default, one per core. On 2 idle cores the tiny default searches as fast with "
                                    "1 thread and trains 1.6x faster with 2; on a CPU shared with other jobs, 1 "
-                                   "avoids spin-waiting threads (~10x slower).", **_COUNT)
+                                   "avoids spin-waiting threads (~10x slower). Not a DVC param of the stages: it "
+                                   "changes speed and at most the last digits of float sums.", **_COUNT)
     tracking: TrackingConfig = _sub(TrackingConfig)
     task: TaskConfig = _sub(TaskConfig)
     prepare: PrepareConfig = _sub(PrepareConfig)

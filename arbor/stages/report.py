@@ -6,8 +6,10 @@ k ≥ 1 `prefs_<k>.json` and `train_<k>.json` (`bootstrap.json` stands in for it
 file is an error naming it (the report never silently skips an iteration); a key a stage did not write is
 null in the summary.
 
-`metrics/summary.json` = `{"iterations": [{"iteration": k, <accuracy read-outs>, "policy_forward_tokens":
-{stage: n}, "critic_forward_tokens": {stage: n}, <critic AUROCs>, "wall_seconds": {stage: s}}, ...]}`.
+`metrics/summary.json` = `{"iterations": [{"iteration": k, <accuracy read-outs>, "eval_problems": n,
+"search_problems": n (search_pass1 reads the first n eval problems), "policy_forward_tokens": {stage: n},
+"critic_forward_tokens": {stage: n}, <critic AUROCs, pooled and within problem>, "diagnostics": {<the task's
+greedy error rates, Task.diagnostics>}, "wall_seconds": {stage: s}}, ...]}`.
 Plots (PNG, registered as `dvc plots` and logged to MLflow): accuracy per iteration; and trajectories and
 solve rate per problem against forward tokens per problem, tree (search_k over train problems, oracle reward)
 against chains (evaluate's k samples over eval problems) — different problem sets, so the controlled
@@ -47,12 +49,15 @@ def iteration_entry(metrics_dir: Path, k: int) -> dict[str, Any]:
         per[stage] = read_json(f)
     flat = per["iter"] | per["decode"]
     entry: dict[str, Any] = {"iteration": k, **{key: flat.get(key) for key in ACCURACY}}
+    entry["eval_problems"] = per["iter"].get("eval_problems")  # search_pass1: the first search_problems of them
+    entry["search_problems"] = per["decode"].get("search_problems", entry["eval_problems"])
     entry["policy_forward_tokens"] = {s: m.get("forward_tokens") for s, m in per.items()
                                       if isinstance(m.get("forward_tokens"), int)}
     entry["policy_forward_tokens"]["decode"] = per["decode"].get("search_forward_tokens")
     entry["critic_forward_tokens"] = {s: m["critic_forward_tokens"] for s, m in per.items()
                                       if isinstance(m.get("critic_forward_tokens"), int)}
     entry |= {key: per["critics"].get(key) for key in AUROCS}
+    entry |= {f"{key}_within_problem": per["critics"].get(f"{key}_within_problem") for key in AUROCS}
     entry["diagnostics"] = {key: v for key, v in per["iter"].items() if key.startswith("greedy_") and
                             key != "greedy_pass1" and key != "greedy_forward_tokens"}  # Task.diagnostics
     entry["wall_seconds"] = {s: m.get("wall_seconds", m.get("search_wall_seconds")) for s, m in per.items()}
@@ -80,8 +85,11 @@ def plot_accuracy(rows: list[dict[str, Any]], out: Path) -> None:
     its = [r["iteration"] for r in rows]
     for key in ACCURACY:
         ys = [r[key] for r in rows]
+        label = key
+        if key == "search_pass1" and rows and rows[-1].get("search_problems") != rows[-1].get("eval_problems"):
+            label = f"search_pass1 (first {rows[-1]['search_problems']})"
         if any(y is not None for y in ys):
-            ax.plot(its, [float("nan") if y is None else y for y in ys], marker="o", label=key)
+            ax.plot(its, [float("nan") if y is None else y for y in ys], marker="o", label=label)
     ax.set(xlabel="iteration", ylabel="accuracy on the eval split", xticks=its, ylim=(0, 1))
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

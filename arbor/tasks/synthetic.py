@@ -32,7 +32,7 @@ from arbor.tasks.base import NumericTask, Problem
 
 _APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 SLIPS = (-10, -2, -1, 1, 2, 10)
-_STEP = re.compile(r"^(\d+)([-+*])(\d+)=(\d+)$", re.M)
+_STEP = re.compile(r"^(-?\d+)([-+*])(\d+)=(-?\d+)$", re.M)  # a wrong running value may go negative
 
 
 class SyntheticArithmetic(NumericTask):
