@@ -309,6 +309,28 @@ def test_stage_writes_loadable_critics_metrics_and_plot(char_tok, tmp_path, one_
     assert set(scorer.critics) == {"value", "orm"} and len(scorer.backbones) == 1 and not scorer.uses_oracle
 
 
+def test_stage_trains_the_same_critics_whatever_ran_before(char_tok, tmp_path, one_thread):
+    """Same inputs and seed, same critics, bitwise, even when the process's global torch RNG was left in another
+    state (two fresh `make run`s once trained different critics_0 from identical labels: the heads were
+    initialised from the unseeded global RNG)."""
+    from safetensors.torch import load_file
+
+    from arbor.critics.models import HEADS_FILE
+    from arbor.pipeline.config import ArborConfig, TrackingConfig
+    from arbor.stages.critics import run
+
+    trees, policy_dir, train = stage_inputs(char_tok, tmp_path)
+    cfg = ArborConfig(tracking=TrackingConfig(enabled=False))
+    crit = CriticsConfig(max_epochs=1, min_completions=2, completion_tokens=6)
+    heads = []
+    for i in range(2):
+        torch.manual_seed(1000 + i)  # whatever ran before the stage
+        run(cfg, trees_dir=trees, policy_dir=policy_dir, train_file=train, out_dir=tmp_path / f"c{i}", critics=crit)
+        heads.append(load_file(tmp_path / f"c{i}" / "shared" / HEADS_FILE))
+    assert heads[0].keys() == heads[1].keys()
+    assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
+
+
 @pytest.mark.parametrize("body", ["frozen", "full", "lora"])
 def test_stage_runs_the_policy_as_configured(char_tok, tmp_path, monkeypatch, one_thread, body):
     """The stage loads the policy as search does (`load_policy`: dtype, step-end rule, chat prompts), so the

@@ -156,6 +156,9 @@ def run(cfg: ArborConfig, *, trees_dir: str | Path, policy_dir: str | Path, trai
         if not items.get(s):
             raise FileNotFoundError(f"{trees_dir}: {len(pids)} problems leave the {s} split empty; search more "
                                     "problems (search.n_problems) or change critics.heldout_fraction/val_fraction")
+    import torch
+
+    torch.manual_seed(seed)  # the heads' initialisation draws from the global RNG: seed it, not whatever ran before
     models = new_critics(_backbone_source(cfg, c, policy, policy_dir, backbone_dir), shared=c.shared_backbone)
     accelerator, devices = lightning_accelerator(cfg.device)
     t1 = time.perf_counter()
