@@ -263,6 +263,41 @@ def test_frozen_backbone_trains_the_heads_only(char_tok, tmp_path, one_thread):
     assert any(not torch.equal(heads[k], p) for k, p in model.heads.named_parameters())
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_frozen_body_features_are_computed_once_and_train_the_same_heads(char_tok, tmp_path, monkeypatch, shared,
+                                                                          one_thread):
+    import arbor.train.critic as tc
+
+    write_trees(tmp_path / "t.parquet", planted_trees(char_tok, 8, seed=1))
+    items = pack_problems(build_labels(read_tree_files([tmp_path / "t.parquet"])))
+    cfg = CriticsConfig(max_epochs=3, patience=3, problems_per_batch=2, freeze_backbone=True, head_lr=1e-2)
+    base = tiny_model(char_tok, seed=2)
+
+    def critics() -> dict[str, CriticModel]:
+        torch.manual_seed(5)
+        if shared:
+            m = CriticModel.from_policy(base, ["value", "prm", "orm"])
+            return dict.fromkeys(m.kinds, m)
+        return {k: CriticModel.from_policy(base, [k]) for k in ("value", "prm", "orm")}
+
+    forwards = []
+    hidden = CriticModel.hidden
+    monkeypatch.setattr(CriticModel, "hidden", lambda self, *a, **k: (forwards.append(1), hidden(self, *a, **k))[1])
+    cached = critics()
+    out_cached = train_critics(cached, items[:6], items[6:], cfg, seed=3, progress=False)
+    n_cached = len(forwards)
+    monkeypatch.setattr(tc, "cache_features", lambda models, its: its)  # the uncached forward every step
+    plain = critics()
+    out_plain = train_critics(plain, items[:6], items[6:], cfg, seed=3, progress=False)
+    nets = 1 if shared else 3
+    assert n_cached == nets * 2  # one forward per body over train (6 items) and over val (2), in batches of 8
+    assert len(forwards) - n_cached > n_cached * cfg.max_epochs  # the uncached path runs the body every step
+    for k in ("value", "prm", "orm"):
+        for a, b in zip(cached[k].heads.parameters(), plain[k].heads.parameters(), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert out_cached["critic_best_val_loss"] == pytest.approx(out_plain["critic_best_val_loss"], rel=1e-4)
+
+
 def stage_inputs(tok, tmp_path, *, chat_template: str | None = None):
     """Searched trees (12 planted problems, with a manifest), a saved tiny policy (its tokenizer with
     `chat_template`) and the problems' file: (trees dir, policy dir, train file)."""

@@ -176,9 +176,17 @@ class ShardedOutput:
     def _merge(self, si: int) -> None:
         idx = self.shards[si]
         part, side = self._part(si)
-        table = pa.concat_tables([pq.read_table(self._item(i)[0]) for i in idx])
-        with atomic_path(part) as tmp:
-            pq.write_table(table, tmp)
+        with atomic_path(part) as tmp:  # streamed, one item (row group) at a time: memory of one item, not 16
+            writer = None
+            for i in idx:
+                table = pq.read_table(self._item(i)[0])
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table)
+            assert writer is not None  # a shard holds at least one item
+            writer.close()
+        del table
+        pa.default_memory_pool().release_unused()
         stats = [self._item_stats.pop(i) for i in idx]
         write_json(side, {"file": file_record(part), "stats": stats})
         self._shard_stats[si] = stats

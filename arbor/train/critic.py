@@ -16,6 +16,11 @@ states; on the tiny default's 38 training problems fine-tuning the body memorise
 (`freeze_backbone: false`): LoRA adapters on each frozen backbone train at `lr` beside the heads, and are merged
 into the backbone when training ends (arbor/lm/lora.py). The weights of the epoch with the lowest validation
 loss are restored at the end.
+
+Frozen bodies are run once: with `freeze_backbone` (and no LoRA) nothing upstream of the heads changes during
+training, so `cache_features` computes each body's hidden states at the labelled positions of every train and
+val item once (body in eval mode, no dropout) and every epoch trains the heads on those [P, H] features; the
+losses, the optimizer and the data order are those of the uncached forward (tested equal).
 """
 
 from __future__ import annotations
@@ -102,17 +107,65 @@ def collate(items: Sequence[Item], pad_id: int = 0) -> dict[str, torch.Tensor]:
     for it in items:
         pairs += [(a + offset, ja, c + offset, jc) for a, ja, c, jc in it["pairs"]]
         offset += len(it["seqs"])
+    for j in range(len(items[0].get("features", ()))):  # cached hidden states of frozen body j [B, P, H]
+        feats = [f for it in items for f in it["features"][j]]
+        h = torch.zeros((b, p, feats[0].shape[-1]), dtype=feats[0].dtype)
+        for i, f in enumerate(feats):
+            h[i, : f.shape[0]] = f
+        out[f"features_{j}"] = h
     out.update(input_ids=ids, attention_mask=mask, positions=positions, pos_mask=pos_mask,
                pairs=torch.as_tensor(pairs, dtype=torch.long).reshape(-1, 4))
     return out
 
 
+def distinct_nets(models: dict[str, CriticModel]) -> list[CriticModel]:
+    """The distinct `CriticModel`s of `models` in first-use order (a shared backbone once)."""
+    return list({id(m): m for m in models.values()}.values())
+
+
 def critic_logits(models: dict[str, CriticModel], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """{kind: logits [B, P]}, one forward per distinct backbone."""
+    """{kind: logits [B, P]}, one forward per distinct backbone, or its heads on `features_<j>` [B, P, H] where
+    the batch carries the cached hidden states of body j (`cache_features`)."""
     out: dict[str, torch.Tensor] = {}
-    for model in {id(m): m for m in models.values()}.values():
-        got = model(batch["input_ids"], batch["attention_mask"], batch["positions"])
+    for j, model in enumerate(distinct_nets(models)):
+        feats = batch.get(f"features_{j}")
+        if feats is None:
+            got = model(batch["input_ids"], batch["attention_mask"], batch["positions"])
+        else:
+            got = model.head_logits(feats)
         out.update({k: v for k, v in got.items() if models.get(k) is model})
+    return out
+
+
+@torch.no_grad()
+def cache_features(models: dict[str, CriticModel], items: list[Item], batch_problems: int = 8) -> list[Item]:
+    """`items` with `features` added: per distinct body j, one tensor [P_s, H] per sequence s of the item, the
+    body's last hidden state at each labelled position (one eval-mode forward per sequence, no graph)."""
+    nets = distinct_nets(models)
+    modes = [m.backbone.training for m in nets]
+    out: list[Item] = []
+    try:
+        for m in nets:
+            m.backbone.eval()
+        for a in range(0, len(items), batch_problems):
+            chunk = items[a: a + batch_problems]
+            batch = collate(chunk)
+            per_net = []
+            for m in nets:
+                pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+                ids, mask = (batch[k].to(m.device) for k in ("input_ids", "attention_mask"))
+                h, _ = m.hidden(ids, mask, pos.to(m.device))
+                idx = batch["positions"].to(m.device)
+                per_net.append(h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1])).float().cpu())
+            row = 0
+            for it in chunk:
+                feats = [[per_net[j][row + s, : len(x)].clone() for s, x in enumerate(it["positions"])]
+                         for j in range(len(nets))]
+                row += len(it["seqs"])
+                out.append({**it, "features": feats})
+    finally:
+        for m, mode in zip(nets, modes, strict=True):
+            m.backbone.train(mode)
     return out
 
 
@@ -143,7 +196,7 @@ class CriticModule(L.LightningModule):
     def __init__(self, models: dict[str, CriticModel], cfg: CriticsConfig) -> None:
         super().__init__()
         self.kind_models = models
-        self.nets = torch.nn.ModuleList(list({id(m): m for m in models.values()}.values()))
+        self.nets = torch.nn.ModuleList(distinct_nets(models))
         self.cfg = cfg
 
     def _common_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor | None:
@@ -197,11 +250,16 @@ def train_critics(models: dict[str, CriticModel], train: list[Item], val: list[I
     """Fit the critics on `train` items with early stopping on `val`; returns summary metrics."""
     from lightning.pytorch.callbacks import EarlyStopping
 
+    frozen = cfg.freeze_backbone and not cfg.lora.enabled
+    if frozen:  # the body never changes: its hidden states are computed once (module docstring)
+        for m in distinct_nets(models):
+            m.backbone.requires_grad_(False)
+        train, val = cache_features(models, train), cache_features(models, val)
     L.seed_everything(seed, workers=True, verbose=False)
     g = torch.Generator().manual_seed(seed)
     train_dl = DataLoader(train, batch_size=cfg.problems_per_batch, shuffle=True, collate_fn=collate, generator=g)
     val_dl = DataLoader(val, batch_size=cfg.problems_per_batch, collate_fn=collate)
-    nets = list({id(m): m for m in models.values()}.values())  # a shared backbone once
+    nets = distinct_nets(models)
     for m in nets:
         m.train()
         if cfg.lora.enabled:  # the body frozen under trainable adapters (CriticsConfig: not with freeze_backbone)
