@@ -337,6 +337,13 @@ def test_stage_writes_loadable_critics_metrics_and_plot(char_tok, tmp_path, one_
         assert 0.0 <= m[f"{k}_ece"] <= 1.0
     assert m["extra_completions"] > 0 and m["heldout_orm_n"] > 0 and m["train_problems"] >= 6
     assert (tmp_path / "rel.png").is_file() and (tmp_path / "critics" / "_manifest.json").is_file()
+    from arbor.pipeline.manifest import read_manifest
+
+    heldout = read_manifest(tmp_path / "critics")["meta"]["heldout"]  # what the training search's gate reads
+    for k in ("value", "prm", "orm"):
+        assert heldout[k]["auroc"] == pytest.approx(m[f"{k}_auroc"])
+        w = m[f"{k}_auroc_within_problem"]
+        assert heldout[k]["auroc_within_problem"] == (None if w is None else pytest.approx(w))
     critics = load_critics(tmp_path / "critics", ["value", "orm"])
     assert critics["value"] is critics["orm"]  # one shared backbone
     assert critics["orm"].model.score([[1, 40, 50, 5]])["orm"].shape == (1,)

@@ -124,6 +124,41 @@ def test_search_with_critics_records_critic_tokens(world, tmp_path):
                    critics_dir=tmp_path / "missing")
 
 
+def test_critics_that_rank_no_better_than_chance_do_not_guide_the_search(world, tmp_path):
+    import shutil
+
+    from arbor.stages import search
+
+    cfg = load_config(None, FAST)
+    weak, strong = tmp_path / "weak", tmp_path / "strong"
+    for d, x in ((weak, 0.55), (strong, 0.7)):
+        shutil.copytree(world / "critics" / "shared", d / "shared")
+        write_manifest(d, {"stage": "critics", "heldout": {k: {"auroc": 0.8, "auroc_within_problem": x}
+                                                           for k in ("value", "prm", "orm")}})
+    m = search.run(cfg, policy_dir=world / "policy", train_file=world / "train.jsonl", out_dir=tmp_path / "t_weak",
+                   critics_dir=weak)
+    assert not m["critics_guide"] and m["critic_forward_tokens"] == 0
+    assert "value 0.55, prm 0.55 < critics.guide_min_auroc 0.6" in m["critics_gate"]
+    m = search.run(cfg, policy_dir=world / "policy", train_file=world / "train.jsonl", out_dir=tmp_path / "t_ok",
+                   critics_dir=strong)
+    assert m["critics_guide"] and m["critics_gate"] is None and m["critic_forward_tokens"] > 0
+    off = load_config(None, {**FAST, "critics.guide_min_auroc": 0.0})
+    m = search.run(off, policy_dir=world / "policy", train_file=world / "train.jsonl", out_dir=tmp_path / "t_off",
+                   critics_dir=weak)
+    assert m["critics_guide"] and m["critic_forward_tokens"] > 0
+
+
+def test_guide_gate_reads_the_weighted_critics_only():
+    heldout = {"value": {"auroc_within_problem": 0.7}, "prm": {"auroc_within_problem": None},
+               "orm": {"auroc_within_problem": 0.5}}
+    assert "prm None" in CriticsConfig().guide_gate(heldout)  # undefined (no group with both classes) is not good
+    assert CriticsConfig(b_prm=0.0).guide_gate(heldout) is None  # the ORM is not weighed (terminals have gold)
+    assert CriticsConfig(b_prm=0.0, b_orm=0.5).guide_gate(heldout) == (
+        "held-out within-problem AUROC orm 0.5 < critics.guide_min_auroc 0.6")
+    assert "value 0.7" in CriticsConfig(b_prm=0.0, guide_min_auroc=0.75).guide_gate(heldout)
+    assert CriticsConfig().guide_gate(None) is None  # critics without recorded metrics (not from `arbor critics`)
+
+
 def test_evaluate_with_critics_writes_the_readouts(world, tmp_path):
     from arbor.stages import evaluate
 

@@ -18,6 +18,7 @@ is never loaded or run. Terminals are scored by the oracle reward when a gold an
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from arbor.lm.config import LoraConfig
 from arbor.pipeline.fields import ConfigError, section
@@ -77,6 +78,11 @@ class CriticsConfig:
     orm_at_terminals: bool = _f(True, "Score terminals with the ORM where no gold answer exists.")
     kv_budget_mb: float = _f(256.0, "Prefix KV-cache budget of each critic backbone (MB, LRU).", gt=0.0)
     batch_size: int = _f(64, "Nodes per critic forward when scoring.", min=1)
+    guide_min_auroc: float = _f(0.6, "Training search (search_k, k >= 1) is guided by the critics of k-1 only when "
+                                     "every critic it weighs ranks held-out nodes within a problem better than "
+                                     "this (its `<kind>_auroc_within_problem`, recorded in the critics' manifest; "
+                                     "0.5 = chance); otherwise inner nodes are valued as in search_0. 0 = always.",
+                                min=0.0, max=1.0)
     refresh: bool = _f(True, "Retrain the critics every iteration on its own trees (false: keep critics_0 for "
                              "every iteration, as AlphaLLM did).")
     lora: LoraConfig = section(LoraConfig)
@@ -102,6 +108,21 @@ class CriticsConfig:
         raw = {"value": self.b_value, "prm": self.b_prm, "orm": self.b_orm}
         total = sum(raw.values())
         return {k: (w / total if total > 0 else 0.0) for k, w in raw.items()}
+
+    def guide_gate(self, heldout: dict[str, Any] | None) -> str | None:
+        """Why the critics with held-out metrics `heldout` ({kind: {"auroc_within_problem": x}}, from their
+        manifest) must not guide a training search (`guide_min_auroc`), or None when they may."""
+        if self.guide_min_auroc <= 0 or heldout is None:  # unmeasured critics (not from `arbor critics`) guide
+            return None
+        weak = []
+        for k in self.needed(gold=True):
+            x = (heldout.get(k) or {}).get("auroc_within_problem")
+            if x is None or not x >= self.guide_min_auroc:  # None / NaN (no held-out problem with both classes)
+                weak.append(f"{k} {x if x is None else round(float(x), 3)}")
+        if weak:
+            return (f"held-out within-problem AUROC {', '.join(weak)} < critics.guide_min_auroc "
+                    f"{self.guide_min_auroc}")
+        return None
 
     def needed(self, *, gold: bool) -> tuple[str, ...]:
         """The critics a search runs: those with a positive weight, plus the ORM at terminals without gold."""

@@ -65,6 +65,17 @@ def held_out_metrics(models: dict[str, CriticModel], labels: Any, items: list[di
     return metrics, curves
 
 
+def heldout_record(metrics: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """{kind: {auroc, auroc_within_problem}} of the held-out metrics (NaN -> None): what the manifest records for
+    `CriticsConfig.guide_gate`."""
+    def num(x: Any) -> float | None:
+        return None if x is None or not np.isfinite(x) else float(x)
+
+    return {k: {"auroc": num(metrics.get(f"{k}_auroc")),
+                "auroc_within_problem": num(metrics.get(f"{k}_auroc_within_problem"))}
+            for k in KINDS if f"{k}_auroc" in metrics}
+
+
 def split_items(labels: Any, split: dict[str, str], c: CriticsConfig) -> tuple[dict[str, Any], dict[str, list]]:
     """The label rows (pyarrow tables) and packed training items (arbor/train/critic.py) of each split named in
     `split` (problem_id -> train | val | heldout). Completion rows (node < 0) train and validate only with
@@ -171,7 +182,7 @@ def run(cfg: ArborConfig, *, trees_dir: str | Path, policy_dir: str | Path, trai
             model.cpu().save(tmp / name, tokenizer=policy.tokenizer)
         for s, t in parts.items():
             write_labels(tmp / "labels" / f"{s}.parquet", t)
-        write_manifest(tmp, {"stage": "critics", "iteration": iteration})
+        write_manifest(tmp, {"stage": "critics", "iteration": iteration, "heldout": heldout_record(metrics)})
     if plot is not None:
         reliability_diagram(curves, plot, n_bins=c.n_bins)
         tracker.log_artifact(plot)
@@ -189,12 +200,14 @@ def keep_critics(source: str | Path, out_dir: str | Path, source_metrics: str | 
     import shutil
 
     from arbor.pipeline.io import atomic_path, read_json
-    from arbor.pipeline.manifest import verify, write_manifest
+    from arbor.pipeline.manifest import read_manifest, verify, write_manifest
 
     verify(source)
+    heldout = ((read_manifest(source) or {}).get("meta") or {}).get("heldout")
     with atomic_path(out_dir, is_dir=True) as tmp:
         shutil.copytree(source, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("_manifest.json"))
-        write_manifest(tmp, {"stage": "critics", "iteration": iteration, "kept_from": str(source)})
+        write_manifest(tmp, {"stage": "critics", "iteration": iteration, "kept_from": str(source),
+                             "heldout": heldout})
     return {**read_json(source_metrics), "refreshed": False, "kept_from": str(source), "wall_seconds": 0.0}
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from arbor.critics.config import CriticsConfig
 from arbor.lm.base import Policy
 from arbor.lm.kvcache import KVStore
 from arbor.mcts.accounting import sum_accounting, trie_tokens
@@ -208,9 +209,14 @@ def run(cfg: ArborConfig, *, policy_dir: str | Path, train_file: str | Path = "d
         log.warning("search: search.algorithm=%s values no inner nodes; critics %s not used", s.algorithm,
                     critics_dir)
         critics_dir = None
-    critics = CriticSet(critics_dir, cfg) if critics_dir is not None else None  # bad input fails here too
+    gate = None if critics_dir is None else critics_gate(critics_dir, cfg.critics)
+    if gate is not None:
+        log.warning("search: critics %s do not guide this search (%s); inner nodes are valued as without critics",
+                    critics_dir, gate)
+    guide = critics_dir if gate is None else None
+    critics = CriticSet(guide, cfg) if guide is not None else None  # bad input fails here too
     executor = Executor.from_config(s)  # and a missing Ray install
-    fp = _fingerprint(cfg, policy_dir, train_file, iteration, critics_dir)
+    fp = _fingerprint(cfg, policy_dir, train_file, iteration, critics_dir)  # the critics' content, used or not
     problems = read_problems(train_file)[: s.n_problems]
     out = ShardedOutput(out_dir, n_items=len(problems), shard_size=s.shard_size, fingerprint=fp,
                         what="search trees")
@@ -219,7 +225,7 @@ def run(cfg: ArborConfig, *, policy_dir: str | Path, train_file: str | Path = "d
              len(todo))
     if todo:
         make = partial(problem_worker, cfg, str(Path(policy_dir).resolve()),
-                       None if critics_dir is None else str(Path(critics_dir).resolve()), problems, iteration)
+                       None if guide is None else str(Path(guide).resolve()), problems, iteration)
         bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc=f"search[{s.algorithm}]",
                    unit="problem")
         for i, (rows, st) in executor.map(todo, make, lambda: make(policy=policy, critics=critics)):
@@ -229,7 +235,17 @@ def run(cfg: ArborConfig, *, policy_dir: str | Path, train_file: str | Path = "d
             done = out.stats()
             bar.set_postfix(solved=f"{sum(x['solved_any'] for x in done)}/{len(done)}")
         bar.close()
-    return {**summarize(out.finish(), s.algorithm), "critics": None if critics_dir is None else str(critics_dir)}
+    return {**summarize(out.finish(), s.algorithm), "critics": None if critics_dir is None else str(critics_dir),
+            "critics_guide": guide is not None, "critics_gate": gate}
+
+
+def critics_gate(critics_dir: str | Path, c: CriticsConfig) -> str | None:
+    """Why the critics in `critics_dir` may not guide a training search (`CriticsConfig.guide_gate` on the
+    held-out metrics their manifest records), or None."""
+    from arbor.pipeline.manifest import read_manifest
+
+    manifest = read_manifest(critics_dir) if Path(critics_dir).is_dir() else None  # CriticSet reports a bad dir
+    return c.guide_gate(((manifest or {}).get("meta") or {}).get("heldout"))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
