@@ -13,8 +13,8 @@ tokens at the model boundary, prefill + decode; `--budget` = B) buys the trainin
 G and (M, L, N) are sized from a pilot's mean trajectory length T so that prompt + G*T and prompt +
 M*T*(1 + L*N/2) (Tree-GRPO's expected cost, times the pilot's measured/expected ratio) match the budget;
 the measured forward tokens per problem are reported beside each result. Data -> `arbor prefs` -> `arbor train`
-(stage functions, the same optimizer steps for every method: `--train-steps`), then greedy pass@1 on the eval
-problems; mean and std over `--seeds`.
+(stage functions, params.yaml's `train:` section (learning rate, beta, schedule) and the same optimizer steps for
+every method: `--train-steps`), then greedy pass@1 on the eval problems; mean and std over `--seeds`.
 
 (b) Decoding, on held-out problems with policy_0, no gold answer anywhere: greedy; self-consistency (majority
 over N prompt-cached samples); ORM best-of-N (same samples, ORM of the critics dir); eta-MCTS with the critics as
@@ -109,7 +109,6 @@ def train_one(cfg: Any, policy: Any, task: Any, train: Sequence[Any], evals: Seq
     from arbor.pipeline.seeds import derive_seed
     from arbor.stages import prefs as prefs_stage
     from arbor.stages import train as train_stage
-    from arbor.train.config import TrainConfig
 
     budget = args.budget * LEVELS[level]
     scfg = sized_search(cfg, method, budget, pilot)
@@ -125,7 +124,8 @@ def train_one(cfg: Any, policy: Any, task: Any, train: Sequence[Any], evals: Seq
     pm = prefs_stage.run(cfg, trees_dir=cell / "trees", out_dir=cell / "prefs")
     row |= {"pairs": pm["pairs"],
             "trajectories_nonzero_advantage": pm["trajectories_nonzero_advantage"]}
-    t = TrainConfig(objective=METHODS[method][1], batch_size=args.batch_size, checkpoint_every=0, warmup_steps=2)
+    t = dataclasses.replace(cfg.train, objective=METHODS[method][1], checkpoint_every=0,  # params.yaml's train:
+                            batch_size=args.batch_size or cfg.train.batch_size)      # lr, beta, schedule
     items = row["pairs"] if t.objective == "dpo" else row["trajectories_nonzero_advantage"]
     row["items"] = items
     try:
@@ -263,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--eval-problems", type=int, default=None)
     ap.add_argument("--decode-problems", type=int, default=None)
     ap.add_argument("--train-steps", type=int, default=None, help="Optimizer steps per training run (all methods).")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=None, help="Train micro-batch (default: train.batch_size).")
     ap.add_argument("--sc-n", type=int, nargs="+", default=None, help="Self-consistency / best-of-N sizes.")
     ap.add_argument("--sims", type=int, nargs="+", default=None, help="eta-MCTS decoding simulations.")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -278,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = ap.parse_args(argv)
     q = args.quick
     defaults = {"budget": 1200 if q else 2000, "seeds": 1 if q else 3, "train_problems": 4 if q else 8,
-                "eval_problems": 16 if q else 64, "decode_problems": 6 if q else 24, "train_steps": 6 if q else 20,
+                "eval_problems": 16 if q else 64, "decode_problems": 6 if q else 24, "train_steps": 6 if q else 64,
                 "sc_n": [2, 4] if q else [2, 4, 8, 16], "sims": [4, 8] if q else [4, 8, 16]}
     for k, v in defaults.items():
         if getattr(args, k) is None:
