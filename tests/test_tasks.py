@@ -82,6 +82,13 @@ def test_training_solution_injects_errors_at_the_configured_rate():
         ("1. 6 + 0 = 6\n2. So, the answer is 6.", Fraction(6)),  # numbered steps (SmolLM2-135M-Instruct)
         ("3) Answer: 7", Fraction(7)),
         ("12. 3 + 4 = 7", None),  # a numbered step is not an answer
+        ("15-4=11\nAnswer: 1-1", None),  # an expression states no answer (it was read as 1)
+        ("Answer: 11+3", None),
+        ("Answer: 1 2", None),  # two numbers
+        ("Answer: 2+3=5", None),
+        ("Answer: 4 x 3", None),
+        ("Answer: 11\n", Fraction(11)),
+        ("Answer: 5 (since 2+3=5)", Fraction(5)),  # words may follow the number
     ],
 )
 def test_extract_answer_tricky_strings(text, expected):
@@ -106,6 +113,8 @@ def test_one_definition_of_correct():
     p = Problem("p", "1 +1", "2")
     assert task.reward(p, "Answer: 2") == 1.0 and task.is_correct(p, "Answer: 2")
     assert not task.is_correct(p, "Answer: 3")
+    # sampled siblings of the answer line: the right number followed by more is not the answer
+    assert task.reward(p, "1+1=2\nAnswer: 2-1") == 0.0 and task.reward(p, "1+1=2\nAnswer: 2+0") == 0.0
     assert not is_solved(0.01) and not is_solved(0.5) and is_solved(1.0)
 
 

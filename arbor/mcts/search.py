@@ -35,7 +35,7 @@ from arbor.mcts.kernels import PUCT, UCT, best_leaf, greedy_path, terminal_nodes
 from arbor.mcts.scoring import NodeScorer
 from arbor.mcts.tree import ROOT, Tree, reserve_children
 from arbor.pipeline.config import EtaMCTSConfig
-from arbor.tasks.answers import final_answer_line, parse_number
+from arbor.tasks.answers import answer_number, final_answer_line
 
 PHASES = ("setup", "select", "expand", "score", "backup", "widen", "readout")
 
@@ -261,7 +261,7 @@ def readouts(b: TreeBuilder, sims: int) -> SearchResult:
     for t in terms:
         line = final_answer_line(b.text(int(t)))
         if line is not None and tree.visits[t] > 0:
-            num = parse_number(line)
+            num = answer_number(line)
             votes[str(num) if num is not None else line] += tree.value_sum[t] / tree.visits[t]
     vote = max(votes, key=votes.__getitem__) if votes else None
     return SearchResult(b, sims, greedy, best, rerank, vote)

@@ -26,8 +26,8 @@ from arbor.lm.base import Continuation, Policy, StopRule
 from arbor.pipeline.config import ArborConfig, ArborInputError, EtaMCTSConfig
 from arbor.pipeline.seeds import derive_seed
 from arbor.pipeline.tracking import NullTracker, Tracker
-from arbor.tasks import Problem, Task, build_task, is_terminal_step, parse_number, read_problems
-from arbor.tasks.answers import final_answer_line
+from arbor.tasks import Problem, Task, build_task, is_terminal_step, read_problems
+from arbor.tasks.answers import answer_number, final_answer_line
 
 
 def vote_key(completion: str) -> str | None:
@@ -35,7 +35,7 @@ def vote_key(completion: str) -> str | None:
     line = final_answer_line(completion)
     if line is None:
         return None
-    num = parse_number(line)
+    num = answer_number(line)
     return str(num) if num is not None else line.strip()
 
 
