@@ -13,8 +13,8 @@ Numbers may carry a sign, a dollar sign, thousands separators (`1,234` or `1 234
 
 The answer must state one number: words may follow it (`42 apples`, `5 (since 2+3=5)`), but an expression or a
 second number may not (`1-1`, `11+3`, `1 2`, `2+3=5` state no answer). Reading the first number of `1-1` as 1
-once scored such lines correct: sampling siblings without replacement at the last step produces them, and 103 of
-the 254 correct terminals of a default critics_0 training split were of that kind.
+once scored such lines correct: sampling siblings without replacement at the last step produces them, and 26 of
+the 254 correct terminals of a default critics_0 training split (10 of 100 held out) were of that kind.
 """
 
 from __future__ import annotations
