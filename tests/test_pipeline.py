@@ -270,3 +270,23 @@ def test_tiny_cuda_preset_is_the_tiny_default_on_a_gpu():
     tiny = flat(to_dict(load_config(ROOT / "configs" / "tiny.yaml")))
     cuda = flat(to_dict(load_config(ROOT / "configs" / "tiny-cuda.yaml")))
     assert {k for k in tiny if tiny[k] != cuda[k]} == {"device", "train.precision", "evaluate.search_problems"}
+
+
+def test_dvc_exp_run_sets_a_param_and_reruns_what_reads_it(tmp_path):
+    """`dvc exp run -S key=value <stage>` (the README's sweep recipe) in a git repo: the param reaches the stage,
+    the experiment is recorded with it, and the workspace holds its outputs."""
+    proj = _project(tmp_path, copy_source=True)
+    _disable_tracking(proj)
+    git = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    dvc = str(BIN / "dvc")
+    _run(["git", "init", "-q"], proj)
+    _run([dvc, "init", "-q"], proj)
+    _run(["git", "add", "-A"], proj)
+    _run(["git", "commit", "-qm", "base"], proj, **git)
+    _run([dvc, "exp", "run", "-S", "prepare.n_train=40", "-n", "fewer", "prepare"], proj, **git)
+    assert len((proj / "data" / "train.jsonl").read_text().splitlines()) == 40
+    assert yaml.safe_load((proj / "params.yaml").read_text())["prepare"]["n_train"] == 40
+    shown = json.loads(_run([dvc, "exp", "show", "--json"], proj).stdout)
+    exps = [e for rev in shown for e in (rev.get("experiments") or [])]
+    names = {r.get("name") for e in exps for r in (e.get("revs") or [e])}
+    assert "fewer" in names, shown
