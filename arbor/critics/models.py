@@ -82,14 +82,18 @@ class CriticModel(nn.Module):
         """{kind: logits [...]} of hidden states `h` [..., H] (heads in float32)."""
         return {k: self.heads[k](h.float()).squeeze(-1) for k in (kinds or self.kinds)}
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                positions: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Training forward over right-padded sequences [B, T]: {kind: logits [B, P]} at `positions` [B, P]
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 positions: torch.Tensor) -> torch.Tensor:
+        """The backbone's last hidden states [B, P, H] of right-padded sequences [B, T] at `positions` [B, P]
         (indices into T; padding entries may point anywhere and are masked by the caller)."""
         pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         h, _ = self.hidden(input_ids, attention_mask, pos)
-        picked = h.gather(1, positions[..., None].expand(-1, -1, h.shape[-1]))  # [B, P, H]
-        return self.head_logits(picked)
+        return h.gather(1, positions[..., None].expand(-1, -1, h.shape[-1]))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                positions: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Training forward: {kind: logits [B, P]} of the heads on `features` (same arguments)."""
+        return self.head_logits(self.features(input_ids, attention_mask, positions))
 
     @torch.inference_mode()
     def score(self, sequences: Sequence[Sequence[int]], kinds: Sequence[str] | None = None,

@@ -150,13 +150,8 @@ def cache_features(models: dict[str, CriticModel], items: list[Item], batch_prob
         for a in range(0, len(items), batch_problems):
             chunk = items[a: a + batch_problems]
             batch = collate(chunk)
-            per_net = []
-            for m in nets:
-                pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-                ids, mask = (batch[k].to(m.device) for k in ("input_ids", "attention_mask"))
-                h, _ = m.hidden(ids, mask, pos.to(m.device))
-                idx = batch["positions"].to(m.device)
-                per_net.append(h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1])).float().cpu())
+            per_net = [m.features(*(batch[k].to(m.device) for k in ("input_ids", "attention_mask", "positions")))
+                       .float().cpu() for m in nets]
             row = 0
             for it in chunk:
                 feats = [[per_net[j][row + s, : len(x)].clone() for s, x in enumerate(it["positions"])]
