@@ -143,6 +143,16 @@ def _row_state(cache: DynamicCache, j: int, last_hidden: torch.Tensor, left: int
     return PrefixState(kv, last_hidden.clone(), length)
 
 
+def recorded_heldout(critics_dir: str | Path) -> dict | None:
+    """The held-out metrics a `critics` stage output records in its manifest ({kind: {auroc,
+    auroc_within_problem}}, `CriticsConfig.guide_gate`), or None: no such directory, no manifest, or critics
+    not written by the stage."""
+    from arbor.pipeline.manifest import read_manifest
+
+    manifest = read_manifest(critics_dir) if Path(critics_dir).is_dir() else None
+    return ((manifest or {}).get("meta") or {}).get("heldout")
+
+
 def load_critics(critics_dir: str | Path, kinds: Sequence[str], *, device: str = "cpu",
                  budget_bytes: int | None = None, batch_size: int = 64) -> dict[str, CachedCritic]:
     """{kind: CachedCritic} for `kinds` from a stage output (`<dir>/shared` with every head, or

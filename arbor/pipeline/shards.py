@@ -185,8 +185,7 @@ class ShardedOutput:
                 writer.write_table(table)
             assert writer is not None  # a shard holds at least one item
             writer.close()
-        del table
-        pa.default_memory_pool().release_unused()
+        pa.default_memory_pool().release_unused()  # arrow's pool would keep the tables' pages (RSS)
         stats = [self._item_stats.pop(i) for i in idx]
         write_json(side, {"file": file_record(part), "stats": stats})
         self._shard_stats[si] = stats

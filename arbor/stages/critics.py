@@ -199,11 +199,12 @@ def keep_critics(source: str | Path, out_dir: str | Path, source_metrics: str | 
     manifest) so that every iteration reads `models/iter_<k>/critics`; the metrics are critics_0's, marked."""
     import shutil
 
+    from arbor.critics.scorer import recorded_heldout
     from arbor.pipeline.io import atomic_path, read_json
-    from arbor.pipeline.manifest import read_manifest, verify, write_manifest
+    from arbor.pipeline.manifest import verify, write_manifest
 
     verify(source)
-    heldout = ((read_manifest(source) or {}).get("meta") or {}).get("heldout")
+    heldout = recorded_heldout(source)
     with atomic_path(out_dir, is_dir=True) as tmp:
         shutil.copytree(source, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("_manifest.json"))
         write_manifest(tmp, {"stage": "critics", "iteration": iteration, "kept_from": str(source),

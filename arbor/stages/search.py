@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from arbor.critics.config import CriticsConfig
+from arbor.critics.scorer import recorded_heldout
 from arbor.lm.base import Policy
 from arbor.lm.kvcache import KVStore
 from arbor.mcts.accounting import sum_accounting, trie_tokens
@@ -209,7 +209,7 @@ def run(cfg: ArborConfig, *, policy_dir: str | Path, train_file: str | Path = "d
         log.warning("search: search.algorithm=%s values no inner nodes; critics %s not used", s.algorithm,
                     critics_dir)
         critics_dir = None
-    gate = None if critics_dir is None else critics_gate(critics_dir, cfg.critics)
+    gate = None if critics_dir is None else cfg.critics.guide_gate(recorded_heldout(critics_dir))
     if gate is not None:
         log.warning("search: critics %s do not guide this search (%s); inner nodes are valued as without critics",
                     critics_dir, gate)
@@ -238,14 +238,6 @@ def run(cfg: ArborConfig, *, policy_dir: str | Path, train_file: str | Path = "d
     return {**summarize(out.finish(), s.algorithm), "critics": None if critics_dir is None else str(critics_dir),
             "critics_guide": guide is not None, "critics_gate": gate}
 
-
-def critics_gate(critics_dir: str | Path, c: CriticsConfig) -> str | None:
-    """Why the critics in `critics_dir` may not guide a training search (`CriticsConfig.guide_gate` on the
-    held-out metrics their manifest records), or None."""
-    from arbor.pipeline.manifest import read_manifest
-
-    manifest = read_manifest(critics_dir) if Path(critics_dir).is_dir() else None  # CriticSet reports a bad dir
-    return c.guide_gate(((manifest or {}).get("meta") or {}).get("heldout"))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

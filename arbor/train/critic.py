@@ -245,10 +245,7 @@ def train_critics(models: dict[str, CriticModel], train: list[Item], val: list[I
     """Fit the critics on `train` items with early stopping on `val`; returns summary metrics."""
     from lightning.pytorch.callbacks import EarlyStopping
 
-    frozen = cfg.freeze_backbone and not cfg.lora.enabled
-    if frozen:  # the body never changes: its hidden states are computed once (module docstring)
-        for m in distinct_nets(models):
-            m.backbone.requires_grad_(False)
+    if cfg.freeze_backbone and not cfg.lora.enabled:  # the body never changes: its hidden states, once
         train, val = cache_features(models, train), cache_features(models, val)
     L.seed_everything(seed, workers=True, verbose=False)
     g = torch.Generator().manual_seed(seed)
