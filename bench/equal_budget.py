@@ -21,6 +21,12 @@ over N prompt-cached samples); ORM best-of-N (same samples, ORM of the critics d
 node scorer (AlphaLLM decoding, `search_decode`). Forward tokens per problem = policy + critic tokens. Curves over
 N and simulations; the `decoding` entry of each method is its curve point closest to eta-MCTS's largest budget.
 
+(c) The decoding comparison alone for another preset (no training: `--methods` with no name), e.g. the real
+model of configs/smollm2.yaml with its pipeline's policy_0 and critics_0:
+    .venv/bin/python -m bench.equal_budget --params configs/smollm2.yaml --policy models/iter_0/policy \
+        --critics models/iter_0/critics --methods --decode-problems 16 --name equal_budget_smollm2
+Policies load as the stages load them (`load_policy`: dtype, chat template, step-end rule).
+
 Writes bench/results/equal_budget[_quick].json (shape of issue #13, plus the curves, the measured tokens and
 wall times, the speed probe) and bench/results/equal_budget_{training,decoding}.png; prints tables.
 """
@@ -104,7 +110,7 @@ def greedy_pass1(policy: Any, task: Any, problems: Sequence[Any], e: Any, seed: 
 def train_one(cfg: Any, policy: Any, task: Any, train: Sequence[Any], evals: Sequence[Any], method: str, level: str,
               seed_i: int, args: argparse.Namespace, pilot: dict[str, float], work: Path) -> dict[str, Any]:
     """One (method, budget, seed) cell: data at the budget -> prefs -> train -> greedy pass@1."""
-    from arbor.lm.hf import HFPolicy
+    from arbor.lm.loading import load_policy
     from arbor.pipeline.config import ArborInputError
     from arbor.pipeline.seeds import derive_seed
     from arbor.stages import prefs as prefs_stage
@@ -131,7 +137,7 @@ def train_one(cfg: Any, policy: Any, task: Any, train: Sequence[Any], evals: Seq
     try:
         t = dataclasses.replace(t, epochs=args.train_steps * t.batch_size / max(1, items or 1))
         tm = train_stage.run(cfg, prefs_dir=cell / "prefs", policy_dir=args.policy, out=cell / "policy", train=t)
-        trained = HFPolicy.from_pretrained(cell / "policy", cfg.device)
+        trained = load_policy(cell / "policy", cfg)
         row |= {"train_steps": tm["steps"], "train_seconds": tm["train_seconds"]}
     except ArborInputError:  # no pair / no trajectory with a non-zero advantage: nothing to learn, policy_0 stays
         trained, row["train_steps"] = policy, 0
@@ -266,7 +272,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="Train micro-batch (default: train.batch_size).")
     ap.add_argument("--sc-n", type=int, nargs="+", default=None, help="Self-consistency / best-of-N sizes.")
     ap.add_argument("--sims", type=int, nargs="+", default=None, help="eta-MCTS decoding simulations.")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS),
+                    help="Training methods; none (`--methods` alone) runs the decoding comparison only.")
     ap.add_argument("--chain-sharing", action="store_true",
                     help="chain_grpo chains share equal token prefixes (the trie engine); default: each chain "
                          "computes its own tokens after the cached prompt (the usual practice, bench.tokens' "
@@ -284,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if getattr(args, k) is None:
             setattr(args, k, v)
     torch.set_num_threads(args.threads)
-    from arbor.lm.hf import HFPolicy
+    from arbor.lm.loading import load_policy
     from arbor.pipeline.config import load_config
     from arbor.tasks import build_task, make_splits
 
@@ -293,14 +300,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, enabled=False))
     task = build_task(cfg.task)
     train, evals = make_splits(cfg.task, args.train_problems, max(args.eval_problems, args.decode_problems), seed=413)
-    policy = HFPolicy.from_pretrained(args.policy, cfg.device)
+    policy = load_policy(args.policy, cfg)  # as the stages load it: dtype, chat template, step-end rule
     t0 = time.perf_counter()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="equal_budget_") as tmp:
         work = Path(tmp)
-        pilot = pilot_lengths(cfg, policy, task, train[:4], work)
-        base = greedy_pass1(policy, task, evals[: args.eval_problems], cfg.evaluate, 0)
-        for s in range(args.seeds):
+        pilot = pilot_lengths(cfg, policy, task, train[:4], work) if args.methods else {}
+        base = greedy_pass1(policy, task, evals[: args.eval_problems], cfg.evaluate, 0) if args.methods else None
+        for s in range(args.seeds if args.methods else 0):
             for lv in LEVELS:
                 for m in args.methods:
                     rows.append(train_one(cfg, policy, task, train, evals[: args.eval_problems], m, lv, s, args,
@@ -319,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if flat:
         print(table(flat, ["method", "level", "mean", "std", "seeds", "forward_tokens"]))
     print(table(points, ["method", "n", "accuracy", "forward_tokens", "wall_seconds"]))
-    print(f"policy_0 greedy pass@1 {base:.3f}; speedprobe {probe} -> {result['speedprobe_after']}; wrote {path}")
+    print(f"policy_0 greedy pass@1 {base}; speedprobe {probe} -> {result['speedprobe_after']}; wrote {path}")
 
 
 if __name__ == "__main__":
