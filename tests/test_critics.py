@@ -15,6 +15,7 @@ from arbor.critics.scorer import CachedCritic, CriticScorer
 from arbor.lm.config import LoraConfig
 from arbor.lm.hf import HFPolicy
 from arbor.lm.kvcache import KVStore
+from arbor.lm.lora import checkpoint_activations as lora_checkpoint
 from arbor.mcts.grow import TreeBuilder
 from arbor.mcts.tree import add_child, new_tree
 from arbor.mcts.treeio import tree_rows, write_trees
@@ -261,6 +262,32 @@ def test_frozen_backbone_trains_the_heads_only(char_tok, tmp_path, one_thread):
     train_critics(dict.fromkeys(("value", "prm", "orm"), model), items[:4], items[4:], cfg, progress=False)
     assert all(torch.equal(body[k], p) for k, p in model.backbone.named_parameters())
     assert any(not torch.equal(heads[k], p) for k, p in model.heads.named_parameters())
+
+
+def test_gradient_checkpointing_trains_the_same_body_and_heads(char_tok, tmp_path, monkeypatch, one_thread):
+    """`critics.gradient_checkpointing` with a fine-tuned body: the body's layers run again in every backward
+    pass, and the trained critic equals the one trained without it."""
+    import arbor.train.critic as tc
+
+    write_trees(tmp_path / "t.parquet", planted_trees(char_tok, 6, seed=0))
+    items = pack_problems(build_labels(read_tree_files([tmp_path / "t.parquet"])))
+    seen = []
+    monkeypatch.setattr(tc, "checkpoint_activations", lambda m: (seen.append(1), lora_checkpoint(m))[1])
+
+    def trained(checkpointing: bool) -> CriticModel:
+        torch.manual_seed(5)
+        model = CriticModel.from_policy(tiny_model(char_tok, seed=2), ["value", "prm", "orm"])
+        cfg = CriticsConfig(max_epochs=2, patience=2, problems_per_batch=2, freeze_backbone=False,
+                            gradient_checkpointing=checkpointing)
+        train_critics(dict.fromkeys(model.kinds, model), items[:4], items[4:], cfg, seed=3, progress=False)
+        return model
+
+    plain = trained(False)
+    assert seen == []
+    ckpt = trained(True)
+    assert seen == [1]
+    for (n, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters(), strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=n)
 
 
 @pytest.mark.parametrize("shared", [True, False])

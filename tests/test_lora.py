@@ -95,3 +95,36 @@ def test_adapter_with_missing_base_is_one_clear_error(char_tok, tmp_path):
     lora.save_trained(model, tmp_path / "a", cfg, base_dir=tmp_path / "gone", final_dir=tmp_path / "a")
     with pytest.raises(FileNotFoundError, match="gone"):
         load_model_and_tokenizer(tmp_path / "a")
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_checkpointed_activations_are_not_kept_and_give_the_same_gradients(char_tok, wrapped):
+    """`checkpoint_activations`: the forward pass keeps far fewer tensors for backward (the decoder layers'
+    activations are recomputed instead), and the loss and every gradient equal the plain model's."""
+    ids = _ids(char_tok)
+
+    def grads(checkpointed: bool) -> tuple[float, dict[str, torch.Tensor], int]:
+        model = tiny_model(char_tok, seed=1)
+        if wrapped:
+            model = lora.apply_lora(model, LoraConfig(enabled=True, r=4))
+        if checkpointed:
+            lora.checkpoint_activations(model)
+        model.train()
+        kept = []  # elements of every tensor autograd keeps for backward (inside a checkpoint: none)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: (kept.append(t.numel()), t)[1], lambda t: t):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, sum(kept)
+
+    loss0, g0, kept0 = grads(False)
+    loss1, g1, kept1 = grads(True)
+    assert kept1 < kept0 / 2
+    assert loss1 == pytest.approx(loss0, rel=1e-6)
+    assert g0.keys() == g1.keys() and g0
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], atol=1e-6, rtol=1e-5)
+
+
+def test_checkpointing_a_plain_module_is_one_clear_error():
+    with pytest.raises(ArborInputError, match="gradient_checkpointing"):
+        lora.checkpoint_activations(torch.nn.Linear(2, 2))

@@ -316,3 +316,23 @@ def test_train_stage_with_empty_prefs_keeps_the_policy_and_refuses_missing_ones(
     with pytest.raises(ArborInputError, match="damaged or incomplete"):
         train.run(cfg, prefs_dir=workspace / "trees_missing", policy_dir=workspace / "policy", out=workspace / "o")
     assert not (workspace / "o").exists() and np.isfinite(TrainConfig().lr)
+
+
+def test_train_stage_gradient_checkpointing_trains_the_same_weights(workspace, monkeypatch):
+    """`train.gradient_checkpointing` reaches the model (activations recomputed) and changes no weight."""
+    import arbor.lm.lora as lora
+    from arbor.stages import train
+
+    seen = []
+    real = lora.checkpoint_activations
+    monkeypatch.setattr(lora, "checkpoint_activations", lambda m: (seen.append(type(m).__name__), real(m))[1])
+    short = {**RESUMABLE, "train.checkpoint_every": 0, "train.epochs": 2.0}
+    kw = {"prefs_dir": workspace / "prefs", "policy_dir": workspace / "policy"}
+    train.run(load_config(None, short), out=workspace / "plain", **kw)
+    assert seen == []
+    train.run(load_config(None, {**short, "train.gradient_checkpointing": True}), out=workspace / "ckpt", **kw)
+    assert len(seen) == 1
+    plain, ckpt = _weights(workspace / "plain"), _weights(workspace / "ckpt")
+    assert any(not torch.equal(plain[k], _weights(workspace / "policy")[k]) for k in plain)
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], atol=1e-6, rtol=1e-5)

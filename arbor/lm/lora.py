@@ -1,4 +1,5 @@
-"""LoRA adapters for policy and critic training (Hu et al. 2021, arXiv 2106.09685, eq. 3), via peft.
+"""LoRA adapters for policy and critic training (Hu et al. 2021, arXiv 2106.09685, eq. 3), via peft; and
+gradient checkpointing (`checkpoint_activations`), the other memory lever of training a pretrained body.
 
 A wrapped linear layer computes `W x + (alpha / r) B A x` with the base weight W [d_out, d_in] frozen and only
 A [r, d_in] and B [d_out, r] trained; B starts at 0, so a freshly wrapped model equals its base exactly. For a
@@ -65,6 +66,18 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def checkpoint_activations(model: nn.Module) -> None:
+    """Gradient checkpointing on an HF model (or its LoRA wrapper): each decoder layer's activations are
+    recomputed in the backward pass instead of kept (`train.gradient_checkpointing`,
+    `critics.gradient_checkpointing`); the non-reentrant form, so frozen inputs under adapters still get
+    gradients. Only in training mode: `model.eval()` scoring and KV-cached decoding are unchanged."""
+    enable = getattr(model, "gradient_checkpointing_enable", None)
+    if enable is None or not getattr(model, "supports_gradient_checkpointing", True):
+        raise ArborInputError(f"gradient_checkpointing: {type(model).__name__} does not support it (expected a "
+                              "transformers PreTrainedModel)")
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def merge(model: nn.Module) -> nn.Module:

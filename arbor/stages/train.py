@@ -82,7 +82,7 @@ def run(cfg: ArborConfig, *, prefs_dir: str | Path = "prefs/iter_1", policy_dir:
     import torch
 
     from arbor.lm.loading import load_policy
-    from arbor.lm.lora import apply_lora, save_trained, trainable_parameters
+    from arbor.lm.lora import apply_lora, checkpoint_activations, save_trained, trainable_parameters
     from arbor.pipeline.io import atomic_path
     from arbor.pipeline.manifest import claim_dir, verified_files, write_manifest
     from arbor.pipeline.seeds import derive_seed, seed_everything
@@ -132,6 +132,8 @@ def run(cfg: ArborConfig, *, prefs_dir: str | Path = "prefs/iter_1", policy_dir:
             model, seqs, pad_id=pad_id, batch_size=2 * t.batch_size, device=cfg.device)))
     t_ref = time.perf_counter() - t1
     model = apply_lora(model, t.lora)  # adapters on the frozen policy (arbor/lm/lora.py); `model` itself when off
+    if t.gradient_checkpointing:
+        checkpoint_activations(model)
     trainable, total = trainable_parameters(model)
     steps = total_steps(t, len(items))
     start = time.perf_counter()

@@ -44,6 +44,9 @@ class TrainConfig:
     kl_coef: float = _f(0.04, "grpo: weight of the per-token KL to the reference (k3 estimator).", min=0.0)
     sft_min_reward: float = _f(1.0, "sft_best: a path qualifies when its outcome reward is at least this.",
                                min=0.0, max=1.0)
+    gradient_checkpointing: bool = _f(False, "Recompute the policy's activations in the backward pass instead of "
+                                             "keeping them: less memory for long sequences and large models, about "
+                                             "a third more compute.")
     precision: str = _f("32-true", "Lightning precision.", choices=PRECISIONS)
     strategy: str = _f("auto", "Lightning strategy (arbor/train/strategy.py): auto (one device) | ddp (one process "
                                "per device; gloo on CPU) | fsdp (GPUs: sharded weights, grads, optimizer) | deepspeed "

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 
 from arbor.critics.config import KINDS, CriticsConfig
 from arbor.critics.models import CriticModel
-from arbor.lm.lora import apply_lora, merge
+from arbor.lm.lora import apply_lora, checkpoint_activations, merge
 
 Item = dict[str, Any]
 
@@ -258,6 +258,8 @@ def train_critics(models: dict[str, CriticModel], train: list[Item], val: list[I
             m.backbone = apply_lora(m.backbone, cfg.lora)
         else:
             m.backbone.requires_grad_(not cfg.freeze_backbone)  # frozen: no graph through the body, heads only
+        if cfg.gradient_checkpointing and not (cfg.freeze_backbone and not cfg.lora.enabled):
+            checkpoint_activations(m.backbone)
     module = CriticModule(models, cfg)
     best = BestWeights()
     trainer = L.Trainer(max_epochs=cfg.max_epochs, accelerator=accelerator, devices=devices, logger=logger,
