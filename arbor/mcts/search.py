@@ -35,7 +35,7 @@ from arbor.mcts.kernels import PUCT, UCT, best_leaf, greedy_path, terminal_nodes
 from arbor.mcts.scoring import NodeScorer
 from arbor.mcts.tree import ROOT, Tree, reserve_children
 from arbor.pipeline.config import EtaMCTSConfig
-from arbor.tasks.answers import answer_number, final_answer_line
+from arbor.tasks.answers import answer_key
 
 PHASES = ("setup", "select", "expand", "score", "backup", "widen", "readout")
 
@@ -144,11 +144,12 @@ def branching_target(imp: float, depth: int, cfg: EtaMCTSConfig) -> int:
 
 
 def eta_mcts(policy: Policy, prompt_ids: Sequence[int], *, scorer: NodeScorer, is_terminal: Callable[[str], bool],
-             cfg: EtaMCTSConfig, seed: int, store: object, max_nodes: int | None = None) -> SearchResult:
+             cfg: EtaMCTSConfig, seed: int, store: object, max_nodes: int | None = None,
+             vote_key: Callable[[str], str | None] = answer_key) -> SearchResult:
     """Run eta-MCTS from `prompt_ids`; see the module docstring.
 
     `max_nodes` (default: `max_nodes_bound(cfg)`) caps the tree; the search stops before an expansion could
-    overflow it.
+    overflow it. `vote_key` names a terminal's answer for the weighted vote (the task's `vote_key`).
     """
     t_start = time.perf_counter()
     max_nodes = max_nodes_bound(cfg) if max_nodes is None else max_nodes
@@ -197,7 +198,7 @@ def eta_mcts(policy: Policy, prompt_ids: Sequence[int], *, scorer: NodeScorer, i
             break
     lap("widen")
     b.policy = policy  # the stopwatch only lives during the search
-    res = readouts(b, sims)
+    res = readouts(b, sims, vote_key)
     lap("readout")
     timing.model = clock.seconds
     timing.total = time.perf_counter() - t_start
@@ -247,8 +248,9 @@ def _grow(b: TreeBuilder, leaves: np.ndarray, target: np.ndarray, expanded: np.n
     lap("backup")
 
 
-def readouts(b: TreeBuilder, sims: int) -> SearchResult:
-    """Read-outs of a valued tree: greedy-by-Q terminal, best terminal by Q, rerank by score, weighted vote."""
+def readouts(b: TreeBuilder, sims: int, vote_key: Callable[[str], str | None] = answer_key) -> SearchResult:
+    """Read-outs of a valued tree: greedy-by-Q terminal, best terminal by Q, rerank by score, and the answer
+    (`vote_key` of a terminal's solution: the task's answer rule) with the largest sum of terminal values."""
     tree = b.tree
     n = tree.num_nodes
     path = greedy_path(tree.children_index, tree.num_children, tree.visits, tree.value_sum)
@@ -259,9 +261,8 @@ def readouts(b: TreeBuilder, sims: int) -> SearchResult:
     rerank = int(terms[np.nanargmax(scores)]) if len(terms) and not np.all(np.isnan(scores)) else -1
     votes: dict[str, float] = defaultdict(float)
     for t in terms:
-        line = final_answer_line(b.text(int(t)))
-        if line is not None and tree.visits[t] > 0:
-            num = answer_number(line)
-            votes[str(num) if num is not None else line] += tree.value_sum[t] / tree.visits[t]
+        key = vote_key(b.text(int(t))) if tree.visits[t] > 0 else None
+        if key is not None:
+            votes[key] += tree.value_sum[t] / tree.visits[t]
     vote = max(votes, key=votes.__getitem__) if votes else None
     return SearchResult(b, sims, greedy, best, rerank, vote)

@@ -67,6 +67,9 @@ class TaskConfig:
                               pattern=r"(?s).*\{question\}.*", expect="a string containing {question}")
     step_end: str = _f("newline", "What ends a reasoning step (a search node): newline | sentence (also . ! ?).",
                        choices=("newline", "sentence"))
+    answer_rule: str = _f("marked", "What a solution's answer is (reward, votes): marked (its first answer line: "
+                                    "'Answer: 7', 'The answer is 7') | last_number (that, else the solution's "
+                                    "last number: lm-eval's flexible extract).", choices=("marked", "last_number"))
 
     def __post_init__(self) -> None:
         if self.min_ops > self.max_ops:

@@ -27,21 +27,11 @@ from arbor.pipeline.config import ArborConfig, ArborInputError, EtaMCTSConfig
 from arbor.pipeline.seeds import derive_seed
 from arbor.pipeline.tracking import NullTracker, Tracker
 from arbor.tasks import Problem, Task, build_task, is_terminal_step, read_problems
-from arbor.tasks.answers import answer_number, final_answer_line
-
-
-def vote_key(completion: str) -> str | None:
-    """What majority voting compares: the parsed number of the answer line, else its stripped text."""
-    line = final_answer_line(completion)
-    if line is None:
-        return None
-    num = answer_number(line)
-    return str(num) if num is not None else line.strip()
 
 
 def majority_correct(task: Task, problem: Problem, completions: Sequence[str]) -> bool:
     """Whether the most common final answer (ties: first seen) among `completions` is correct."""
-    keys = [vote_key(c) for c in completions]
+    keys = [task.vote_key(c) for c in completions]  # the task's answer rule (task.answer_rule)
     counts = Counter(k for k in keys if k is not None)
     if not counts:
         return False
@@ -110,7 +100,7 @@ def critic_readouts(critics: dict[str, Any], policy: Policy, task: Task, problem
         scores = score_samples(critics, policy.encode_prompt(task.prompt(p)), conts, piece=piece,
                                step_tokens=step_tokens, is_terminal=is_terminal_step,
                                eos_token_id=policy.eos_token_id)
-        for name, i in rerank(scores, [vote_key(c.text) for c in conts]).items():
+        for name, i in rerank(scores, [task.vote_key(c.text) for c in conts]).items():
             ok[name] += i >= 0 and task.is_correct(p, conts[i].text)
     n = len(problems)
     return {**{name: ok[name] / n for name in READOUTS},
@@ -146,7 +136,7 @@ def search_decode(policy: Policy, task: Task, problems: Sequence[Problem], *, et
     stored = 0
     for i, p in enumerate(problems):
         res = eta_mcts(policy, policy.encode_prompt(task.prompt(p)), scorer=scorer or LikelihoodScorer(policy),
-                       is_terminal=is_terminal_step, cfg=eta, seed=seed + i, store=store)
+                       is_terminal=is_terminal_step, cfg=eta, seed=seed + i, store=store, vote_key=task.vote_key)
         stored += res.builder.tree.num_tokens
         store.clear()  # another problem's prefixes are never reused
         if scorer is not None:

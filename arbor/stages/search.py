@@ -105,7 +105,8 @@ def search_problem(policy: Policy, task: Task, problem: Problem, cfg: SearchConf
         scorer: Any = RewardScorer(reward, n_rollouts=cfg.n_rollouts, rollout_tokens=cfg.rollout_tokens)
         if critics is not None:
             scorer = critics.scorer(reward)
-        res = eta_mcts(policy, prompt, scorer=scorer, is_terminal=is_terminal_step, cfg=e, seed=seed, store=store)
+        res = eta_mcts(policy, prompt, scorer=scorer, is_terminal=is_terminal_step, cfg=e, seed=seed, store=store,
+                       vote_key=task.vote_key)
     else:
         common = {"step_tokens": e.step_tokens, "max_depth": e.max_depth, "is_terminal": is_terminal_step,
                   "temperature": e.temperature, "seed": seed, "store": store}
@@ -114,7 +115,7 @@ def search_problem(policy: Policy, task: Task, problem: Problem, cfg: SearchConf
         else:
             b = chain_tree(policy, prompt, g=cfg.chains, **common)
         _value_terminals(b, reward)
-        res = readouts(b, 0)
+        res = readouts(b, 0, task.vote_key)
     if critics is not None and cfg.algorithm == "eta_mcts":
         critic_tokens = scorer.critic_forward_tokens
         scorer.clear()  # this problem's prefixes are never needed again

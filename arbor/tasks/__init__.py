@@ -24,6 +24,7 @@ def build_task(cfg: TaskConfig) -> Task:
 
         task = ReasoningGymTask(cfg.rg_dataset, cfg.rg_config)
     task.prompt_template = cfg.prompt_template  # type: ignore[attr-defined]
+    task.answer_rule = cfg.answer_rule  # type: ignore[attr-defined]
     return task
 
 

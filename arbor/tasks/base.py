@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from arbor.pipeline.config import ArborInputError
-from arbor.tasks.answers import answers_match, extract_answer
+from arbor.tasks.answers import answer_key, answers_match, extract_answer
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,10 @@ class Task(Protocol):
         """Whether `completion` solves `problem`: `is_solved(reward(problem, completion))`."""
         ...
 
+    def vote_key(self, completion: str) -> str | None:
+        """What majority votes compare for `completion` (its stated answer, normalised), None if it states none."""
+        ...
+
     def training_solution(self, problem: Problem, rng: np.random.Generator, error_rate: float,
                           misconception_rate: float = 0.0) -> str:
         """A solution to train the bootstrap policy on, with random slips (`error_rate` of steps) and, where
@@ -88,12 +92,16 @@ class NumericTask:
 
     name = "numeric"
     prompt_template = PROMPT_TEMPLATE
+    answer_rule = "marked"  # task.answer_rule (arbor/tasks/answers.py): marked | last_number
 
     def prompt(self, problem: Problem) -> str:
         return self.prompt_template.replace("{question}", problem.question)
 
     def reward(self, problem: Problem, completion: str) -> float:
-        return float(answers_match(extract_answer(completion), problem.answer))
+        return float(answers_match(extract_answer(completion, self.answer_rule), problem.answer))
+
+    def vote_key(self, completion: str) -> str | None:
+        return answer_key(completion, self.answer_rule)
 
     def is_correct(self, problem: Problem, completion: str) -> bool:
         return is_solved(self.reward(problem, completion))

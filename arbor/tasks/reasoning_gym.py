@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from arbor.pipeline.config import ArborInputError
-from arbor.tasks.answers import final_answer_line
+from arbor.tasks.answers import stated_answer
 from arbor.tasks.base import NumericTask, Problem
 
 
@@ -42,7 +42,7 @@ class ReasoningGymTask(NumericTask):
         return out
 
     def reward(self, problem: Problem, completion: str) -> float:
-        answer = final_answer_line(completion)
+        answer = stated_answer(completion, self.answer_rule)
         if answer is None:
             return 0.0
         return float(self._score(answer, problem.meta["entry"]))
