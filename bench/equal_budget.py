@@ -227,14 +227,15 @@ def summarize(train_rows: list[dict], points: list[dict]) -> dict[str, Any]:
 
 
 def plot(result: dict[str, Any], points: list[dict], name: str) -> list[str]:
-    """<name>_training.png (pass@1 vs budget level) and <name>_decoding.png (accuracy vs tokens)."""
+    """<name>_training.png (pass@1 vs budget level; only with training runs) and <name>_decoding.png (accuracy vs
+    tokens)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths = []
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = plt.subplots(figsize=(5, 3.5))  # drawn empty, not saved, in a decoding-only run
     for m, cells in result["training"].items():
         lvs = [lv for lv in LEVELS if lv in cells]
         ax.errorbar([cells[lv]["forward_tokens"] for lv in lvs], [cells[lv]["mean"] for lv in lvs],
@@ -242,8 +243,9 @@ def plot(result: dict[str, Any], points: list[dict], name: str) -> list[str]:
     ax.set(xlabel="forward tokens per training problem", ylabel="greedy pass@1 after training", xscale="log")
     ax.legend()
     fig.tight_layout()
-    paths.append(str(RESULTS / f"{name}_training.png"))
-    fig.savefig(paths[-1], dpi=120)
+    if result["training"]:
+        paths.append(str(RESULTS / f"{name}_training.png"))
+        fig.savefig(paths[-1], dpi=120)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for m in ("greedy", "self_consistency", "orm_best_of_n", "eta_mcts"):
         mine = sorted((p for p in points if p["method"] == m), key=lambda p: p["forward_tokens"])
