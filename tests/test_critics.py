@@ -265,8 +265,8 @@ def test_frozen_backbone_trains_the_heads_only(char_tok, tmp_path, one_thread):
 
 
 def test_gradient_checkpointing_trains_the_same_body_and_heads(char_tok, tmp_path, monkeypatch, one_thread):
-    """`critics.gradient_checkpointing` with a fine-tuned body: the body's layers run again in every backward
-    pass, and the trained critic equals the one trained without it."""
+    """`critics.gradient_checkpointing` with a fine-tuned body reaches it (once for the shared body; that it
+    recomputes activations is tests/test_lora.py's), and the trained critic equals the one trained without it."""
     import arbor.train.critic as tc
 
     write_trees(tmp_path / "t.parquet", planted_trees(char_tok, 6, seed=0))

@@ -109,9 +109,6 @@ def final_answer_line(text: str) -> str | None:
     return None
 
 
-ANSWER_RULES = ("marked", "last_number")
-
-
 def stated_answer(text: str, rule: str = "marked") -> str | None:
     """The answer text a solution states under `rule` (module docstring): its first marked answer line, or with
     `last_number` and no marked line, its last number; None if it states none.
