@@ -336,3 +336,22 @@ def test_train_stage_gradient_checkpointing_trains_the_same_weights(workspace, m
     assert any(not torch.equal(plain[k], _weights(workspace / "policy")[k]) for k in plain)
     for k in plain:
         torch.testing.assert_close(ckpt[k], plain[k], atol=1e-6, rtol=1e-5)
+
+
+def test_gpu_preset_training_code_runs_on_cpu(workspace):
+    """What configs/gpu.yaml changes in training (policy in bfloat16, `train.precision: bf16-mixed`, gradient
+    checkpointing) is the code a CUDA run takes; on the CPU it trains and saves float32 master weights."""
+    from pathlib import Path
+
+    from arbor.stages import train
+
+    gpu = load_config(Path(__file__).resolve().parents[1] / "configs" / "gpu.yaml")
+    assert gpu.train.precision == "bf16-mixed" and gpu.train.gradient_checkpointing and gpu.device == "cuda"
+    cfg = load_config(None, {**RESUMABLE, "train.checkpoint_every": 0, "train.epochs": 2.0,
+                             "policy.dtype": gpu.policy.dtype, "train.precision": gpu.train.precision,
+                             "train.gradient_checkpointing": gpu.train.gradient_checkpointing})
+    m = train.run(cfg, prefs_dir=workspace / "prefs", policy_dir=workspace / "policy", out=workspace / "out")
+    assert m["steps"] > 0 and np.isfinite(m["final_train_loss"])
+    before, after = _weights(workspace / "policy"), _weights(workspace / "out")
+    assert all(w.dtype == torch.float32 for w in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before)
