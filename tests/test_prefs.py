@@ -95,6 +95,14 @@ def test_policy_values_weight_children_by_the_policy(tmp_path):
     # the same rule for trajectories: 7 and 8 end paths through a step of log p -1000
     assert leaf_advantages(t, 0.01)["leaf"].tolist() == [3, 4, 5]
     assert leaf_advantages(t)["leaf"].tolist() == [3, 4, 5, 7, 8]
+    # step_prob token: the floor bounds the geometric-mean token probability (p = 0.05 over the 10-11 tokens of
+    # "Answer: 2" / "Answer: 11" is ~0.75 per token), so a floor of 0.5 keeps 4 and 5 where a per-step one does not
+    assert tree_pairs(t, PrefsConfig(value="policy", margin=0.3, min_step_prob=0.5))["rejected_node"] == []
+    per_token = PrefsConfig(value="policy", margin=0.3, min_step_prob=0.5, step_prob="token")
+    assert tree_pairs(t, per_token)["rejected_node"] == [4, 5]
+    assert np.allclose(t.step_logp(True)[4], math.log(0.05) / len("Answer: 2\n"))
+    assert leaf_advantages(t, 0.5, per_token=True)["leaf"].tolist() == [3, 4, 5]
+    assert leaf_advantages(t, 0.5)["leaf"].tolist() == [3]
 
 
 def test_pairs_rows_depth_gap_and_tokens(tmp_path):

@@ -84,10 +84,11 @@ def standardize(group, r):  # pragma: no cover - numba
     return out
 
 
-def leaf_advantages(tree: ScoredTree, min_step_prob: float = 0.0) -> dict[str, np.ndarray]:
+def leaf_advantages(tree: ScoredTree, min_step_prob: float = 0.0, per_token: bool = False) -> dict[str, np.ndarray]:
     """{"leaf", "tree", "reward", "adv_intra", "adv_inter", "advantage", "min_step_logp"}, one [L] entry per
-    scored terminal whose every step has probability >= `min_step_prob`."""
-    low = path_min(tree.parent, tree.log_prior)
+    scored terminal whose every step has probability >= `min_step_prob` (with `per_token`, its geometric-mean
+    token probability: `ScoredTree.step_logp`)."""
+    low = path_min(tree.parent, tree.step_logp(per_token))
     floor = np.log(min_step_prob) if min_step_prob > 0 else -np.inf
     leaf = np.flatnonzero(tree.terminal & ~np.isnan(tree.reward) & (low >= floor)).astype(np.int32)
     reward = tree.reward[leaf].astype(np.float64)
@@ -99,10 +100,10 @@ def leaf_advantages(tree: ScoredTree, min_step_prob: float = 0.0) -> dict[str, n
             "advantage": intra + inter, "min_step_logp": low[leaf]}
 
 
-def tree_trajectories(tree: ScoredTree, min_step_prob: float = 0.0) -> dict[str, list]:
+def tree_trajectories(tree: ScoredTree, min_step_prob: float = 0.0, per_token: bool = False) -> dict[str, list]:
     """TRAJECTORY_SCHEMA columns of one tree's trajectories (those whose steps all have probability >=
     `min_step_prob`)."""
-    adv = leaf_advantages(tree, min_step_prob)
+    adv = leaf_advantages(tree, min_step_prob, per_token)
     prompt_len = int(tree.tok_len[0])
     prompt_ids = tree.tokens[:prompt_len].tolist()
     cols: dict[str, list] = {name: [] for name in TRAJECTORY_SCHEMA.names}

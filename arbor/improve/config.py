@@ -28,3 +28,6 @@ class PrefsConfig:
     min_step_prob: float = _f(0.01, "Use only steps the policy that grew the tree takes at least this often (exp "
                                     "of the step's log-prior; 0 = any): both steps of a pair, every step of a "
                                     "trajectory (module docstring of arbor/improve/prefs.py).", min=0.0, max=1.0)
+    step_prob: str = _f("step", "What min_step_prob bounds: step (the whole step's probability) | token (its "
+                                "geometric-mean token probability, for multi-token natural-language steps).",
+                        choices=("step", "token"))

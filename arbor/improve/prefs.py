@@ -27,7 +27,10 @@ teaches the policy to write a number other than the one it computed. Pushing dow
 never takes teaches nothing and displaces the likelihood of similar correct steps. On the tiny default's
 iteration-1 trees 356 of 406 pairs were such answer lines and step-DPO on them broke the policy (greedy pass@1
 0.47 -> 0.13); both steps of a pair must have probability >= `min_step_prob` under the policy that grew the
-tree (their `log_prior`). The Tree-GRPO view applies the same rule to every step of a trajectory.
+tree (their `log_prior`). The Tree-GRPO view applies the same rule to every step of a trajectory. With
+`step_prob: token` the floor bounds the geometric-mean token probability instead: a 12-token sentence of a real
+model has a whole-step probability far below 0.01 however typical it is (SmolLM2-135M: 75% of its steps fall
+below 0.01, median per-token probability 0.44).
 
 The pairing walks the tree arrays in a numba kernel (`sibling_pairs`); rows are built per tree in Python.
 """
@@ -69,6 +72,11 @@ class ScoredTree(TreeArrays):
         self.critic_score = col("critic_score").to_numpy(zero_copy_only=False).astype(np.float64)
         self.group = col("group").to_numpy().astype(np.int32)
         self.log_prior = col("log_prior").to_numpy(zero_copy_only=False).astype(np.float64)
+
+    def step_logp(self, per_token: bool = False) -> np.ndarray:
+        """[N] log-probability of each node's step under the policy that grew the tree (`log_prior`), or with
+        `per_token` its mean per token (the log of the geometric-mean token probability; `prefs.step_prob`)."""
+        return self.log_prior / np.maximum(self.tok_len, 1) if per_token else self.log_prior
 
     def path_ids(self, node: int) -> np.ndarray:
         """[L] token ids from the prompt through `node`'s step (numba path walk)."""
@@ -192,8 +200,8 @@ def tree_pairs(tree: ScoredTree, cfg: PrefsConfig, prompt: str | None = None) ->
     value, terms = node_values(tree, cfg.value, cfg.min_terminals)
     node, chosen, rejected = sibling_pairs(tree.parent, value, cfg.margin)
     if cfg.min_step_prob > 0:
-        floor = np.log(cfg.min_step_prob)
-        likely = (tree.log_prior[chosen] >= floor) & (tree.log_prior[rejected] >= floor)
+        floor, logp = np.log(cfg.min_step_prob), tree.step_logp(cfg.step_prob == "token")
+        likely = (logp[chosen] >= floor) & (logp[rejected] >= floor)
         node, chosen, rejected = node[likely], chosen[likely], rejected[likely]
     gap = value[chosen] - value[rejected]
     keep = _cap_per_node(node, gap, cfg.max_pairs_per_node)

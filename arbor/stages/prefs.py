@@ -49,7 +49,7 @@ def build(trees: pa.Table, cfg: PrefsConfig) -> tuple[pa.Table, pa.Table]:
     for pid in dict.fromkeys(pid_col.to_pylist()):
         tree = ScoredTree(trees.filter(pc.equal(pid_col, pid)))
         pairs.append(tree_pairs(tree, cfg))
-        trajectories.append(tree_trajectories(tree, cfg.min_step_prob))
+        trajectories.append(tree_trajectories(tree, cfg.min_step_prob, cfg.step_prob == "token"))
     return _table(pairs, PAIR_SCHEMA), _table(trajectories, TRAJECTORY_SCHEMA)
 
 
