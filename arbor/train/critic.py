@@ -245,7 +245,8 @@ def train_critics(models: dict[str, CriticModel], train: list[Item], val: list[I
     """Fit the critics on `train` items with early stopping on `val`; returns summary metrics."""
     from lightning.pytorch.callbacks import EarlyStopping
 
-    if cfg.freeze_backbone and not cfg.lora.enabled:  # the body never changes: its hidden states, once
+    body_trains = cfg.lora.enabled or not cfg.freeze_backbone  # in full, or its LoRA adapters
+    if not body_trains:  # the body never changes: its hidden states, once
         train, val = cache_features(models, train), cache_features(models, val)
     L.seed_everything(seed, workers=True, verbose=False)
     g = torch.Generator().manual_seed(seed)
@@ -258,7 +259,7 @@ def train_critics(models: dict[str, CriticModel], train: list[Item], val: list[I
             m.backbone = apply_lora(m.backbone, cfg.lora)
         else:
             m.backbone.requires_grad_(not cfg.freeze_backbone)  # frozen: no graph through the body, heads only
-        if cfg.gradient_checkpointing and not (cfg.freeze_backbone and not cfg.lora.enabled):
+        if cfg.gradient_checkpointing and body_trains:
             checkpoint_activations(m.backbone)
     module = CriticModule(models, cfg)
     best = BestWeights()
