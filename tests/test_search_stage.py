@@ -23,7 +23,9 @@ from .conftest import tiny_model
 
 FAST = {"search.n_problems": 3, "search.shard_size": 1, "search.eta.num_simulations": 6,
         "search.eta.step_tokens": 4, "search.eta.max_depth": 3, "search.eta.batch_leaves": 2,
-        "search.chains": 3, "search.grpo_m": 2, "search.grpo_l": 1, "search.grpo_n": 1, "tracking.enabled": False}
+        "search.chains": 3, "search.grpo_m": 2, "search.grpo_l": 1, "search.grpo_n": 1, "tracking.enabled": False,
+        "search.lockstep": 2}
+IDS = ["train-000000", "train-000001", "train-000002"]
 
 
 @pytest.fixture()
@@ -96,23 +98,28 @@ def _same(a, b):
     return {k: v for k, v in a.items() if k != "wall_seconds"} == {k: v for k, v in b.items() if k != "wall_seconds"}
 
 
+@pytest.mark.parametrize("lockstep", [1, 2])
 @pytest.mark.parametrize("kill_after", [1, 2])
-def test_a_kill_loses_at_most_the_problem_in_flight(setup, searched, kill_after):
+def test_a_kill_loses_at_most_the_lockstep_group_in_flight(setup, searched, kill_after, lockstep):
+    """Killed while problem `kill_after` starts: the re-run searches again from the start of that problem's
+    lockstep group (the problem alone at lockstep 1; both problems of [0, 1] at lockstep 2 when it is problem
+    1) and ends with the uninterrupted run's trees."""
     calls, kill = searched
-    reference, _ = _run(setup, **{"search.shard_size": 2})
+    cfg = {"search.shard_size": 2, "search.lockstep": lockstep}
+    reference, _ = _run(setup, **cfg)
     ref_trees = _trees(setup)
     shutil.rmtree(setup / "trees")
     calls.clear()
     kill[0] = kill_after
     with pytest.raises(Killed):
-        _run(setup, **{"search.shard_size": 2})
+        _run(setup, **cfg)
     assert not (setup / "trees" / MANIFEST).exists()  # an unfinished output is never marked complete
     with pytest.raises(CorruptOutputError, match="_manifest.json: missing"):
         verified_files(setup / "trees")
     done = list(calls)
     kill[0] = None
-    again, _ = _run(setup, **{"search.shard_size": 2})
-    assert calls[len(done):] == ["train-000000", "train-000001", "train-000002"][kill_after:]  # only the rest
+    again, _ = _run(setup, **cfg)
+    assert calls[len(done):] == IDS[kill_after // lockstep * lockstep:]  # only the rest
     assert _same(again, reference) and _trees(setup) == ref_trees
 
 
@@ -148,7 +155,7 @@ def test_damaged_work_file_is_redone(setup, searched):
     calls.clear()
     kill[0] = None
     _run(setup, **{"search.shard_size": 3})
-    assert calls == ["train-000001", "train-000002"]
+    assert calls == IDS  # problem 1's lockstep group is [0, 1]: searched whole, only 1 committed again
     assert len(_trees(setup)["node"]) > 0 and not (setup / "trees" / "_work").exists()
 
 
@@ -186,12 +193,13 @@ def _rows(trees):
 @pytest.mark.parametrize(("before", "after"), [(3, 5), (5, 3)])
 def test_changing_n_problems_keeps_the_problems_already_searched(setup, before, after):
     """search.n_problems up: finished problems are kept (also those of a shard merged at the smaller count) and
-    only the new ones are searched; down: the extra problems leave the output. Both equal a fresh run."""
+    only the new ones are searched; down: the extra problems leave the output. Both equal a fresh run. (One
+    problem at a time: in lockstep, the last group's trees depend on which problems share it.)"""
     fresh = setup / "fresh"
     fresh.mkdir()
     for name in ("policy", "train.jsonl"):
         os.symlink(setup / name, fresh / name)
-    cfg = {"search.shard_size": 2}
+    cfg = {"search.shard_size": 2, "search.lockstep": 1}
     want, _ = _run(fresh, **cfg, **{"search.n_problems": after})
     _, first = _run(setup, **cfg, **{"search.n_problems": before})
     got, second = _run(setup, **cfg, **{"search.n_problems": after})

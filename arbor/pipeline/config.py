@@ -187,6 +187,9 @@ class SearchConfig:
     chains: int = _f(16, "chains: independent samples per prompt (G).", **_COUNT)
     kv_budget_mb: float = _f(512.0, "Prefix KV-cache memory budget (MB, LRU eviction).", gt=0.0)
     shard_size: int = _f(16, "Problems per parquet shard (the unit of resume).", **_COUNT)
+    lockstep: int = _f(32, "Problems searched in lockstep: their searches' policy calls merged into one batched "
+                           "call per step (arbor/lm/lockstep.py; 1 = one problem at a time). Critic-guided "
+                           "searches run one at a time.", **_COUNT)
     executor: str = _f("local", "Where problems are searched: local (this process) | ray (sharded across Ray actors, "
                                 "each with its own policy and critics; arbor/pipeline/executors.py).",
                        choices=("local", "ray"))

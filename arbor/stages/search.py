@@ -87,12 +87,16 @@ def _value_terminals(b: TreeBuilder, reward: Any) -> None:
 
 
 def search_problem(policy: Policy, task: Task, problem: Problem, cfg: SearchConfig, seed: int,
-                   store: KVStore, critics: CriticSet | None = None) -> tuple[dict[str, list], dict[str, Any]]:
+                   store: KVStore, critics: CriticSet | None = None, *,
+                   own_store: bool = True) -> tuple[dict[str, list], dict[str, Any]]:
     """Search one problem; returns its node rows and its stats. `critics` (eta-MCTS): they score the inner
-    nodes instead of rollouts; their prefix stores are emptied afterwards."""
+    nodes instead of rollouts; their prefix stores are emptied afterwards. `own_store=False` (a lockstep
+    group, `search_group`): the store is shared with the group's other problems, so it is neither reset nor
+    emptied here and the KV peak is the group's."""
     prompt = policy.encode_prompt(task.prompt(problem))
     before = policy.counters.snapshot()
-    store.reset_peaks()
+    if own_store:
+        store.reset_peaks()
     t0 = time.perf_counter()
 
     def reward(text: str) -> float:
@@ -141,8 +145,38 @@ def search_problem(policy: Policy, task: Task, problem: Problem, cfg: SearchConf
         prompt_len = int(tree.tok_len[0])
         b_len = float(np.mean([tree.path_tokens(int(t)).size - prompt_len for t in terms])) if len(terms) else 0.0
         stats["grpo_expected_tokens"] = cfg.grpo_m * b_len * (1 + cfg.grpo_l * cfg.grpo_n / 2) + prompt_len
-    store.clear()  # this problem's prefixes are never needed again
+    if own_store:
+        store.clear()  # this problem's prefixes are never needed again
     return tree_rows(problem.id, tree, policy.decode, group), stats
+
+
+def search_group(policy: Policy, task: Task, problems: Sequence[Problem], cfg: SearchConfig,
+                 seeds: Sequence[int], store: KVStore,
+                 critics: CriticSet | None = None) -> list[tuple[dict[str, list], dict[str, Any]]]:
+    """Search `problems` in lockstep (`arbor.lm.lockstep`: one merged policy call per step of all their
+    searches), each with its own seed; returns `search_problem`'s (rows, stats) per problem.
+
+    The group's store holds every member's prefixes until the group ends. Per-problem model counters are the
+    members' apportioned shares (their sums are exact); `wall_seconds` is the group's wall time split evenly
+    and `kv_peak_bytes` the group's peak split by stored tokens, so the stage's sums stay true totals. A group
+    of one (or a search guided by critics, whose models and counters are per problem) runs as before.
+    """
+    from arbor.lm.lockstep import Lockstep, apportion
+
+    if len(problems) == 1 or critics is not None:
+        return [search_problem(policy, task, p, cfg, s, store, critics) for p, s in zip(problems, seeds, strict=True)]
+    store.reset_peaks()
+    t0 = time.perf_counter()
+    jobs = [partial(lambda member, p, s: search_problem(member, task, p, cfg, s, store, own_store=False), p=p, s=s)
+            for p, s in zip(problems, seeds, strict=True)]
+    out = Lockstep(policy).run(jobs)
+    wall = time.perf_counter() - t0
+    peaks = apportion(store.peak_nbytes, [st["unique_tokens"] for _, st in out])
+    for (_, st), peak in zip(out, peaks, strict=True):
+        st["wall_seconds"] = wall / len(out)
+        st["kv_peak_bytes"] = peak
+    store.clear()
+    return out
 
 
 def _fingerprint(cfg: ArborConfig, policy_dir: str | Path, train_file: str | Path, iteration: int,
@@ -174,11 +208,22 @@ def summarize(stats: list[dict[str, Any]], algorithm: str) -> dict[str, Any]:
     return out
 
 
+def lockstep_groups(n_problems: int, size: int) -> list[list[int]]:
+    """Problem indices in lockstep groups of `size` (fixed by index, so a resumed run forms the same groups).
+
+    >>> lockstep_groups(5, 2)
+    [[0, 1], [2, 3], [4]]
+    """
+    return [list(range(g, min(n_problems, g + size))) for g in range(0, n_problems, size)]
+
+
 def problem_worker(cfg: ArborConfig, policy_dir: str, critics_dir: str | None, problems: Sequence[Problem],
                    iteration: int, *, policy: Policy | None = None,
-                   critics: CriticSet | None = None) -> Callable[[int], tuple[dict[str, list], dict[str, Any]]]:
-    """The search of problem `i` -> (node rows, stats) for one process (`Executor.map`): the policy and critics are
-    loaded once (unless given), the KV store is reused (and emptied) problem after problem."""
+                   critics: CriticSet | None = None) -> Callable[[int], list[tuple[int, dict[str, list], dict]]]:
+    """The search of lockstep group `g` (`lockstep_groups`) -> [(problem index, node rows, stats)] for one
+    process (`Executor.map`): the policy and critics are loaded once (unless given), the KV store is reused (and
+    emptied) group after group. A group is always searched whole, even when some of its problems are already
+    committed, so that its trees never depend on where a run was interrupted."""
     from arbor.lm.loading import load_policy
 
     policy = policy or load_policy(policy_dir, cfg)  # checks the files and manifest
@@ -186,11 +231,14 @@ def problem_worker(cfg: ArborConfig, policy_dir: str, critics_dir: str | None, p
         critics = CriticSet(critics_dir, cfg)
     task = build_task(cfg.task)
     store = KVStore(int(cfg.search.kv_budget_mb * 2**20))
+    groups = lockstep_groups(len(problems), cfg.search.lockstep)
 
-    def search(i: int) -> tuple[dict[str, list], dict[str, Any]]:
-        p = problems[i]
-        return search_problem(policy, task, p, cfg.search, derive_seed(cfg.seed, "search", iteration, p.id), store,
-                              critics)
+    def search(g: int) -> list[tuple[int, dict[str, list], dict]]:
+        idx = groups[g]
+        ps = [problems[i] for i in idx]
+        seeds = [derive_seed(cfg.seed, "search", iteration, p.id) for p in ps]
+        out = search_group(policy, task, ps, cfg.search, seeds, store, critics)
+        return [(i, rows, st) for i, (rows, st) in zip(idx, out, strict=True)]
 
     return search
 
@@ -229,10 +277,15 @@ def run(cfg: ArborConfig, *, policy_dir: str | Path, train_file: str | Path = "d
                        None if guide is None else str(Path(guide).resolve()), problems, iteration)
         bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc=f"search[{s.algorithm}]",
                    unit="problem")
-        for i, (rows, st) in executor.map(todo, make, lambda: make(policy=policy, critics=critics)):
-            if out.commit(i, lambda path, rows=rows: write_trees(path, [rows]), st):
-                tracker.log_metrics(summarize(out.stats(), s.algorithm), step=i // s.shard_size)
-            bar.update(1)
+        wanted = set(todo)
+        groups = sorted({i // s.lockstep for i in todo})
+        for _, found in executor.map(groups, make, lambda: make(policy=policy, critics=critics)):
+            for i, rows, st in found:
+                if i not in wanted:  # committed before; searched again only as part of its group
+                    continue
+                if out.commit(i, lambda path, rows=rows: write_trees(path, [rows]), st):
+                    tracker.log_metrics(summarize(out.stats(), s.algorithm), step=i // s.shard_size)
+                bar.update(1)
             done = out.stats()
             bar.set_postfix(solved=f"{sum(x['solved_any'] for x in done)}/{len(done)}")
         bar.close()

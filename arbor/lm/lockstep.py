@@ -1,0 +1,261 @@
+"""Lockstep: many searches share one policy, their `expand` calls merged into one batched call per step.
+
+A search of one problem asks the model for a few rows at a time (eta-MCTS: the children of 4 leaves), so on a
+small model every forward is latency-bound: one forward per generated token whatever the batch. `Lockstep.run`
+runs several searches (any code written against `Policy`: eta-MCTS, Tree-GRPO, chains, rollouts) each against a
+`Member`, a `Policy` whose `expand` hands its request to the coordinator and waits. Once every unfinished member
+waits, the requests that share a stop rule, temperature and store are merged into one `Policy.expand` (parents
+concatenated; counts, exclusions and `final` verdicts mapped back) and each member gets its own slice. The
+search code is unchanged and never knows (the mctx batch dimension, reached at the policy boundary).
+
+- One at a time: members run in member order, one after another (a baton; never two at once), each until its
+  next `expand` or its end. So nothing they share (the store, critics, counters) is touched concurrently, and
+  the same jobs in the same order give the same results: each merged call's seed is derived from its requests'
+  (member, seed) pairs.
+- Distribution: a merged call samples each parent's continuations from the same conditional as a call of its
+  own (the `Policy` contract: a batch of parents gives what each parent gives alone, in distribution; greedy,
+  exactly). The draws differ from a lone call's, as any other seed's would.
+- Accounting: the backend counts the merged call as a whole. Each member's `counters` get a share of every
+  counter of the merged calls it took part in, in proportion to the tokens its continuations hold (largest
+  remainder, so the members' counts add up exactly to the backend's); `sample`/`score` calls made by a member
+  are its own exactly. A per-member forward-token budget therefore reads the member's apportioned share.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from arbor.lm.base import Continuation, Policy, StopRule, TokenCounters
+
+T = TypeVar("T")
+COORDINATOR = -1
+
+
+class LockstepAborted(RuntimeError):
+    """Raised inside a member's search when another member failed: the group stops."""
+
+
+def apportion(total: int, weights: Sequence[float]) -> list[int]:
+    """Integers proportional to `weights` that sum to `total` exactly (largest remainder; equal weights where all
+    are 0).
+
+    >>> apportion(10, [1, 1, 1]), apportion(7, [0, 0]), apportion(5, [3, 1, 0])
+    ([4, 3, 3], [4, 3], [4, 1, 0])
+    """
+    n = len(weights)
+    if n == 0:
+        return []
+    w = [max(0.0, float(x)) for x in weights]
+    s = sum(w)
+    if s <= 0:
+        w, s = [1.0] * n, float(n)
+    exact = [total * x / s for x in w]
+    out = [int(e // 1) for e in exact]
+    order = sorted(range(n), key=lambda i: (-(exact[i] - out[i]), i))
+    for i in order[: total - sum(out)]:
+        out[i] += 1
+    return out
+
+
+@dataclass
+class _Request:
+    parents: list[tuple[Hashable, Sequence[int]]]
+    counts: list[int]
+    stop: StopRule
+    temperature: float
+    seed: int
+    store: Any
+    exclude: Sequence[Sequence[Any]] | None
+    final: Callable[[int, str], bool] | None
+
+    def signature(self) -> tuple:
+        """Requests with equal signatures can share one call."""
+        return self.stop, float(self.temperature), id(self.store)
+
+
+@dataclass
+class _State:
+    started: bool = False
+    done: bool = False
+    request: _Request | None = None
+    response: list[list[Continuation]] | None = None
+    error: BaseException | None = None
+    result: Any = None
+    failed: BaseException | None = None
+
+
+class Member:
+    """One search's view of the shared policy (see the module docstring): `expand` is merged with the other
+    members'; every other attribute is the policy's."""
+
+    def __init__(self, lockstep: Lockstep, index: int) -> None:
+        self._lockstep, self.index = lockstep, index
+        self.counters = TokenCounters()
+        self._state = _State()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._lockstep.policy, name)
+
+    def expand(self, parents: Sequence[tuple[Hashable, Sequence[int]]], num_samples: int | Sequence[int], *,
+               stop: StopRule, temperature: float, seed: int, store: Any,
+               exclude: Sequence[Sequence[Any]] | None = None,
+               final: Callable[[int, str], bool] | None = None) -> list[list[Continuation]]:
+        """`Policy.expand`, answered by the coordinator's merged call."""
+        counts = [num_samples] * len(parents) if isinstance(num_samples, int) else list(num_samples)
+        req = _Request(list(parents), counts, stop, temperature, int(seed), store, exclude, final)
+        return self._lockstep._wait(self, req)
+
+    def sample(self, *args: Any, **kw: Any) -> list[Continuation]:
+        return self._own("sample", *args, **kw)
+
+    def score(self, *args: Any, **kw: Any) -> Any:
+        return self._own("score", *args, **kw)
+
+    def _own(self, name: str, *args: Any, **kw: Any) -> Any:
+        """A call made by this member alone (it holds the baton): its counts are its own."""
+        policy = self._lockstep.policy
+        before = policy.counters.snapshot()
+        try:
+            return getattr(policy, name)(*args, **kw)
+        finally:
+            _add(self.counters, policy.counters.since(before).as_dict())
+
+
+def _add(counters: TokenCounters, delta: dict[str, int]) -> None:
+    for k, v in delta.items():
+        setattr(counters, k, getattr(counters, k) + v)
+
+
+@dataclass
+class Lockstep(Generic[T]):
+    """Runs searches in lockstep over one `policy` (see the module docstring)."""
+
+    policy: Policy
+    calls: int = 0  # merged `expand` calls made
+    requests: int = 0  # member `expand` requests they answered
+    _cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
+    _turn: int = COORDINATOR
+
+    def run(self, jobs: Sequence[Callable[[Policy], T]]) -> list[T]:
+        """`[job(member) for job in jobs]`, the jobs in lockstep; the first job's exception (in job order) is
+        re-raised once every job has stopped."""
+        members = [Member(self, i) for i in range(len(jobs))]
+        threads = [threading.Thread(target=self._main, args=(m, job), daemon=True, name=f"lockstep-{m.index}")
+                   for m, job in zip(members, jobs, strict=True)]
+        for t in threads:
+            t.start()
+        failed = False
+        while True:
+            for m in members:  # pass the baton: each runs to its next request or its end
+                s = m._state
+                if not s.done and (not s.started or s.response is not None or s.error is not None):
+                    self._hand(m)
+                    failed = failed or s.failed is not None
+            waiting = [m for m in members if not m._state.done]
+            if not waiting:
+                break
+            if failed:
+                for m in waiting:
+                    m._state.error = LockstepAborted("another search of this lockstep group failed")
+                continue
+            self._answer(waiting)
+        for t in threads:
+            t.join()
+        for m in members:
+            if m._state.failed is not None and not isinstance(m._state.failed, LockstepAborted):
+                raise m._state.failed
+        return [m._state.result for m in members]
+
+    # -- member side ---------------------------------------------------------------------------------------------
+    def _main(self, m: Member, job: Callable[[Policy], T]) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._turn == m.index)
+        try:
+            m._state.result = job(m)  # type: ignore[arg-type]
+        except BaseException as e:
+            m._state.failed = e
+        with self._cond:
+            m._state.done = True
+            self._turn = COORDINATOR
+            self._cond.notify_all()
+
+    def _wait(self, m: Member, req: _Request) -> list[list[Continuation]]:
+        s = m._state
+        with self._cond:
+            s.request, s.response, s.error = req, None, None
+            self._turn = COORDINATOR
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._turn == m.index)
+        if s.error is not None:
+            raise s.error
+        out, s.response = s.response, None
+        return out  # type: ignore[return-value]
+
+    # -- coordinator side ----------------------------------------------------------------------------------------
+    def _hand(self, m: Member) -> None:
+        """Let member `m` run until it waits again or ends."""
+        with self._cond:
+            m._state.started = True
+            self._turn = m.index
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._turn == COORDINATOR)
+
+    def _answer(self, waiting: list[Member]) -> None:
+        """One merged `expand` per signature over the waiting members' requests (member order)."""
+        groups: dict[tuple, list[Member]] = {}
+        for m in waiting:
+            groups.setdefault(m._state.request.signature(), []).append(m)  # type: ignore[union-attr]
+        for group in groups.values():
+            try:
+                self._merged(group)
+            except Exception as e:
+                for m in group:
+                    m._state.error = e
+
+    def _merged(self, group: list[Member]) -> None:
+        reqs = [m._state.request for m in group]
+        assert all(r is not None for r in reqs)
+        parents, counts, owner = [], [], []
+        for j, r in enumerate(reqs):
+            parents += r.parents  # type: ignore[union-attr]
+            counts += r.counts  # type: ignore[union-attr]
+            owner += [(j, i) for i in range(len(r.parents))]  # type: ignore[union-attr]
+        exclude = None
+        if any(r.exclude is not None for r in reqs):  # type: ignore[union-attr]
+            exclude = [list(r.exclude[i]) if r.exclude is not None else []  # type: ignore[union-attr]
+                       for j, r in enumerate(reqs) for i in range(len(r.parents))]  # type: ignore[union-attr]
+        final = None
+        if any(r.final is not None for r in reqs):  # type: ignore[union-attr]
+            def final(k: int, text: str) -> bool:
+                j, i = owner[k]
+                f = reqs[j].final  # type: ignore[union-attr]
+                return bool(f(i, text)) if f is not None else False
+
+        first = reqs[0]
+        seed = _merged_seed([(m.index, r.seed) for m, r in zip(group, reqs, strict=True)])  # type: ignore[union-attr]
+        before = self.policy.counters.snapshot()
+        out = self.policy.expand(parents, counts, stop=first.stop, temperature=first.temperature,  # type: ignore
+                                 seed=seed, store=first.store, exclude=exclude, final=final)  # type: ignore
+        delta = self.policy.counters.since(before).as_dict()
+        self.calls += 1
+        self.requests += len(reqs)
+        start = 0
+        weights = []
+        for m, r in zip(group, reqs, strict=True):
+            n = len(r.parents)  # type: ignore[union-attr]
+            m._state.response = out[start : start + n]
+            weights.append(sum(len(c.token_ids) for conts in m._state.response for c in conts))
+            start += n
+        shares = {k: apportion(v, weights) for k, v in delta.items()}
+        for idx, m in enumerate(group):
+            _add(m.counters, {k: v[idx] for k, v in shares.items()})
+
+
+def _merged_seed(pairs: Sequence[tuple[int, int]]) -> int:
+    """A merged call's seed from its requests' (member, seed) pairs (63 bits)."""
+    h = hashlib.blake2b(repr(list(pairs)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 1
