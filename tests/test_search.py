@@ -228,3 +228,28 @@ def test_long_steps_keep_a_usable_ordered_prior_and_likelihood():
     np.testing.assert_allclose([p["c"], p["a"], p["b"]], e / e.sum(), rtol=1e-4)  # float32 token log-probs
     scores = LikelihoodScorer(w)(b, [by_text[x] for x in "abc"], seed=0)
     np.testing.assert_allclose(scores, np.exp([-3.0, -3.1, -2.9]), rtol=1e-5)  # geometric-mean token prob
+
+
+def test_complete_walk_finishes_a_greedy_walk_that_stops_at_an_inner_node():
+    """A budget too small to reach an answer: the greedy read-out is -1 without completion; with it, the walk's
+    end is completed step by step to a terminal (unvisited, so no other read-out sees it) and the search
+    itself is unchanged."""
+    world = StepWorld(decoys)
+    cfg = EtaMCTSConfig(num_simulations=2, c_min=3, c_max=3, c_max_root=3, batch_leaves=2)
+
+    def run(complete):
+        return eta_mcts(world, world.encode_prompt("Q\n"), scorer=RewardScorer(reward), is_terminal=is_terminal_step,
+                        cfg=cfg, seed=0, store=KVStore(), complete_walk=complete)
+
+    plain, done = run(False), run(True)
+    tree = done.builder.tree
+    assert plain.greedy_leaf == -1 and not plain.walk_completed
+    assert not tree.terminal[done.walk_end] and done.walk_end == plain.walk_end
+    assert done.greedy_leaf >= 0 and tree.terminal[done.greedy_leaf] and done.walk_completed
+    path = tree.path(done.greedy_leaf).tolist()
+    tail = path[path.index(done.walk_end) + 1:]
+    assert len(tail) >= 1 and all(tree.visits[x] == 0 for x in tail)
+    assert world.decode(tree.path_tokens(done.greedy_leaf)[2:].tolist()).endswith("Answer: 1\n")
+    assert (done.best_leaf, done.vote_answer, done.simulations) == (plain.best_leaf, plain.vote_answer,
+                                                                    plain.simulations)
+    assert tree.num_nodes == plain.builder.tree.num_nodes + len(tail)

@@ -115,7 +115,7 @@ class TreeBuilder:
         return False
 
     def expand(self, nodes: Sequence[int], counts: int | Sequence[int], *, seed: int,
-               merge: bool = True) -> list[list[int]]:
+               merge: bool = True, temperature: float | None = None) -> list[list[int]]:
         """Sample `counts[i]` next steps of `nodes[i]`; returns the ids of the children actually added.
         `merge=False` keeps every sample (no state merge), e.g. along a branch.
 
@@ -123,17 +123,20 @@ class TreeBuilder:
         round), each round excluding every child drawn before, so no sample repeats a sibling.
         """
         counts = [counts] * len(nodes) if isinstance(counts, int) else list(counts)
+        temp = self.temperature if temperature is None else temperature
         if self.exclude_existing and max(counts, default=0) > 1:
             added: list[list[int]] = [[] for _ in nodes]
             for r in range(max(counts)):
                 todo = [i for i, c in enumerate(counts) if c > r]
                 for i, kids in zip(todo, self._expand_once([nodes[i] for i in todo], [1] * len(todo),
-                                                            seed=seed + 7_919 * r, merge=merge), strict=True):
+                                                            seed=seed + 7_919 * r, merge=merge, temperature=temp),
+                                   strict=True):
                     added[i] += kids
             return added
-        return self._expand_once(nodes, counts, seed=seed, merge=merge)
+        return self._expand_once(nodes, counts, seed=seed, merge=merge, temperature=temp)
 
-    def _expand_once(self, nodes: Sequence[int], counts: list[int], *, seed: int, merge: bool) -> list[list[int]]:
+    def _expand_once(self, nodes: Sequence[int], counts: list[int], *, seed: int, merge: bool,
+                     temperature: float) -> list[list[int]]:
         out: list[list[int]] = []
         stop = StopRule(at_newline=True, max_new_tokens=self.step_tokens)
         per_call = max(1, self.batch_size // max(1, max(counts, default=1)))
@@ -149,7 +152,7 @@ class TreeBuilder:
                 return done
 
             t1 = time.perf_counter()
-            results = self.policy.expand(parents, chunk_counts, stop=stop, temperature=self.temperature,
+            results = self.policy.expand(parents, chunk_counts, stop=stop, temperature=temperature,
                                          seed=seed * 1_000_003 + i, store=self.store, exclude=exclude, final=final)
             t2 = time.perf_counter()
             for node, conts in zip(chunk, results, strict=True):
@@ -183,8 +186,9 @@ class TreeBuilder:
             new_toks.append(toks)
         return added
 
-    def complete(self, nodes: Sequence[int], *, seed: int) -> list[int]:
-        """Extend each node one step at a time (one sample per step) until terminal; returns the leaves.
+    def complete(self, nodes: Sequence[int], *, seed: int, temperature: float | None = None) -> list[int]:
+        """Extend each node one step at a time (one sample per step, at `temperature`, default the builder's;
+        0 = greedy) until terminal; returns the leaves.
 
         De-duplication does not apply along a branch: each branch is one new trajectory.
         """
@@ -192,7 +196,8 @@ class TreeBuilder:
         open_idx = [i for i, n in enumerate(leaves) if not self.tree.terminal[n]]
         step = 0
         while open_idx:
-            kids = self.expand([leaves[i] for i in open_idx], 1, seed=seed * 7919 + step, merge=False)
+            kids = self.expand([leaves[i] for i in open_idx], 1, seed=seed * 7919 + step, merge=False,
+                               temperature=temperature)
             for i, k in zip(open_idx, kids, strict=True):
                 leaves[i] = k[0]
             open_idx = [i for i in open_idx if not self.tree.terminal[leaves[i]]]

@@ -119,6 +119,8 @@ class SearchResult:
     rerank_leaf: int
     vote_answer: str | None
     timing: SearchTiming = field(default_factory=SearchTiming)
+    walk_end: int = ROOT  # where the greedy walk by Q stopped (a terminal: greedy_leaf; else an inner node)
+    walk_completed: bool = False  # greedy_leaf is the walk's end completed by greedy decoding (`complete_walk`)
 
 
 def max_nodes_bound(cfg: EtaMCTSConfig, cap: int = 20_000) -> int:
@@ -145,29 +147,33 @@ def branching_target(imp: float, depth: int, cfg: EtaMCTSConfig) -> int:
 
 def eta_mcts(policy: Policy, prompt_ids: Sequence[int], *, scorer: NodeScorer, is_terminal: Callable[[str], bool],
              cfg: EtaMCTSConfig, seed: int, store: object, max_nodes: int | None = None,
-             vote_key: Callable[[str], str | None] = answer_key) -> SearchResult:
+             vote_key: Callable[[str], str | None] = answer_key, complete_walk: bool = False) -> SearchResult:
     """Run eta-MCTS from `prompt_ids`; see the module docstring.
 
     `max_nodes` (default: `max_nodes_bound(cfg)`) caps the tree; the search stops before an expansion could
     overflow it. `vote_key` names a terminal's answer for the weighted vote (the task's `vote_key`).
+    `complete_walk` (decoding): when the greedy walk by Q stops at an inner node (a small budget leaves the
+    best path unfinished), the policy completes it greedily (temperature 0, step by step, kept in the tree
+    unvalued), so the greedy read-out always ends in an answer; its tokens count as search tokens.
     """
     t_start = time.perf_counter()
     max_nodes = max_nodes_bound(cfg) if max_nodes is None else max_nodes
+    capacity = max_nodes + (cfg.max_depth if complete_walk else 0)  # room for the completion, never searched in
     clock = _TimedPolicy(policy)
     timing = SearchTiming()
     lap = _Laps(clock, timing)
     # every step holds at most step_tokens tokens, so this token buffer cannot overflow
-    max_tokens = len(prompt_ids) + max_nodes * cfg.step_tokens
-    b = TreeBuilder.start(clock, prompt_ids, store=store, seed=seed, max_nodes=max_nodes,  # type: ignore[arg-type]
+    max_tokens = len(prompt_ids) + capacity * cfg.step_tokens
+    b = TreeBuilder.start(clock, prompt_ids, store=store, seed=seed, max_nodes=capacity,  # type: ignore[arg-type]
                           max_tokens=max_tokens, is_terminal=is_terminal, step_tokens=cfg.step_tokens,
                           max_depth=cfg.max_depth, temperature=cfg.temperature, merge_distance=cfg.merge_distance,
                           exclude_existing=cfg.sample_without_replacement)
     tree = b.tree
     reserve_children(tree, max_children_bound(cfg))
-    target = np.zeros(max_nodes, np.int32)
+    target = np.zeros(capacity, np.int32)
     target[ROOT] = cfg.c_min
-    expanded = np.zeros(max_nodes, np.bool_)
-    attempts = np.zeros(max_nodes, np.int32)
+    expanded = np.zeros(capacity, np.bool_)
+    attempts = np.zeros(capacity, np.int32)
     rule = UCT if cfg.rule == "uct" else PUCT
     lap("setup")
     start_tokens = policy.counters.forward_tokens
@@ -197,8 +203,13 @@ def eta_mcts(policy: Policy, prompt_ids: Sequence[int], *, scorer: NodeScorer, i
         if tree.num_nodes + cfg.batch_leaves * max(cfg.c_max_root, cfg.c_max) >= max_nodes:
             break
     lap("widen")
+    completion = None
+    if complete_walk:
+        end = int(greedy_path(tree.children_index, tree.num_children, tree.visits, tree.value_sum)[-1])
+        if not tree.terminal[end] and tree.num_nodes + cfg.max_depth <= capacity:
+            completion = b.complete([end], seed=seed + 104_729, temperature=0.0)[0]
     b.policy = policy  # the stopwatch only lives during the search
-    res = readouts(b, sims, vote_key)
+    res = readouts(b, sims, vote_key, completion)
     lap("readout")
     timing.model = clock.seconds
     timing.total = time.perf_counter() - t_start
@@ -248,13 +259,17 @@ def _grow(b: TreeBuilder, leaves: np.ndarray, target: np.ndarray, expanded: np.n
     lap("backup")
 
 
-def readouts(b: TreeBuilder, sims: int, vote_key: Callable[[str], str | None] = answer_key) -> SearchResult:
+def readouts(b: TreeBuilder, sims: int, vote_key: Callable[[str], str | None] = answer_key,
+             completion: int | None = None) -> SearchResult:
     """Read-outs of a valued tree: greedy-by-Q terminal, best terminal by Q, rerank by score, and the answer
-    (`vote_key` of a terminal's solution: the task's answer rule) with the largest sum of terminal values."""
+    (`vote_key` of a terminal's solution: the task's answer rule) with the largest sum of terminal values.
+    `completion`: the terminal that completes the greedy walk when it stops at an inner node (`eta_mcts`
+    `complete_walk`; unvisited, so no other read-out sees it)."""
     tree = b.tree
     n = tree.num_nodes
     path = greedy_path(tree.children_index, tree.num_children, tree.visits, tree.value_sum)
-    greedy = int(path[-1]) if tree.terminal[path[-1]] else -1
+    end = int(path[-1])
+    greedy = end if tree.terminal[end] else completion if completion is not None else -1
     best = int(best_leaf(tree.num_children, tree.visits, tree.value_sum, tree.terminal, n, True))
     terms = terminal_nodes(tree)
     scores = tree.critic_score[terms]
@@ -265,4 +280,5 @@ def readouts(b: TreeBuilder, sims: int, vote_key: Callable[[str], str | None] = 
         if key is not None:
             votes[key] += tree.value_sum[t] / tree.visits[t]
     vote = max(votes, key=votes.__getitem__) if votes else None
-    return SearchResult(b, sims, greedy, best, rerank, vote)
+    return SearchResult(b, sims, greedy, best, rerank, vote, walk_end=end,
+                        walk_completed=greedy >= 0 and not tree.terminal[end])

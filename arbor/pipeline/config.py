@@ -140,6 +140,10 @@ class EvaluateConfig:
     search_problems: int | None = _f(None, "eta-MCTS decoding reads only the first n of the evaluated problems "
                                            "(null: all of them); it costs ~10x the sampling per problem.",
                                      **_COUNT)
+    search_complete_walk: bool = _f(True, "eta-MCTS decoding: a greedy walk by Q that stops at an inner node "
+                                          "(the budget left the best path unfinished) is completed by greedy "
+                                          "decoding, so search_pass1 always reads an answer (false: it counts as "
+                                          "wrong).")
 
 
 @dataclass

@@ -19,6 +19,7 @@ import dataclasses
 import time
 from collections import Counter
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -109,21 +110,28 @@ def critic_readouts(critics: dict[str, Any], policy: Policy, task: Task, problem
 
 
 def search_decode(policy: Policy, task: Task, problems: Sequence[Problem], *, eta: EtaMCTSConfig,
-                  simulations: int, seed: int, kv_budget_mb: float, scorer: Any = None) -> dict[str, Any]:
+                  simulations: int, seed: int, kv_budget_mb: float, scorer: Any = None,
+                  complete_walk: bool = True, lockstep: int = 1) -> dict[str, Any]:
     """Decode each problem with eta-MCTS under `scorer` (a `CriticScorer` without gold; default: the policy's
     likelihood). No oracle.
 
-    Reported per read-out: `search_pass1` (greedy walk by Q, AlphaLLM's decoding), `search_best_pass1` (best
-    terminal by Q), `search_vote_pass1` (Q-weighted vote over terminals). The search never sees the gold
-    answer: the scorer is the critics or the policy's own confidence. Correctness is checked afterwards, here.
+    Reported per read-out: `search_pass1` (greedy walk by Q, AlphaLLM's decoding; with `complete_walk`, a walk
+    that stops at an inner node is completed by greedy decoding, `eta_mcts(complete_walk=)`, and
+    `search_walk_terminal` is the fraction of problems whose walk reached a terminal by itself),
+    `search_best_pass1` (best terminal by Q), `search_vote_pass1` (Q-weighted vote over terminals). The search
+    never sees the gold answer: the scorer is the critics or the policy's own confidence. Correctness is checked
+    afterwards, here.
 
-    Prefix states live in one KV store of `kv_budget_mb` (the search stage's `search.kv_budget_mb`), emptied
-    after each problem; terminal steps store none (the builder tells the policy they end a trajectory).
+    `lockstep` problems are decoded together, their policy calls merged (`arbor.lm.lockstep`, as the search
+    stage's `search.lockstep`). Prefix states live in one KV store of `kv_budget_mb` (the search stage's
+    `search.kv_budget_mb`), emptied after each group of problems (and the critics' stores with it); terminal
+    steps store none (the builder tells the policy they end a trajectory).
     Token work (`search_forward_tokens`, `search_padded_kv_positions`, `search_critic_forward_tokens`), the
     tokens stored in the trees (`search_stored_tokens`, prompt once + every step; `search_critic_token_ratio` =
     critic forward / stored tokens) and the store's peak are reported.
     """
     from arbor.lm.kvcache import KVStore
+    from arbor.lm.lockstep import Lockstep
     from arbor.mcts.scoring import LikelihoodScorer
     from arbor.mcts.search import eta_mcts
 
@@ -134,20 +142,33 @@ def search_decode(policy: Policy, task: Task, problems: Sequence[Problem], *, et
     t0 = time.perf_counter()
     ok = Counter()
     stored = 0
-    for i, p in enumerate(problems):
-        res = eta_mcts(policy, policy.encode_prompt(task.prompt(p)), scorer=scorer or LikelihoodScorer(policy),
-                       is_terminal=is_terminal_step, cfg=eta, seed=seed + i, store=store, vote_key=task.vote_key)
-        stored += res.builder.tree.num_tokens
-        store.clear()  # another problem's prefixes are never reused
+
+    def decode(member: Policy, i: int) -> Any:
+        return eta_mcts(member, member.encode_prompt(task.prompt(problems[i])),
+                        scorer=scorer or LikelihoodScorer(member), is_terminal=is_terminal_step, cfg=eta,
+                        seed=seed + i, store=store, vote_key=task.vote_key, complete_walk=complete_walk)
+
+    results = []
+    for g in range(0, len(problems), lockstep):
+        idx = range(g, min(len(problems), g + lockstep))
+        if lockstep == 1:
+            results.append(decode(policy, g))
+        else:
+            results += Lockstep(policy).run([partial(decode, i=i) for i in idx])
+        store.clear()  # another group's prefixes are never reused
         if scorer is not None:
             scorer.clear()
+    for p, res in zip(problems, results, strict=True):
+        ok["search_walk_terminal"] += bool(res.builder.tree.terminal[res.walk_end])
+        stored += res.builder.tree.num_tokens
         for name, leaf in (("search_pass1", res.greedy_leaf), ("search_best_pass1", res.best_leaf)):
             ok[name] += leaf >= 0 and task.is_correct(p, res.builder.text(leaf))
         ok["search_vote_pass1"] += res.vote_answer is not None and task.is_correct(p, f"Answer: {res.vote_answer}\n")
     n = len(problems)
     used = policy.counters.since(before)
     critic = 0 if scorer is None else scorer.critic_forward_tokens - critic_before
-    return {**{k: ok[k] / n for k in ("search_pass1", "search_best_pass1", "search_vote_pass1")},
+    return {**{k: ok[k] / n for k in ("search_pass1", "search_best_pass1", "search_vote_pass1",
+                                      "search_walk_terminal")}, "search_complete_walk": complete_walk,
             "search_forward_tokens": used.forward_tokens, "search_padded_kv_positions": used.padded_kv_positions,
             "search_cache_misses": used.cache_misses, "search_kv_evictions": store.evictions,
             "search_kv_peak_mb": store.peak_nbytes / 2**20,
@@ -207,7 +228,8 @@ def run(cfg: ArborConfig, *, policy_dir: str | Path = "models/iter_0/policy",
             scorer = CriticScorer(critics, cfg.critics)  # decoding: no gold, terminals by the ORM
         metrics |= search_decode(policy, task, problems[: e.search_problems], eta=cfg.search.eta,
                                  simulations=e.search_simulations,
-                                 seed=seed + 2, kv_budget_mb=cfg.search.kv_budget_mb, scorer=scorer)
+                                 seed=seed + 2, kv_budget_mb=cfg.search.kv_budget_mb, scorer=scorer,
+                                 complete_walk=e.search_complete_walk, lockstep=cfg.search.lockstep)
     return {**metrics, "critics": None if critics_dir is None else str(critics_dir)}
 
 
