@@ -11,9 +11,15 @@ Output: `trees/iter_<k>/part-*.parquet` (one row per node, see arbor/mcts/treeio
 problems per file), their `part-*.stats.json`, `_manifest.json` (checksums, written last) and
 `metrics/search_<k>.json`. Open the trees with `manifest.verified_files(dir)`, which refuses a damaged output.
 
-Resumable problem by problem (arbor/pipeline/shards.py): each searched problem is committed at once, so a kill
-loses at most the problem in flight, and a re-run redoes any damaged or half-written file instead of reading
-it. Seeds are per problem, so the result does not depend on where a run was interrupted. `_fingerprint.json`
+Lockstep (`search.lockstep`, arbor/lm/lockstep.py): problems are searched in fixed groups by index, their
+searches' policy calls merged into one batched call per step (2.6x faster on the tiny default at 16, 3.2x at
+32: 64 problems in 25.7 s one at a time, 9.9 s and 8.0 s); a group's trees depend on which problems share it.
+Critic-guided searches run one problem at a time (the critics' counters and stores are per problem).
+
+Resumable (arbor/pipeline/shards.py): each searched problem is committed as soon as its group ends, so a kill
+loses at most the group in flight, and a re-run redoes any damaged or half-written file instead of reading it.
+A group with a problem to redo is searched whole again (only the missing problems are committed), and seeds
+are per problem, so the result does not depend on where a run was interrupted. `_fingerprint.json`
 records the config, policy, train file and arbor source the trees belong to; with a different one the stage's
 own files are removed first. `--out` must be a new, empty or trees directory: nothing else is ever deleted.
 """
