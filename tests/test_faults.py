@@ -151,7 +151,7 @@ def _copy_inputs(ref: Path, proj: Path, stage: str) -> None:
 
 
 def _untimed(d: dict) -> dict:
-    return {k: v for k, v in d.items() if "seconds" not in k}
+    return {k: v for k, v in d.items() if "seconds" not in k and k != "bookkeeping_fraction"}
 
 
 def _trees(proj: Path) -> dict:

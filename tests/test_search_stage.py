@@ -62,6 +62,7 @@ def test_trees_open_in_datasets(setup, algorithm):
         assert col in ds.column_names
     assert sum(ds["terminal"]) == m["terminals"] == m["trajectories"]
     assert m["problems"] == 3 and m["forward_tokens"] > 0 and 0 <= m["solved_any"] <= 1
+    assert 0 < m["model_seconds"] < m["wall_seconds"] and 0 < m["bookkeeping_fraction"] < 1
     roots = [r for r in ds if r["node"] == 0]
     assert len(roots) == 3 and all(r["parent"] == -1 and r["step_text"].startswith("Q: ") for r in roots)
     if algorithm == "tree_grpo":
@@ -94,8 +95,11 @@ def _trees(tmp):
     return pa.concat_tables([pq.read_table(f) for f in verified_files(tmp / "trees")]).to_pydict()
 
 
+TIMING = ("wall_seconds", "model_seconds", "bookkeeping_fraction")
+
+
 def _same(a, b):
-    return {k: v for k, v in a.items() if k != "wall_seconds"} == {k: v for k, v in b.items() if k != "wall_seconds"}
+    return {k: v for k, v in a.items() if k not in TIMING} == {k: v for k, v in b.items() if k not in TIMING}
 
 
 @pytest.mark.parametrize("lockstep", [1, 2])
@@ -203,8 +207,7 @@ def test_changing_n_problems_keeps_the_problems_already_searched(setup, before, 
     want, _ = _run(fresh, **cfg, **{"search.n_problems": after})
     _, first = _run(setup, **cfg, **{"search.n_problems": before})
     got, second = _run(setup, **cfg, **{"search.n_problems": after})
-    timeless = [{k: v for k, v in m.items() if k != "wall_seconds"} for m in (got, want)]
-    assert timeless[0] == timeless[1] and _rows(setup / "trees") == _rows(fresh / "trees")
+    assert _same(got, want) and _rows(setup / "trees") == _rows(fresh / "trees")
     if after > before:
         assert 0 < second.counters.forward_tokens < first.counters.forward_tokens  # only problems 4 and 5
     else:

@@ -137,8 +137,8 @@ class Lockstep(Generic[T]):
     policy: Policy
     calls: int = 0  # merged `expand` calls made
     requests: int = 0  # member `expand` requests they answered
-    _cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
-    _turn: int = COORDINATOR
+    _cond: threading.Condition = field(default_factory=threading.Condition, init=False, repr=False)
+    _turn: int = field(default=COORDINATOR, init=False, repr=False)  # who runs: a member's index or COORDINATOR
 
     def run(self, jobs: Sequence[Callable[[Policy], T]]) -> list[T]:
         """`[job(member) for job in jobs]`, the jobs in lockstep; the first job's exception (in job order) is

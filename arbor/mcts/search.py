@@ -68,8 +68,9 @@ class SearchTiming:
         return self.tree / self.total if self.total > 0 else float("nan")
 
 
-class _TimedPolicy:
-    """The policy with a stopwatch on its model calls (expand, sample, score); everything else is delegated."""
+class TimedPolicy:
+    """The policy with a stopwatch on its model calls (expand, sample, score): `seconds` accumulates their wall
+    time; everything else is delegated."""
 
     def __init__(self, policy: Policy) -> None:
         self._policy = policy
@@ -98,7 +99,7 @@ class _TimedPolicy:
 class _Laps:
     """Accumulates wall time per phase, excluding the model seconds spent inside each phase."""
 
-    def __init__(self, clock: _TimedPolicy, timing: SearchTiming) -> None:
+    def __init__(self, clock: TimedPolicy, timing: SearchTiming) -> None:
         self.clock, self.timing = clock, timing
         self.t, self.m = time.perf_counter(), clock.seconds
 
@@ -159,7 +160,7 @@ def eta_mcts(policy: Policy, prompt_ids: Sequence[int], *, scorer: NodeScorer, i
     t_start = time.perf_counter()
     max_nodes = max_nodes_bound(cfg) if max_nodes is None else max_nodes
     capacity = max_nodes + (cfg.max_depth if complete_walk else 0)  # room for the completion, never searched in
-    clock = _TimedPolicy(policy)
+    clock = TimedPolicy(policy)
     timing = SearchTiming()
     lap = _Laps(clock, timing)
     # every step holds at most step_tokens tokens, so this token buffer cannot overflow
@@ -281,4 +282,4 @@ def readouts(b: TreeBuilder, sims: int, vote_key: Callable[[str], str | None] = 
             votes[key] += tree.value_sum[t] / tree.visits[t]
     vote = max(votes, key=votes.__getitem__) if votes else None
     return SearchResult(b, sims, greedy, best, rerank, vote, walk_end=end,
-                        walk_completed=greedy >= 0 and not tree.terminal[end])
+                        walk_completed=bool(greedy >= 0 and not tree.terminal[end]))

@@ -45,7 +45,7 @@ from arbor.mcts.grow import TreeBuilder
 from arbor.mcts.kernels import backup_values, terminal_nodes
 from arbor.mcts.samplers import chain_tree, tree_grpo
 from arbor.mcts.scoring import RewardScorer
-from arbor.mcts.search import eta_mcts, readouts
+from arbor.mcts.search import TimedPolicy, eta_mcts, readouts
 from arbor.mcts.treeio import tree_rows, write_trees
 from arbor.pipeline import plan
 from arbor.pipeline.config import ArborConfig, ArborInputError, SearchConfig, to_dict
@@ -163,23 +163,32 @@ def search_group(policy: Policy, task: Task, problems: Sequence[Problem], cfg: S
     searches), each with its own seed; returns `search_problem`'s (rows, stats) per problem.
 
     The group's store holds every member's prefixes until the group ends. Per-problem model counters are the
-    members' apportioned shares (their sums are exact); `wall_seconds` is the group's wall time split evenly
-    and `kv_peak_bytes` the group's peak split by stored tokens, so the stage's sums stay true totals. A group
-    of one (or a search guided by critics, whose models and counters are per problem) runs as before.
+    members' apportioned shares (their sums are exact); `wall_seconds` and `model_seconds` (inside `Policy`
+    calls) are the group's split evenly and `kv_peak_bytes` the group's peak split by stored tokens, so the
+    stage's sums stay true totals. A group of one (or a search guided by critics, whose models and counters are
+    per problem) runs as before. Critic forwards count as tree work in `model_seconds` (they are not `Policy`
+    calls), which only critic-guided searches make.
     """
     from arbor.lm.lockstep import Lockstep, apportion
 
+    clock = TimedPolicy(policy)
     if len(problems) == 1 or critics is not None:
-        return [search_problem(policy, task, p, cfg, s, store, critics) for p, s in zip(problems, seeds, strict=True)]
+        out = []
+        for p, s in zip(problems, seeds, strict=True):
+            before = clock.seconds
+            out.append(search_problem(clock, task, p, cfg, s, store, critics))  # type: ignore[arg-type]
+            out[-1][1]["model_seconds"] = clock.seconds - before
+        return out
     store.reset_peaks()
     t0 = time.perf_counter()
     jobs = [partial(lambda member, p, s: search_problem(member, task, p, cfg, s, store, own_store=False), p=p, s=s)
             for p, s in zip(problems, seeds, strict=True)]
-    out = Lockstep(policy).run(jobs)
+    out = Lockstep(clock).run(jobs)  # type: ignore[arg-type]
     wall = time.perf_counter() - t0
     peaks = apportion(store.peak_nbytes, [st["unique_tokens"] for _, st in out])
     for (_, st), peak in zip(out, peaks, strict=True):
         st["wall_seconds"] = wall / len(out)
+        st["model_seconds"] = clock.seconds / len(out)
         st["kv_peak_bytes"] = peak
     store.clear()
     return out
@@ -201,11 +210,16 @@ def _fingerprint(cfg: ArborConfig, policy_dir: str | Path, train_file: str | Pat
 
 
 def summarize(stats: list[dict[str, Any]], algorithm: str) -> dict[str, Any]:
-    """Aggregate per-problem stats into the stage metrics."""
+    """Aggregate per-problem stats into the stage metrics. `model_seconds`: wall seconds inside `Policy` calls;
+    `bookkeeping_fraction`: the rest's share of the searches' wall time (tree work, scoring glue, accounting;
+    issue #9 asks <= 0.3%)."""
     n = len(stats)
     keys = ["nodes", "terminals", "forward_tokens", "unique_tokens", "padded_positions", "padded_kv_positions",
             "merged", "critic_forward_tokens", "wall_seconds"]
     tot = {k: sum(s[k] for s in stats) for k in keys + (["grpo_expected_tokens"] if algorithm == "tree_grpo" else [])}
+    model = sum(float(s.get("model_seconds", 0.0)) for s in stats)
+    tot["model_seconds"] = model
+    tot["bookkeeping_fraction"] = 1.0 - model / tot["wall_seconds"] if tot["wall_seconds"] > 0 else None
     out: dict[str, Any] = {"algorithm": algorithm, "problems": n, **tot, "trajectories": tot["terminals"],
                            **sum_accounting({**s, "stored_tokens": s["unique_tokens"]} for s in stats),
                            "critic_token_ratio": tot["critic_forward_tokens"] / max(1, tot["unique_tokens"])}
