@@ -32,7 +32,6 @@ from typing import Any, Generic, TypeVar
 from arbor.lm.base import Continuation, Policy, StopRule, TokenCounters
 
 T = TypeVar("T")
-COORDINATOR = -1
 
 
 class LockstepAborted(RuntimeError):
@@ -96,6 +95,7 @@ class Member:
         self._lockstep, self.index = lockstep, index
         self.counters = TokenCounters()
         self._state = _State()
+        self._go = threading.Semaphore(0)  # released by the coordinator when this member may run
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._lockstep.policy, name)
@@ -137,8 +137,9 @@ class Lockstep(Generic[T]):
     policy: Policy
     calls: int = 0  # merged `expand` calls made
     requests: int = 0  # member `expand` requests they answered
-    _cond: threading.Condition = field(default_factory=threading.Condition, init=False, repr=False)
-    _turn: int = field(default=COORDINATOR, init=False, repr=False)  # who runs: a member's index or COORDINATOR
+    # released by the running member when it waits or ends: one semaphore per direction, so a hand-over wakes
+    # exactly one thread (a shared condition woke every thread at every hand-over)
+    _back: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(0), init=False, repr=False)
 
     def run(self, jobs: Sequence[Callable[[Policy], T]]) -> list[T]:
         """`[job(member) for job in jobs]`, the jobs in lockstep; the first job's exception (in job order) is
@@ -172,24 +173,19 @@ class Lockstep(Generic[T]):
 
     # -- member side ---------------------------------------------------------------------------------------------
     def _main(self, m: Member, job: Callable[[Policy], T]) -> None:
-        with self._cond:
-            self._cond.wait_for(lambda: self._turn == m.index)
+        m._go.acquire()
         try:
             m._state.result = job(m)  # type: ignore[arg-type]
-        except BaseException as e:
+        except BaseException as e:  # handed to the coordinator, re-raised there
             m._state.failed = e
-        with self._cond:
-            m._state.done = True
-            self._turn = COORDINATOR
-            self._cond.notify_all()
+        m._state.done = True
+        self._back.release()
 
     def _wait(self, m: Member, req: _Request) -> list[list[Continuation]]:
         s = m._state
-        with self._cond:
-            s.request, s.response, s.error = req, None, None
-            self._turn = COORDINATOR
-            self._cond.notify_all()
-            self._cond.wait_for(lambda: self._turn == m.index)
+        s.request, s.response, s.error = req, None, None
+        self._back.release()
+        m._go.acquire()
         if s.error is not None:
             raise s.error
         out, s.response = s.response, None
@@ -197,12 +193,10 @@ class Lockstep(Generic[T]):
 
     # -- coordinator side ----------------------------------------------------------------------------------------
     def _hand(self, m: Member) -> None:
-        """Let member `m` run until it waits again or ends."""
-        with self._cond:
-            m._state.started = True
-            self._turn = m.index
-            self._cond.notify_all()
-            self._cond.wait_for(lambda: self._turn == COORDINATOR)
+        """Let member `m` run until it waits again or ends (one thread woken each way)."""
+        m._state.started = True
+        m._go.release()
+        self._back.acquire()
 
     def _answer(self, waiting: list[Member]) -> None:
         """One merged `expand` per signature over the waiting members' requests (member order)."""
