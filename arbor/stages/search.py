@@ -12,8 +12,8 @@ problems per file), their `part-*.stats.json`, `_manifest.json` (checksums, writ
 `metrics/search_<k>.json`. Open the trees with `manifest.verified_files(dir)`, which refuses a damaged output.
 
 Lockstep (`search.lockstep`, arbor/lm/lockstep.py): problems are searched in fixed groups by index, their
-searches' policy calls merged into one batched call per step (2.6x faster on the tiny default at 16, 3.2x at
-32: 64 problems in 25.7 s one at a time, 9.9 s and 8.0 s); a group's trees depend on which problems share it.
+searches' policy calls merged into one batched call per step (64 problems of the tiny default: 26.4 s one at
+a time, 6.8 s at 32; README "Results"); a group's trees depend on which problems share it.
 Critic-guided searches run one problem at a time (the critics' counters and stores are per problem).
 
 Resumable (arbor/pipeline/shards.py): each searched problem is committed as soon as its group ends, so a kill
