@@ -19,6 +19,9 @@ search code is unchanged and never knows (the mctx batch dimension, reached at t
   counter of the merged calls it took part in, in proportion to the tokens its continuations hold (largest
   remainder, so the members' counts add up exactly to the backend's); `sample`/`score` calls made by a member
   are its own exactly. A per-member forward-token budget therefore reads the member's apportioned share.
+- Timing: a stopwatch a member keeps on its own calls (eta-MCTS's `SearchTiming`) also counts the other
+  members' turns while it waits; time the policy under the lockstep instead (the search stage's
+  `model_seconds`).
 """
 
 from __future__ import annotations
