@@ -141,3 +141,11 @@ def test_an_error_in_the_merged_call_reaches_every_member_of_it(policy):
     with pytest.raises(Exception):  # noqa: B017 - whatever the backend raises, the run raises it
         Lockstep(policy).run([bad, bad])
     assert not any(t.name.startswith("lockstep-") for t in threading.enumerate())
+
+
+def test_groups_are_fixed_by_index():
+    from arbor.lm.lockstep import lockstep_groups
+
+    assert lockstep_groups(5, 2) == [[0, 1], [2, 3], [4]]
+    assert lockstep_groups(64, 32) == [list(range(32)), list(range(32, 64))]
+    assert lockstep_groups(3, 1) == [[0], [1], [2]] and lockstep_groups(0, 4) == []

@@ -63,6 +63,15 @@ def apportion(total: int, weights: Sequence[float]) -> list[int]:
     return out
 
 
+def lockstep_groups(n_items: int, size: int) -> list[list[int]]:
+    """Item indices in lockstep groups of `size`, fixed by index (a resumed run forms the same groups).
+
+    >>> lockstep_groups(5, 2)
+    [[0, 1], [2, 3], [4]]
+    """
+    return [list(range(g, min(n_items, g + size))) for g in range(0, n_items, size)]
+
+
 @dataclass
 class _Request:
     parents: list[tuple[Hashable, Sequence[int]]]

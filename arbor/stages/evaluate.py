@@ -131,7 +131,7 @@ def search_decode(policy: Policy, task: Task, problems: Sequence[Problem], *, et
     critic forward / stored tokens) and the store's peak are reported.
     """
     from arbor.lm.kvcache import KVStore
-    from arbor.lm.lockstep import Lockstep
+    from arbor.lm.lockstep import Lockstep, lockstep_groups
     from arbor.mcts.scoring import LikelihoodScorer
     from arbor.mcts.search import eta_mcts
 
@@ -149,10 +149,9 @@ def search_decode(policy: Policy, task: Task, problems: Sequence[Problem], *, et
                         seed=seed + i, store=store, vote_key=task.vote_key, complete_walk=complete_walk)
 
     results = []
-    for g in range(0, len(problems), lockstep):
-        idx = range(g, min(len(problems), g + lockstep))
-        if lockstep == 1:
-            results.append(decode(policy, g))
+    for idx in lockstep_groups(len(problems), lockstep):
+        if len(idx) == 1:
+            results.append(decode(policy, idx[0]))
         else:
             results += Lockstep(policy).run([partial(decode, i=i) for i in idx])
         store.clear()  # another group's prefixes are never reused

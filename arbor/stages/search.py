@@ -228,15 +228,6 @@ def summarize(stats: list[dict[str, Any]], algorithm: str) -> dict[str, Any]:
     return out
 
 
-def lockstep_groups(n_problems: int, size: int) -> list[list[int]]:
-    """Problem indices in lockstep groups of `size` (fixed by index, so a resumed run forms the same groups).
-
-    >>> lockstep_groups(5, 2)
-    [[0, 1], [2, 3], [4]]
-    """
-    return [list(range(g, min(n_problems, g + size))) for g in range(0, n_problems, size)]
-
-
 def problem_worker(cfg: ArborConfig, policy_dir: str, critics_dir: str | None, problems: Sequence[Problem],
                    iteration: int, *, policy: Policy | None = None,
                    critics: CriticSet | None = None) -> Callable[[int], list[tuple[int, dict[str, list], dict]]]:
@@ -245,6 +236,7 @@ def problem_worker(cfg: ArborConfig, policy_dir: str, critics_dir: str | None, p
     emptied) group after group. A group is always searched whole, even when some of its problems are already
     committed, so that its trees never depend on where a run was interrupted."""
     from arbor.lm.loading import load_policy
+    from arbor.lm.lockstep import lockstep_groups
 
     policy = policy or load_policy(policy_dir, cfg)  # checks the files and manifest
     if critics is None and critics_dir is not None:
