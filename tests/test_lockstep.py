@@ -133,13 +133,20 @@ def test_a_failing_search_stops_the_group_and_its_error_is_raised(policy):
 
 def test_an_error_in_the_merged_call_reaches_every_member_of_it(policy):
     store = KVStore()
+    seen = []
 
     def bad(m):
-        return m.expand([_parent(m, PROMPTS[0])], 1, stop=STEP, temperature=1.0, seed=0, store=store,
-                        exclude=[[("not", "a valid exclusion")]])
+        try:
+            return m.expand([_parent(m, PROMPTS[0])], 1, stop=STEP, temperature=1.0, seed=0, store=store,
+                            exclude=[[("not", "a valid exclusion")]])
+        except Exception as e:
+            seen.append(e)
+            raise
 
-    with pytest.raises(Exception):  # noqa: B017 - whatever the backend raises, the run raises it
+    with pytest.raises(Exception) as raised:  # whatever the backend raises, the run raises it
         Lockstep(policy).run([bad, bad])
+    assert len(seen) == 2 and seen[0] is seen[1] is raised.value  # one merged call, its error in both members
+    assert not isinstance(raised.value, LockstepAborted)
     assert not any(t.name.startswith("lockstep-") for t in threading.enumerate())
 
 

@@ -243,9 +243,9 @@ def test_complete_walk_finishes_a_greedy_walk_that_stops_at_an_inner_node():
 
     plain, done = run(False), run(True)
     tree = done.builder.tree
-    assert plain.greedy_leaf == -1 and not plain.walk_completed
+    assert plain.greedy_leaf == -1
     assert not tree.terminal[done.walk_end] and done.walk_end == plain.walk_end
-    assert done.greedy_leaf >= 0 and tree.terminal[done.greedy_leaf] and done.walk_completed
+    assert done.greedy_leaf >= 0 and tree.terminal[done.greedy_leaf] and done.greedy_leaf != done.walk_end
     path = tree.path(done.greedy_leaf).tolist()
     tail = path[path.index(done.walk_end) + 1:]
     assert len(tail) >= 1 and all(tree.visits[x] == 0 for x in tail)

@@ -223,45 +223,42 @@ class Lockstep(Generic[T]):
                     m._state.error = e
 
     def _merged(self, group: list[Member]) -> None:
-        reqs = [m._state.request for m in group]
-        assert all(r is not None for r in reqs)
-        parents, counts, owner = [], [], []
-        for j, r in enumerate(reqs):
-            parents += r.parents  # type: ignore[union-attr]
-            counts += r.counts  # type: ignore[union-attr]
-            owner += [(j, i) for i in range(len(r.parents))]  # type: ignore[union-attr]
+        reqs: list[_Request] = [m._state.request for m in group]  # type: ignore[misc]  # all waiting
+        parents: list[tuple[Hashable, Sequence[int]]] = [p for r in reqs for p in r.parents]
+        counts = [n for r in reqs for n in r.counts]
+        owner = [(j, i) for j, r in enumerate(reqs) for i in range(len(r.parents))]  # merged row -> request, row
         exclude = None
-        if any(r.exclude is not None for r in reqs):  # type: ignore[union-attr]
-            exclude = [list(r.exclude[i]) if r.exclude is not None else []  # type: ignore[union-attr]
-                       for j, r in enumerate(reqs) for i in range(len(r.parents))]  # type: ignore[union-attr]
+        if any(r.exclude is not None for r in reqs):
+            exclude = [list(reqs[j].exclude[i]) if reqs[j].exclude is not None else [] for j, i in owner]  # type: ignore[index]
         final = None
-        if any(r.final is not None for r in reqs):  # type: ignore[union-attr]
+        if any(r.final is not None for r in reqs):
             def final(k: int, text: str) -> bool:
                 j, i = owner[k]
-                f = reqs[j].final  # type: ignore[union-attr]
+                f = reqs[j].final
                 return bool(f(i, text)) if f is not None else False
 
         first = reqs[0]
-        seed = _merged_seed([(m.index, r.seed) for m, r in zip(group, reqs, strict=True)])  # type: ignore[union-attr]
+        seed = _merged_seed([(m.index, r.seed) for m, r in zip(group, reqs, strict=True)])
         before = self.policy.counters.snapshot()
-        out = self.policy.expand(parents, counts, stop=first.stop, temperature=first.temperature,  # type: ignore
-                                 seed=seed, store=first.store, exclude=exclude, final=final)  # type: ignore
+        out = self.policy.expand(parents, counts, stop=first.stop, temperature=first.temperature, seed=seed,
+                                 store=first.store, exclude=exclude, final=final)
         delta = self.policy.counters.since(before).as_dict()
         self.calls += 1
         self.requests += len(reqs)
         start = 0
         weights = []
         for m, r in zip(group, reqs, strict=True):
-            n = len(r.parents)  # type: ignore[union-attr]
-            m._state.response = out[start : start + n]
+            m._state.response = out[start : start + len(r.parents)]
             weights.append(sum(len(c.token_ids) for conts in m._state.response for c in conts))
-            start += n
+            start += len(r.parents)
         shares = {k: apportion(v, weights) for k, v in delta.items()}
         for idx, m in enumerate(group):
             _add(m.counters, {k: v[idx] for k, v in shares.items()})
 
 
 def _merged_seed(pairs: Sequence[tuple[int, int]]) -> int:
-    """A merged call's seed from its requests' (member, seed) pairs (63 bits)."""
+    """A merged call's seed from its requests' (member, seed) pairs (63 bits). It hashes as
+    `arbor.pipeline.seeds.derive_seed` does, with its own key format and width; switching to `derive_seed` would
+    redraw every lockstep tree, so it waits for the next full verification run."""
     h = hashlib.blake2b(repr(list(pairs)).encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") >> 1

@@ -120,8 +120,8 @@ class SearchResult:
     rerank_leaf: int
     vote_answer: str | None
     timing: SearchTiming = field(default_factory=SearchTiming)
-    walk_end: int = ROOT  # where the greedy walk by Q stopped (a terminal: greedy_leaf; else an inner node)
-    walk_completed: bool = False  # greedy_leaf is the walk's end completed by greedy decoding (`complete_walk`)
+    walk_end: int = ROOT  # where the greedy walk by Q stopped: greedy_leaf if a terminal; else an inner node that
+    # `complete_walk` completed (greedy_leaf below it) or not (greedy_leaf -1)
 
 
 def max_nodes_bound(cfg: EtaMCTSConfig, cap: int = 20_000) -> int:
@@ -281,5 +281,4 @@ def readouts(b: TreeBuilder, sims: int, vote_key: Callable[[str], str | None] = 
         if key is not None:
             votes[key] += tree.value_sum[t] / tree.visits[t]
     vote = max(votes, key=votes.__getitem__) if votes else None
-    return SearchResult(b, sims, greedy, best, rerank, vote, walk_end=end,
-                        walk_completed=bool(greedy >= 0 and not tree.terminal[end]))
+    return SearchResult(b, sims, greedy, best, rerank, vote, walk_end=end)

@@ -148,21 +148,22 @@ def search_decode(policy: Policy, task: Task, problems: Sequence[Problem], *, et
                         scorer=scorer or LikelihoodScorer(member), is_terminal=is_terminal_step, cfg=eta,
                         seed=seed + i, store=store, vote_key=task.vote_key, complete_walk=complete_walk)
 
-    results = []
     for idx in lockstep_groups(len(problems), lockstep):
         if len(idx) == 1:
-            results.append(decode(policy, idx[0]))
+            results = [decode(policy, idx[0])]
         else:
-            results += Lockstep(policy).run([partial(decode, i=i) for i in idx])
+            results = Lockstep(policy).run([partial(decode, i=i) for i in idx])
         store.clear()  # another group's prefixes are never reused
         if scorer is not None:
             scorer.clear()
-    for p, res in zip(problems, results, strict=True):
-        ok["search_walk_terminal"] += bool(res.builder.tree.terminal[res.walk_end])
-        stored += res.builder.tree.num_tokens
-        for name, leaf in (("search_pass1", res.greedy_leaf), ("search_best_pass1", res.best_leaf)):
-            ok[name] += leaf >= 0 and task.is_correct(p, res.builder.text(leaf))
-        ok["search_vote_pass1"] += res.vote_answer is not None and task.is_correct(p, f"Answer: {res.vote_answer}\n")
+        for i, res in zip(idx, results, strict=True):
+            p = problems[i]
+            ok["search_walk_terminal"] += bool(res.builder.tree.terminal[res.walk_end])
+            stored += res.builder.tree.num_tokens
+            for name, leaf in (("search_pass1", res.greedy_leaf), ("search_best_pass1", res.best_leaf)):
+                ok[name] += leaf >= 0 and task.is_correct(p, res.builder.text(leaf))
+            ok["search_vote_pass1"] += res.vote_answer is not None and \
+                task.is_correct(p, f"Answer: {res.vote_answer}\n")
     n = len(problems)
     used = policy.counters.since(before)
     critic = 0 if scorer is None else scorer.critic_forward_tokens - critic_before
