@@ -253,6 +253,13 @@ def test_make_torch_index_is_optional():
                                                             "TORCH_INDEX=https://example.org/whl")
 
 
+def test_make_run_installs_the_runtime_only_and_test_adds_the_dev_extras():
+    run = _make_n(".venv/.arbor-installed")
+    assert "install -q -e ." in run and "[dev]" not in run
+    assert "install -q -e '.[dev]'" in _make_n(".venv/.arbor-dev-installed")
+    assert "arbor-dev-installed" in _make_n("test") and "arbor-dev-installed" not in _make_n("run")
+
+
 def test_make_run_uses_the_runner():
     run_lines = [line for line in _make_n("run").splitlines() if "arbor" in line]
     assert run_lines and run_lines[-1].strip() == ".venv/bin/arbor run"

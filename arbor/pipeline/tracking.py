@@ -217,9 +217,15 @@ class MlflowTracker:
             self._client.log_batch(self.run_id, params=items[i : i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)):
-                self._client.log_metric(self.run_id, k, float(v), step=step or 0)
+        """Log the numeric values of `metrics` at `step`, in batches of 1000 (one SQLite transaction each; a
+        `log_metric` per key took ~10 ms, 4 s of a search stage's 400 values)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
+                 if isinstance(v, (int, float))]
+        for i in range(0, len(items), 1000):
+            self._client.log_batch(self.run_id, metrics=items[i : i + 1000])
 
     def log_artifact(self, path: str | os.PathLike[str]) -> None:
         self._client.log_artifact(self.run_id, str(path))
