@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from arbor.critics.labels import read_tree_files
@@ -193,3 +195,39 @@ def test_prefs_stage_refuses_damaged_trees(tmp_path):
     with pytest.raises(CorruptOutputError, match="part-00000.parquet"):
         stage.run(load_config(None), trees_dir=d, out_dir=tmp_path / "prefs")
     assert not (tmp_path / "prefs").exists()
+
+
+def test_prefs_stage_replay_adds_the_previous_trees_built_on_their_own(tmp_path):
+    """prefs.replay: the previous iteration's trees add their pairs and trajectories; the same problem ids in both
+    sets stay two trees (one merged tree would give other pairs), and a damaged previous set is refused."""
+    current = _trees_dir(tmp_path)
+    previous = tmp_path / "previous"
+    previous.mkdir()
+    write_trees(previous / "part-00000.parquet", [tree_rows("p0", hand_tree(), dec)])
+    write_manifest(previous)
+    cfg = load_config(None)
+    m = stage.run(cfg, trees_dir=current, out_dir=tmp_path / "prefs", iteration=2, prefs=PrefsConfig(margin=0.3),
+                  replay_dir=previous)
+    assert m["problems"] == 2 and m["replayed_pairs"] == 2 and m["replayed_trajectories"] == 4
+    assert m["pairs"] == 6 and m["trajectories"] == 12
+    pairs = pq.read_table(tmp_path / "prefs" / "pairs.parquet").to_pydict()
+    assert pairs["problem_id"] == ["p0", "p0", "p1", "p1", "p0", "p0"]
+    assert pairs["gap"][4:] == pairs["gap"][:2]
+    assert verify(tmp_path / "prefs")["meta"]["replayed_trees"] == str(previous)
+    os.truncate(previous / "part-00000.parquet", 50)
+    with pytest.raises(CorruptOutputError, match="part-00000.parquet"):
+        stage.run(cfg, trees_dir=current, out_dir=tmp_path / "prefs2", replay_dir=previous)
+    assert not (tmp_path / "prefs2").exists()
+
+
+def test_prefs_cli_replays_the_previous_iteration_only_when_configured(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for k in (0, 1):
+        d = Path(f"trees/iter_{k}")
+        d.mkdir(parents=True)
+        write_trees(d / "part-00000.parquet", [tree_rows(f"p{k}", hand_tree(), dec)])
+        write_manifest(d)
+    common = ["--params", "", "--tracking.enabled", "false", "--iter", "1"]
+    assert "replayed_pairs" not in stage.main(common)
+    m = stage.main([*common, "--prefs.replay", "true", "--out", "prefs/r", "--metrics", "metrics/r.json"])
+    assert m["replayed_pairs"] == 2 and m["pairs"] == 4 and m["problems"] == 1

@@ -10,6 +10,10 @@ never read) and writes `prefs/iter_<k>/`:
   advantages (arbor/improve/advantages.py); stage `train` picks the SFT-best paths from it too;
 - `_manifest.json`, written last: the directory is written to a temporary sibling and renamed into place.
 
+With `prefs.replay` the previous iteration's trees (`trees/iter_<k-1>`, search_0's for k = 1) add their pairs
+and trajectories, each tree set built on its own (the same problem searched twice gives two trees, never one
+merged tree); the metrics count them apart (`replayed_pairs`, `replayed_trajectories`).
+
 Each file opens with `datasets.load_dataset("parquet", data_files=".../pairs.parquet")`. Metrics
 (`metrics/prefs_<k>.json`): pair counts per depth and per gap bucket, trajectory and advantage counts.
 The stage loads no model: it is cheap and deterministic, so it has no resume state of its own.
@@ -66,8 +70,10 @@ def summarize(pairs: pa.Table, trajectories: pa.Table, problems: int) -> dict[st
 
 
 def run(cfg: ArborConfig, *, trees_dir: str | Path = "trees/iter_1", out_dir: str | Path = "prefs/iter_1",
-        iteration: int = 1, tracker: Tracker | None = None, prefs: PrefsConfig | None = None) -> dict[str, Any]:
-    """Read the verified trees, build pairs and trajectories, write them atomically with a manifest."""
+        iteration: int = 1, tracker: Tracker | None = None, prefs: PrefsConfig | None = None,
+        replay_dir: str | Path | None = None) -> dict[str, Any]:
+    """Read the verified trees (and those of `replay_dir`, the previous iteration's, when given), build pairs and
+    trajectories, write them atomically with a manifest. `problems` counts the problems of `trees_dir`."""
     from arbor.critics.labels import read_tree_files
     from arbor.pipeline.io import atomic_path
     from arbor.pipeline.manifest import verified_files, write_manifest
@@ -77,12 +83,18 @@ def run(cfg: ArborConfig, *, trees_dir: str | Path = "trees/iter_1", out_dir: st
     t0 = time.perf_counter()
     trees = read_tree_files(verified_files(trees_dir))
     pairs, trajectories = build(trees, p)
+    replayed: dict[str, Any] = {}
+    if replay_dir is not None:  # built on its own: a problem of both sets stays two trees
+        old_pairs, old_trajectories = build(read_tree_files(verified_files(replay_dir)), p)
+        replayed = {"replayed_pairs": old_pairs.num_rows, "replayed_trajectories": old_trajectories.num_rows}
+        pairs, trajectories = pa.concat_tables([pairs, old_pairs]), pa.concat_tables([trajectories, old_trajectories])
     with atomic_path(out_dir, is_dir=True) as tmp:
         pq.write_table(pairs, tmp / PAIRS)
         pq.write_table(trajectories, tmp / TRAJECTORIES)
-        write_manifest(tmp, {"stage": "prefs", "iteration": iteration, "prefs": to_dict(p)})
+        write_manifest(tmp, {"stage": "prefs", "iteration": iteration, "prefs": to_dict(p),
+                             "replayed_trees": None if replay_dir is None else str(replay_dir)})
     problems = len(set(trees.column("problem_id").to_pylist()))
-    return {**summarize(pairs, trajectories, problems), "wall_seconds": time.perf_counter() - t0}
+    return {**summarize(pairs, trajectories, problems), **replayed, "wall_seconds": time.perf_counter() - t0}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -92,13 +104,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def paths(ap: argparse.ArgumentParser) -> None:
         ap.add_argument("--iter", type=int, default=1, help="Iteration k: reads trees/iter_<k>.")
         ap.add_argument("--trees", default=None, help="Tree directory (default trees/iter_<k>).")
+        ap.add_argument("--replay-trees", default=None, metavar="DIR",
+                        help="With prefs.replay: the previous trees (default trees/iter_<k-1>).")
         ap.add_argument("--out", default=None, help="Output directory (default prefs/iter_<k>).")
         ap.add_argument("--metrics", default=None, help="Metrics JSON (default metrics/prefs_<k>.json).")
 
     def go(cfg: ArborConfig, a: argparse.Namespace, tr: Tracker) -> dict[str, Any]:
         k = a.iter
+        replay = (a.replay_trees or f"trees/iter_{k - 1}") if cfg.prefs.replay and k >= 1 else None
         m = run(cfg, trees_dir=a.trees or f"trees/iter_{k}", out_dir=a.out or f"prefs/iter_{k}", iteration=k,
-                tracker=tr)
+                tracker=tr, replay_dir=replay)
         write_json(a.metrics or f"metrics/prefs_{k}.json", m)
         return m
 
