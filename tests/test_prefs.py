@@ -228,6 +228,6 @@ def test_prefs_cli_replays_the_previous_iteration_only_when_configured(tmp_path,
         write_trees(d / "part-00000.parquet", [tree_rows(f"p{k}", hand_tree(), dec)])
         write_manifest(d)
     common = ["--params", "", "--tracking.enabled", "false", "--iter", "1"]
-    assert "replayed_pairs" not in stage.main(common)
-    m = stage.main([*common, "--prefs.replay", "true", "--out", "prefs/r", "--metrics", "metrics/r.json"])
+    assert "replayed_pairs" not in stage.main([*common, "--prefs.replay", "false"])
+    m = stage.main([*common, "--out", "prefs/r", "--metrics", "metrics/r.json"])  # replay is the default
     assert m["replayed_pairs"] == 2 and m["pairs"] == 4 and m["problems"] == 1

@@ -33,7 +33,7 @@ class CriticsConfig:
     """Stage `critics` and critic-guided search: MC labels, critic models, training, node-score weights."""
 
     # labels (arbor/critics/labels.py)
-    min_completions: int = _f(4, "Extra policy completions from a node with fewer terminal descendants than this "
+    min_completions: int = _f(2, "Extra policy completions from a node with fewer terminal descendants than this "
                                  "(0 = labels from the trees only).", min=0)
     completion_tokens: int = _f(96, "Longest extra completion, in tokens.", min=1)
     completion_rows: bool = _f(False, "Also train on each extra completion's steps and outcome (one-sample MC "

@@ -28,7 +28,7 @@ class PrefsConfig:
     min_step_prob: float = _f(0.01, "Use only steps the policy that grew the tree takes at least this often (exp "
                                     "of the step's log-prior; 0 = any): both steps of a pair, every step of a "
                                     "trajectory (module docstring of arbor/improve/prefs.py).", min=0.0, max=1.0)
-    replay: bool = _f(False, "Also take pairs and trajectories from the previous iteration's trees (trees/iter_<k-1>; "
+    replay: bool = _f(True, "Also take pairs and trajectories from the previous iteration's trees (trees/iter_<k-1>; "
                              "search_0's for k = 1): policy_k trains on the last two searches, the older one's "
                              "values and priors as its own search recorded them.")
     step_prob: str = _f("step", "What min_step_prob bounds: step (the whole step's probability) | token (its "

@@ -28,7 +28,7 @@ class TrainConfig:
                                "clipped policy gradient with intra+inter advantages, KL to the reference) | "
                                "sft_best (NLL on the best correct path per problem, AlphaLLM's update).",
                         choices=OBJECTIVES)
-    epochs: float = _f(16.0, "Expected passes over the training items (items are drawn with replacement; steps "
+    epochs: float = _f(4.0, "Expected passes over the training items (items are drawn with replacement; steps "
                             "= ceil(epochs * items / (batch_size * accumulate_grad_batches))).", gt=0.0)
     batch_size: int = _f(16, "Items (pairs, trajectories or paths) per micro-batch.", **COUNT)
     accumulate_grad_batches: int = _f(1, "Micro-batches per optimizer step (gradient accumulation).", **COUNT)
