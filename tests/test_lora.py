@@ -128,3 +128,17 @@ def test_checkpointed_activations_are_not_kept_and_give_the_same_gradients(char_
 def test_checkpointing_a_plain_module_is_one_clear_error():
     with pytest.raises(ArborInputError, match="gradient_checkpointing"):
         lora.checkpoint_activations(torch.nn.Linear(2, 2))
+
+
+def test_without_peft_plain_models_train_and_save_and_lora_is_one_clear_error(char_tok, tmp_path, monkeypatch):
+    """peft is an optional extra (`make run` installs the runtime only): the default path must not import it. A
+    fresh-clone run failed in critics_0 when `is_lora` imported peft unconditionally."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError, as when not installed
+    model = tiny_model(char_tok)
+    assert not lora.is_lora(model) and lora.merge(model) is model
+    lora.save_trained(model, tmp_path / "m", LoraConfig(), tokenizer=None)
+    assert (tmp_path / "m" / "model.safetensors").exists()
+    with pytest.raises(ArborInputError, match=r"lora.enabled: true needs peft.*\[lora\]"):
+        lora.apply_lora(model, LoraConfig(enabled=True))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,11 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     when `cfg.enabled` is false."""
     if not cfg.enabled:
         return model
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
+    try:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+    except ImportError:
+        raise ArborInputError("lora.enabled: true needs peft, an optional extra: pip install -e '.[lora]'") from None
 
     targets: str | list[str] = cfg.target_modules
     if targets != "all-linear":
@@ -56,10 +60,10 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
 
 
 def is_lora(model: nn.Module) -> bool:
-    """Whether `model` carries peft adapters."""
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
+    """Whether `model` carries peft adapters. peft is an optional extra (`arbor[lora]`): a model can only carry
+    them once peft is imported, so without it this is False, and peft is never imported here."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
