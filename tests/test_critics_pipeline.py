@@ -201,3 +201,32 @@ def test_critics_not_refreshed_are_critics_0_copied_and_verified(tmp_path, monke
     with pytest.raises(SystemExit):
         stage.main(["--params", "", "--tracking.enabled", "false", "--critics.refresh", "false", "--iter", "3"])
     assert not (tmp_path / "models/iter_3").exists()
+
+
+def test_search_decoding_obeys_the_gate_and_reports_the_critics_decoding_beside(world, tmp_path):
+    """Critics below critics.guide_min_auroc do not decode (as they do not guide the training search): the
+    search_* read-outs equal the critic-free decoding, and the critics' decoding comes as critic_search_*."""
+    import shutil
+
+    from arbor.stages import evaluate
+
+    cfg = load_config(None, {**FAST, "evaluate.search_problems": 2, "evaluate.search_simulations": 4})
+    weak, strong = tmp_path / "weak", tmp_path / "strong"
+    for d, x in ((weak, 0.55), (strong, 0.7)):
+        shutil.copytree(world / "critics" / "shared", d / "shared")
+        write_manifest(d, {"stage": "critics", "heldout": {k: {"auroc": 0.8, "auroc_within_problem": x}
+                                                           for k in ("value", "prm", "orm")}})
+    args = {"policy_dir": world / "policy", "eval_file": world / "eval.jsonl", "part": "decode"}
+    plain = evaluate.run(cfg, **args)
+    gated = evaluate.run(cfg, critics_dir=weak, **args)
+    trusted = evaluate.run(cfg, critics_dir=strong, **args)
+    assert "value 0.55, prm 0.55 < critics.guide_min_auroc 0.6" in gated["search_critics_gate"]
+    assert gated["search_scorer"] == "likelihood" and gated["search_critic_forward_tokens"] == 0
+    for k in ("search_pass1", "search_best_pass1", "search_forward_tokens", "search_stored_tokens"):
+        assert gated[k] == plain[k]
+    assert gated["critic_search_scorer"] == "critics" and gated["critic_search_critic_forward_tokens"] > 0
+    for k, v in trusted.items():  # trusted critics decode, as before the gate; nothing reported twice
+        if k.startswith("search_") and k not in ("search_wall_seconds", "search_critics_gate"):
+            assert gated[f"critic_{k}"] == v, k
+    assert trusted["search_critics_gate"] is None and trusted["search_scorer"] == "critics"
+    assert not any(k.startswith("critic_search") for k in trusted)

@@ -25,10 +25,15 @@ def metrics(tmp_path):
         _write(d, f"iter_{k}.json", {"greedy_pass1": 0.5 + k / 10, "pass_at_k": 0.8, "maj_at_k": 0.6,
                                      "orm_best_of_n": 0.7, "eval_problems": 10, "k": 16, "forward_tokens": 2000,
                                      "greedy_forward_tokens": 400, "wall_seconds": 5.0,
+                                     "rerank_critic_forward_tokens": 300,
                                      "greedy_borrow_misconception_rate": 0.9 - k / 10})
-        _write(d, f"decode_{k}.json", {"search_pass1": 0.55 + k / 10, "search_forward_tokens": 1500,
-                                       "search_problems": 4,
-                                       "critic_forward_tokens": 700, "search_wall_seconds": 7.0})
+        decode = {"search_pass1": 0.55 + k / 10, "search_forward_tokens": 1500, "search_problems": 4,
+                  "search_scorer": "critics", "search_critic_forward_tokens": 700, "search_wall_seconds": 7.0}
+        if k == 1:  # critics below the gate: likelihood-scored read-out, the critics' decoding beside it
+            decode = {**decode, "search_scorer": "likelihood", "search_critic_forward_tokens": 0,
+                      "critic_search_pass1": 0.1, "critic_search_forward_tokens": 1400,
+                      "critic_search_critic_forward_tokens": 650, "critic_search_wall_seconds": 9.0}
+        _write(d, f"decode_{k}.json", decode)
         if k:
             _write(d, f"prefs_{k}.json", {"pairs": 12, "wall_seconds": 1.0})
             _write(d, f"train_{k}.json", {"forward_tokens": 3000, "wall_seconds": 30.0})
@@ -42,9 +47,14 @@ def test_summary_has_one_entry_per_iteration_with_tokens_and_walls(tmp_path, met
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     assert [r["greedy_pass1"] for r in rows] == [0.5, 0.6, 0.7]
     assert rows[2]["search_pass1"] == pytest.approx(0.75) and rows[0]["orm_auroc"] == 0.8
-    assert rows[1]["policy_forward_tokens"] == {"search": 4000, "train": 3000, "iter": 2000, "decode": 1500}
-    assert rows[2]["critic_forward_tokens"] == {"search": 1800, "decode": 700}
-    assert rows[0]["wall_seconds"]["bootstrap"] == 100.0 and rows[1]["wall_seconds"]["decode"] == 7.0
+    assert rows[2]["policy_forward_tokens"] == {"search": 4000, "train": 3000, "iter": 2000, "decode": 1500}
+    assert rows[2]["critic_forward_tokens"] == {"search": 1800, "iter": 300, "decode": 700}
+    assert rows[0]["wall_seconds"]["bootstrap"] == 100.0 and rows[2]["wall_seconds"]["decode"] == 7.0
+    assert (rows[2]["search_scorer"], rows[2]["critic_search_pass1"]) == ("critics", None)
+    # gated critics: both decodings' tokens and seconds are the stage's; the critics' read-out beside
+    assert rows[1]["policy_forward_tokens"]["decode"] == 2900 and rows[1]["critic_forward_tokens"]["decode"] == 650
+    assert rows[1]["wall_seconds"]["decode"] == 16.0
+    assert (rows[1]["search_scorer"], rows[1]["critic_search_pass1"]) == ("likelihood", 0.1)
     assert rows[1]["tree_vs_chain"]["chain_tokens_per_problem"] == 160.0  # sampling tokens only, not greedy's
     assert rows[1]["tree_vs_chain"]["tree_trajectories_per_problem"] == 10.0
     assert rows[1]["diagnostics"] == {"greedy_borrow_misconception_rate": 0.8}

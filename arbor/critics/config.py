@@ -85,7 +85,9 @@ class CriticsConfig:
     guide_min_auroc: float = _f(0.6, "Training search (search_k, k >= 1) is guided by the critics of k-1 only when "
                                      "every critic it weighs ranks held-out nodes within a problem better than "
                                      "this (its `<kind>_auroc_within_problem`, recorded in the critics' manifest; "
-                                     "0.5 = chance); otherwise inner nodes are valued as in search_0. 0 = always.",
+                                     "0.5 = chance); otherwise inner nodes are valued as in search_0. Evaluate's "
+                                     "search decoding uses them under the same rule (else the likelihood scorer; "
+                                     "theirs is reported as critic_search_*). 0 = always.",
                                 min=0.0, max=1.0)
     refresh: bool = _f(True, "Retrain the critics every iteration on its own trees (false: keep critics_0 for "
                              "every iteration, as AlphaLLM did).")

@@ -10,12 +10,18 @@ the policy-likelihood scorer), and the k samples already drawn for pass@k rerank
 weighted vote) and the PRM (min / last step best-of-k) (arbor/critics/readouts.py). Every read-out comes with
 its policy forward tokens (`samples_forward_tokens` for the k samples, `search_forward_tokens`) and critic
 forward tokens (`rerank_critic_forward_tokens`, `search_critic_forward_tokens`).
+
+Search decoding obeys the training search's gate (`critics.guide_min_auroc`, `CriticsConfig.guide_gate`):
+critics whose recorded held-out within-problem AUROC is below it do not decode; the `search_*` read-outs then
+use the likelihood scorer, the critics' own decoding is reported beside them as `critic_search_*`, and
+`search_critics_gate` says why (None: the critics decoded).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -28,6 +34,8 @@ from arbor.pipeline.config import ArborConfig, ArborInputError, EtaMCTSConfig
 from arbor.pipeline.seeds import derive_seed
 from arbor.pipeline.tracking import NullTracker, Tracker
 from arbor.tasks import Problem, Task, build_task, is_terminal_step, read_problems
+
+log = logging.getLogger("arbor.evaluate")
 
 
 def majority_correct(task: Task, problem: Problem, completions: Sequence[str]) -> bool:
@@ -221,15 +229,25 @@ def run(cfg: ArborConfig, *, policy_dir: str | Path = "models/iter_0/policy",
             metrics |= critic_readouts(critics, policy, task, problems, samples,
                                        step_tokens=cfg.search.eta.step_tokens)
     if part in ("decode", "all") and (e.search or part == "decode"):
-        scorer = None
-        if critics is not None:
-            from arbor.critics.scorer import CriticScorer
+        decode = partial(search_decode, policy, task, problems[: e.search_problems], eta=cfg.search.eta,
+                         simulations=e.search_simulations, seed=seed + 2, kv_budget_mb=cfg.search.kv_budget_mb,
+                         complete_walk=e.search_complete_walk, lockstep=cfg.search.lockstep)
+        gate = None
+        if critics is None:
+            metrics |= decode()
+        else:
+            from arbor.critics.scorer import CriticScorer, recorded_heldout
 
             scorer = CriticScorer(critics, cfg.critics)  # decoding: no gold, terminals by the ORM
-        metrics |= search_decode(policy, task, problems[: e.search_problems], eta=cfg.search.eta,
-                                 simulations=e.search_simulations,
-                                 seed=seed + 2, kv_budget_mb=cfg.search.kv_budget_mb, scorer=scorer,
-                                 complete_walk=e.search_complete_walk, lockstep=cfg.search.lockstep)
+            gate = cfg.critics.guide_gate(recorded_heldout(critics_dir))  # type: ignore[arg-type]
+            if gate is None:
+                metrics |= decode(scorer=scorer)
+            else:  # the search's gate: untrusted critics do not decode; what they would give is reported beside
+                log.warning("evaluate: critics %s not used to decode the search_* read-outs: %s (their decoding "
+                            "is reported as critic_search_*)", critics_dir, gate)
+                metrics |= decode()
+                metrics |= {f"critic_{k}": v for k, v in decode(scorer=scorer).items()}
+        metrics["search_critics_gate"] = gate
     return {**metrics, "critics": None if critics_dir is None else str(critics_dir)}
 
 
@@ -243,7 +261,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         p.add_argument("--eval", default="data/eval.jsonl", help="Evaluation problems.")
         p.add_argument("--critics", default=None, metavar="DIR|none",
                        help="Critics for the read-outs and search decoding (a `critics` stage output, e.g. "
-                            "models/iter_<iter>/critics); default none: likelihood-scored search only.")
+                            "models/iter_<iter>/critics; they decode only if they pass critics.guide_min_auroc); "
+                            "default none: likelihood-scored search only.")
         p.add_argument("--part", default="all", choices=PARTS,
                        help="sample: greedy/pass@k/maj@k/critic read-outs; decode: eta-MCTS decoding; all: both.")
         p.add_argument("--metrics", default=None, help="Metrics JSON (default metrics/iter_<iter>.json, "

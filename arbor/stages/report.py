@@ -9,7 +9,9 @@ null in the summary.
 `metrics/summary.json` = `{"iterations": [{"iteration": k, <accuracy read-outs>, "eval_problems": n,
 "search_problems": n (search_pass1 reads the first n eval problems), "policy_forward_tokens": {stage: n},
 "critic_forward_tokens": {stage: n}, <critic AUROCs, pooled and within problem>, "diagnostics": {<the task's
-greedy error rates, Task.diagnostics>}, "wall_seconds": {stage: s}}, ...]}`.
+greedy error rates, Task.diagnostics>}, "wall_seconds": {stage: s}, "search_scorer": critics | likelihood,
+"critic_search_pass1": the critics' decoding when the gate kept them from scoring search_pass1, else null},
+...]}`.
 Plots (PNG, registered as `dvc plots` and logged to MLflow): accuracy per iteration; and trajectories and
 solve rate per problem against forward tokens per problem, tree (search_k over train problems, oracle reward)
 against chains (evaluate's k samples over eval problems) — different problem sets, so the controlled
@@ -51,16 +53,32 @@ def iteration_entry(metrics_dir: Path, k: int) -> dict[str, Any]:
     entry: dict[str, Any] = {"iteration": k, **{key: flat.get(key) for key in ACCURACY}}
     entry["eval_problems"] = per["iter"].get("eval_problems")  # search_pass1: the first search_problems of them
     entry["search_problems"] = per["decode"].get("search_problems", entry["eval_problems"])
+    decode = per["decode"]
+
+    def spent(key: str) -> int | None:  # the decode stage's tokens: its read-out's + the gated critics' decoding
+        vals = [v for v in (decode.get(key), decode.get(f"critic_{key}")) if isinstance(v, int)]
+        return sum(vals) if vals else None
+
     entry["policy_forward_tokens"] = {s: m.get("forward_tokens") for s, m in per.items()
                                       if isinstance(m.get("forward_tokens"), int)}
-    entry["policy_forward_tokens"]["decode"] = per["decode"].get("search_forward_tokens")
+    entry["policy_forward_tokens"]["decode"] = spent("search_forward_tokens")
     entry["critic_forward_tokens"] = {s: m["critic_forward_tokens"] for s, m in per.items()
                                       if isinstance(m.get("critic_forward_tokens"), int)}
+    if isinstance(per["iter"].get("rerank_critic_forward_tokens"), int):  # the critics' read-outs of the samples
+        entry["critic_forward_tokens"]["iter"] = per["iter"]["rerank_critic_forward_tokens"]
+    if spent("search_critic_forward_tokens") is not None:
+        entry["critic_forward_tokens"]["decode"] = spent("search_critic_forward_tokens")
     entry |= {key: per["critics"].get(key) for key in AUROCS}
     entry |= {f"{key}_within_problem": per["critics"].get(f"{key}_within_problem") for key in AUROCS}
     entry["diagnostics"] = {key: v for key, v in per["iter"].items() if key.startswith("greedy_") and
                             key != "greedy_pass1" and key != "greedy_forward_tokens"}  # Task.diagnostics
     entry["wall_seconds"] = {s: m.get("wall_seconds", m.get("search_wall_seconds")) for s, m in per.items()}
+    if decode.get("critic_search_wall_seconds") is not None:  # gated critics: both decodings ran
+        walls = entry["wall_seconds"]
+        walls["decode"] = (walls["decode"] or 0.0) + decode["critic_search_wall_seconds"]
+    # search_pass1's scorer (critics, or the likelihood when the critics fail the gate) and, then, the critics'
+    entry["search_scorer"] = decode.get("search_scorer")
+    entry["critic_search_pass1"] = decode.get("critic_search_pass1")
     search, sample = per["search"], per["iter"]
     n_s, n_e = max(1, search.get("problems", 0)), max(1, sample.get("eval_problems", 0))
     entry["tree_vs_chain"] = {
