@@ -217,8 +217,8 @@ class MlflowTracker:
             self._client.log_batch(self.run_id, params=items[i : i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        """Log the numeric values of `metrics` at `step`, in batches of 1000 (one SQLite transaction each; a
-        `log_metric` per key took ~10 ms, 4 s of a search stage's 400 values)."""
+        """Log the numeric values of `metrics` at `step`, in batches of 1000 (one SQLite transaction each: 400
+        values took 1.6 s as one `log_metric` per key, 0.07 s as one batch, on the idle 2-core box)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
