@@ -205,7 +205,8 @@ def test_critics_not_refreshed_are_critics_0_copied_and_verified(tmp_path, monke
 
 def test_search_decoding_obeys_the_gate_and_reports_the_critics_decoding_beside(world, tmp_path):
     """Critics below critics.guide_min_auroc do not decode (as they do not guide the training search): the
-    search_* read-outs equal the critic-free decoding, and the critics' decoding comes as critic_search_*."""
+    search_* read-outs equal the critic-free decoding; with evaluate.gated_critic_search the critics' decoding
+    comes beside it as critic_search_*."""
     import shutil
 
     from arbor.stages import evaluate
@@ -218,12 +219,17 @@ def test_search_decoding_obeys_the_gate_and_reports_the_critics_decoding_beside(
                                                            for k in ("value", "prm", "orm")}})
     args = {"policy_dir": world / "policy", "eval_file": world / "eval.jsonl", "part": "decode"}
     plain = evaluate.run(cfg, **args)
+    gated_only = evaluate.run(cfg, critics_dir=weak, **args)
+    assert not any(k.startswith("critic_search") for k in gated_only)  # default: no second decoding
+    cfg = load_config(None, {**FAST, "evaluate.search_problems": 2, "evaluate.search_simulations": 4,
+                             "evaluate.gated_critic_search": True})
     gated = evaluate.run(cfg, critics_dir=weak, **args)
     trusted = evaluate.run(cfg, critics_dir=strong, **args)
+    assert gated_only["search_critics_gate"] == gated["search_critics_gate"]
     assert "value 0.55, prm 0.55 < critics.guide_min_auroc 0.6" in gated["search_critics_gate"]
     assert gated["search_scorer"] == "likelihood" and gated["search_critic_forward_tokens"] == 0
     for k in ("search_pass1", "search_best_pass1", "search_forward_tokens", "search_stored_tokens"):
-        assert gated[k] == plain[k]
+        assert gated[k] == plain[k] == gated_only[k]
     assert gated["critic_search_scorer"] == "critics" and gated["critic_search_critic_forward_tokens"] > 0
     for k, v in trusted.items():  # trusted critics decode, as before the gate; nothing reported twice
         if k.startswith("search_") and k not in ("search_wall_seconds", "search_critics_gate"):

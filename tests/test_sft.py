@@ -48,3 +48,42 @@ def test_warmup_cosine_shape():
     f = warmup_cosine(10, 110, floor=0.1)
     assert f(0) == 0.1 and f(9) == 1.0
     assert np.isclose(f(60), 0.55) and np.isclose(f(110), 0.1) and np.isclose(f(500), 0.1)
+
+
+def _varied(rng):
+    return [int(rng.integers(100))], list(range(int(rng.integers(1, 40))))
+
+
+def _take(stream, n):
+    return [x for _, x in zip(range(n), iter(stream), strict=False)]
+
+
+def test_length_grouped_stream_regroups_the_same_draws_into_batches_of_similar_length():
+    length = lambda pc: len(pc[0]) + len(pc[1])  # noqa: E731
+    plain = _take(SampleStream(_varied, 5), 8 * 16)
+    grouped = _take(SampleStream(_varied, 5, batch_size=8, pool=4, length=length), 8 * 16)
+    for pool in range(4):  # each pool of 4 batches holds exactly the draws of the plain stream, regrouped
+        span = slice(pool * 32, (pool + 1) * 32)
+        assert sorted(map(str, grouped[span])) == sorted(map(str, plain[span]))
+    spread = lambda xs: np.mean([np.ptp([length(s) for s in xs[i:i + 8]]) for i in range(0, len(xs), 8)])  # noqa: E731
+    assert spread(grouped) < 0.4 * spread(plain)  # similar lengths within a batch: little padding
+    sizes = [sum(map(length, grouped[i:i + 8])) for i in range(0, 32, 8)]
+    assert sizes != sorted(sizes)  # the batches of a pool come in a shuffled order, not shortest first
+
+
+def test_length_grouped_stream_resumes_at_whole_batches_and_shards_by_rank(monkeypatch):
+    from arbor.train import strategy
+
+    length = lambda pc: len(pc[1])  # noqa: E731
+    full = _take(SampleStream(_varied, 9, batch_size=4, pool=3, length=length), 40)
+    assert _take(SampleStream(_varied, 9, 20, batch_size=4, pool=3, length=length), 20) == full[20:]
+    with np.testing.assert_raises(ValueError):
+        SampleStream(_varied, 9, 6, batch_size=4, pool=3, length=length)  # not a whole batch
+    one = _take(SampleStream(_varied, 9, batch_size=8, pool=3, length=length), 48)  # one process, batch 8
+    ranks = []
+    for r in (0, 1):
+        monkeypatch.setattr(strategy, "rank_and_world", lambda r=r: (r, 2))
+        ranks.append(_take(SampleStream(_varied, 9, batch_size=4, pool=3, length=length), 24))
+    for b in range(6):  # global batch b of two ranks = batch b of one process with twice the batch size
+        together = ranks[0][4 * b: 4 * b + 4] + ranks[1][4 * b: 4 * b + 4]
+        assert sorted(map(str, together)) == sorted(map(str, one[8 * b: 8 * b + 8]))

@@ -355,3 +355,18 @@ def test_gpu_preset_training_code_runs_on_cpu(workspace):
     before, after = _weights(workspace / "policy"), _weights(workspace / "out")
     assert all(w.dtype == torch.float32 for w in after.values())
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_every_objective_states_the_padded_width_its_items_need():
+    """`length(item)` (what `train.length_pool` sorts by) is the width `collate` pads the item to."""
+    from arbor.train import sft_best
+    from arbor.train.policy import OBJECTIVES
+
+    items = {"dpo": {"prefix": [1, 5, 6], "chosen": [7, 2], "rejected": [8, 9, 10, 2], "ref_chosen": 0.0,
+                     "ref_rejected": 0.0},
+             "grpo": {"prompt": [1, 5], "completion": [7, 8, 2], "advantage": 1.0, "ref": np.zeros(3)},
+             "sft_best": {"problem_id": "p", "prompt": [1, 5, 6, 7], "completion": [8, 2]}}
+    assert set(items) == set(OBJECTIVES) and OBJECTIVES["sft_best"] is sft_best
+    for name, mod in OBJECTIVES.items():
+        assert mod.length(items[name]) == mod.collate([items[name]], 0)["input_ids"].shape[1], name
+    assert dpo.length(items["dpo"]) == 7 and grpo.length(items["grpo"]) == 5

@@ -118,6 +118,8 @@ class BootstrapConfig:
                                         "(42-7=45); above 0.5 greedy decoding repeats the error.", min=0.0, max=1.0)
     max_steps: int = _f(800, "Optimizer steps of SFT from scratch.", **_COUNT)
     batch_size: int = _f(64, "Sequences per batch.", **_COUNT)
+    length_pool: int = _f(8, "Length grouping: batches drawn at a time, sorted by length and cut into batches of "
+                             "similar length (less padding; 1 = every batch drawn at random).", **_COUNT)
     lr: float = _f(3e-3, "Peak learning rate (AdamW, linear warm-up then cosine decay).", gt=0.0)
     warmup_steps: int = _f(100, "Warm-up steps.", min=0)
     weight_decay: float = _f(0.01, "AdamW weight decay.", min=0.0)
@@ -144,6 +146,10 @@ class EvaluateConfig:
                                           "(the budget left the best path unfinished) is completed by greedy "
                                           "decoding, so search_pass1 always reads an answer (false: it counts as "
                                           "wrong).")
+    gated_critic_search: bool = _f(False, "When the critics fail the gate (critics.guide_min_auroc) and search_* "
+                                          "is likelihood-scored, also decode with the critics and report that "
+                                          "as critic_search_* (a second decoding, ~3x the first's time on the "
+                                          "tiny default).")
 
 
 @dataclass

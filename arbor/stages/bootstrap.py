@@ -93,7 +93,9 @@ def train_from_scratch(cfg: ArborConfig, train_file: str | Path, tracker: Tracke
     start = resume.step if resume else 0
     if resume:
         log.info("bootstrap: resuming from %s (step %d of %d)", resume.path, start, b.max_steps)
-    loader = DataLoader(SampleStream(draw, seed, skip=start * b.batch_size), batch_size=b.batch_size,
+    stream = SampleStream(draw, seed, skip=start * b.batch_size, batch_size=b.batch_size, pool=b.length_pool,
+                          length=lambda pc: len(pc[0]) + len(pc[1]))
+    loader = DataLoader(stream, batch_size=b.batch_size,
                         collate_fn=lambda xs: collate_sft(xs, tok.pad_token_id))
     module = SFTModule(model, lr=b.lr, warmup_steps=b.warmup_steps, max_steps=b.max_steps,
                        weight_decay=b.weight_decay)

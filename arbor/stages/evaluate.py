@@ -13,8 +13,8 @@ forward tokens (`rerank_critic_forward_tokens`, `search_critic_forward_tokens`).
 
 Search decoding obeys the training search's gate (`critics.guide_min_auroc`, `CriticsConfig.guide_gate`):
 critics whose recorded held-out within-problem AUROC is below it do not decode; the `search_*` read-outs then
-use the likelihood scorer, the critics' own decoding is reported beside them as `critic_search_*`, and
-`search_critics_gate` says why (None: the critics decoded).
+use the likelihood scorer and `search_critics_gate` says why (None: the critics decoded); with
+`evaluate.gated_critic_search` the critics' own decoding is reported beside them as `critic_search_*`.
 """
 
 from __future__ import annotations
@@ -242,11 +242,12 @@ def run(cfg: ArborConfig, *, policy_dir: str | Path = "models/iter_0/policy",
             gate = cfg.critics.guide_gate(recorded_heldout(critics_dir))  # type: ignore[arg-type]
             if gate is None:
                 metrics |= decode(scorer=scorer)
-            else:  # the search's gate: untrusted critics do not decode; what they would give is reported beside
-                log.warning("evaluate: critics %s not used to decode the search_* read-outs: %s (their decoding "
-                            "is reported as critic_search_*)", critics_dir, gate)
+            else:  # the search's gate: untrusted critics do not decode (on request: their decoding beside)
+                log.warning("evaluate: critics %s not used to decode the search_* read-outs: %s%s", critics_dir, gate,
+                            " (their decoding is reported as critic_search_*)" if e.gated_critic_search else "")
                 metrics |= decode()
-                metrics |= {f"critic_{k}": v for k, v in decode(scorer=scorer).items()}
+                if e.gated_critic_search:
+                    metrics |= {f"critic_{k}": v for k, v in decode(scorer=scorer).items()}
         metrics["search_critics_gate"] = gate
     return {**metrics, "critics": None if critics_dir is None else str(critics_dir)}
 

@@ -138,7 +138,8 @@ def run(cfg: ArborConfig, *, prefs_dir: str | Path = "prefs/iter_1", policy_dir:
     steps = total_steps(t, len(items))
     start = time.perf_counter()
     summary = fit(obj.module(model, t, steps), items, lambda xs: obj.collate(xs, pad_id), t, steps=steps, seed=seed,
-                  device=cfg.device, checkpoint_dir=ckpt, logger=lightning_logger(tracker, cfg.tracking.experiment))
+                  device=cfg.device, checkpoint_dir=ckpt, logger=lightning_logger(tracker, cfg.tracking.experiment),
+                  length=obj.length)
     t_train = time.perf_counter() - start
     trained = summary.pop("model")  # `model` itself, or under FSDP its gathered weights (arbor/train/strategy.py)
     if summary.pop("global_zero"):

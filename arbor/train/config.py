@@ -32,6 +32,9 @@ class TrainConfig:
                             "= ceil(epochs * items / (batch_size * accumulate_grad_batches))).", gt=0.0)
     batch_size: int = _f(16, "Items (pairs, trajectories or paths) per micro-batch.", **COUNT)
     accumulate_grad_batches: int = _f(1, "Micro-batches per optimizer step (gradient accumulation).", **COUNT)
+    length_pool: int = _f(8, "Length grouping: micro-batches drawn at a time, sorted by item length and cut into "
+                             "micro-batches of similar length (less padding; 1 = every micro-batch drawn at random).",
+                          **COUNT)
     lr: float = _f(1e-5, "Peak learning rate (AdamW, linear warm-up then cosine decay to 0.1x). Fine-tuning "
                              "rate: 3e-4 broke the tiny default (README, #10).", gt=0.0)
     warmup_steps: int = _f(10, "Warm-up optimizer steps.", min=0)

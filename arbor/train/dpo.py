@@ -46,6 +46,11 @@ def training_items(pairs: pa.Table, trajectories: pa.Table, cfg: TrainConfig, eo
             for p, c, r in zip(d["prefix_ids"], d["chosen_ids"], d["rejected_ids"], strict=True)]
 
 
+def length(item: dict[str, Any]) -> int:
+    """Padded width the item needs in a batch (length grouping, `train.length_pool`)."""
+    return len(item["prefix"]) + max(len(item["chosen"]), len(item["rejected"]))
+
+
 def reference_sequences(items: Sequence[dict[str, Any]]) -> list[Seq]:
     """The sequences whose reference log-probs an item needs, in order: chosen, rejected of each item."""
     return [s for it in items for s in ((it["prefix"], it["chosen"]), (it["prefix"], it["rejected"]))]

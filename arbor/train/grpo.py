@@ -25,7 +25,7 @@ import torch
 
 from arbor.train.config import TrainConfig
 from arbor.train.logps import Seq, place, token_logps
-from arbor.train.sft import SFTModule, collate_sft
+from arbor.train.sft import SFTModule, collate_sft, prompt_completion_length
 
 
 def grpo_loss(logp: torch.Tensor, old: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor,
@@ -54,6 +54,9 @@ def training_items(pairs: pa.Table, trajectories: pa.Table, cfg: TrainConfig, eo
     return [{"prompt": p, "completion": c, "advantage": float(a)}
             for p, c, a in zip(d["prompt_ids"], d["completion_ids"], d["advantage"], strict=True)
             if len(c) and abs(a) > 1e-12]
+
+
+length = prompt_completion_length  # padded width of an item (length grouping, `train.length_pool`)
 
 
 def reference_sequences(items: Sequence[dict[str, Any]]) -> list[Seq]:

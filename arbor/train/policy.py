@@ -24,7 +24,8 @@ from arbor.train.config import TrainConfig
 OBJECTIVES: dict[str, ModuleType] = {"dpo": dpo, "grpo": grpo, "sft_best": sft_best}
 """`train.objective` -> its module. Each offers the same functions: `training_items(pairs, trajectories, cfg,
 eos_id)`, `reference_sequences(items)` (empty: no reference), `attach_reference(items, ref)`,
-`collate(items, pad_id)` and `module(model, cfg, max_steps)` (the Lightning module)."""
+`collate(items, pad_id)`, `length(item)` (its padded width: length grouping) and `module(model, cfg,
+max_steps)` (the Lightning module)."""
 
 
 def total_steps(cfg: TrainConfig, n_items: int) -> int:
@@ -34,11 +35,12 @@ def total_steps(cfg: TrainConfig, n_items: int) -> int:
 
 def fit(module: Any, items: list[dict[str, Any]], collate: Callable[..., dict[str, torch.Tensor]], cfg: TrainConfig,
         *, steps: int, seed: int, device: str = "cpu", checkpoint_dir: str | Path | None = None, logger: Any = False,
-        progress: bool = True) -> dict[str, Any]:
+        progress: bool = True, length: Callable[[dict[str, Any]], int] | None = None) -> dict[str, Any]:
     """Train `module` for `steps` optimizer steps on items drawn from a seeded stream; with `checkpoint_dir`
     (and `cfg.checkpoint_every` > 0) checkpoint there and resume from its newest intact checkpoint. The summary's
     `model` is the trained model to save on global rank 0 (None on other ranks; `train.strategy`:
-    arbor/train/strategy.py)."""
+    arbor/train/strategy.py). `length(item)`: with `cfg.length_pool` > 1, micro-batches group items of similar
+    length (`SampleStream`)."""
     import lightning as L
     from torch.utils.data import DataLoader
 
@@ -52,7 +54,9 @@ def fit(module: Any, items: list[dict[str, Any]], collate: Callable[..., dict[st
         callbacks.append(checkpoints.StepCheckpoint(checkpoint_dir, cfg.checkpoint_every))
     start = resume.step if resume else 0
     per_step = cfg.batch_size * cfg.accumulate_grad_batches
-    stream = SampleStream(lambda rng: items[int(rng.integers(len(items)))], seed, skip=start * per_step)
+    pool = cfg.length_pool if length is not None else 1
+    stream = SampleStream(lambda rng: items[int(rng.integers(len(items)))], seed, skip=start * per_step,
+                          batch_size=cfg.batch_size, pool=pool, length=length)
     loader = DataLoader(stream, batch_size=cfg.batch_size, collate_fn=collate)
     trainer = L.Trainer(max_steps=steps, **trainer_kwargs(cfg, device, getattr(module, "model", None)),
                         precision=cfg.precision, accumulate_grad_batches=cfg.accumulate_grad_batches,

@@ -36,6 +36,11 @@ def collate_sft(pairs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> di
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def prompt_completion_length(item: dict[str, Any]) -> int:
+    """Padded width of an item {"prompt": ids, "completion": ids, ...} in a `collate_sft` batch."""
+    return len(item["prompt"]) + len(item["completion"])
+
+
 class SampleStream(IterableDataset):
     """Endless samples from `draw(rng)`, seeded (Lightning's rollout-dataset idea), sharded by rank.
 
@@ -45,16 +50,31 @@ class SampleStream(IterableDataset):
     `num_workers=0`). `skip` starts each rank after that many of its own samples, so that training resumed from a
     checkpoint after `step` optimizer steps sees exactly the samples an uninterrupted run would:
     `skip = step * batch_size` (per rank).
+
+    Length grouping (`pool` > 1, as HF's `group_by_length`): the stream draws `pool` global batches
+    (`pool * batch_size * world` samples) at a time, sorts them by `length(sample)`, cuts the sorted run into
+    `pool` global batches of neighbours in length and yields those batches in a seeded random order (each rank
+    its share of each), so a batch pads to nearly its own length. The samples are the same draws; only their
+    grouping into batches changes (the batch order has its own seeded stream). A loader must then take
+    `batch_size` samples per batch, and `skip` must be a multiple of it (whole batches).
     """
 
-    def __init__(self, draw: Callable[[np.random.Generator], Any], seed: int, skip: int = 0) -> None:
+    def __init__(self, draw: Callable[[np.random.Generator], Any], seed: int, skip: int = 0, *,
+                 batch_size: int = 1, pool: int = 1, length: Callable[[Any], int] | None = None) -> None:
+        if pool > 1 and (length is None or skip % batch_size):
+            raise ValueError(f"SampleStream(pool={pool}): needs `length` and a skip ({skip}) that is a multiple "
+                             f"of batch_size ({batch_size})")
         self.draw, self.seed, self.skip = draw, seed, skip
+        self.batch_size, self.pool, self.length = batch_size, pool, length
 
     def __iter__(self) -> Iterator[Any]:
         from arbor.train.strategy import rank_and_world
 
         rank, world = rank_and_world()  # known only once the process group is up: read per iteration
         rng = np.random.default_rng(self.seed)
+        if self.pool > 1:
+            yield from self._grouped(rng, rank, world)
+            return
         for _ in range(self.skip * world):
             self.draw(rng)
         i = 0
@@ -63,6 +83,20 @@ class SampleStream(IterableDataset):
             if i % world == rank:
                 yield sample
             i += 1
+
+    def _grouped(self, rng: np.random.Generator, rank: int, world: int) -> Iterator[Any]:
+        width = self.batch_size * world  # one global batch
+        to_skip = self.skip // self.batch_size
+        order_rng = np.random.default_rng([self.seed, 1])  # its own stream: the draws stay the plain stream's
+        while True:
+            samples = [self.draw(rng) for _ in range(self.pool * width)]
+            order = sorted(range(len(samples)), key=lambda i: self.length(samples[i]))  # type: ignore[misc]
+            for j in order_rng.permutation(self.pool):
+                if to_skip:
+                    to_skip -= 1
+                    continue
+                batch = order[j * width: (j + 1) * width]
+                yield from (samples[i] for n, i in enumerate(batch) if n % world == rank)
 
 
 def warmup_cosine(warmup: int, total: int, floor: float = 0.1) -> Callable[[int], float]:

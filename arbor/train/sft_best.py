@@ -18,7 +18,7 @@ import torch
 
 from arbor.train.config import TrainConfig
 from arbor.train.logps import Seq
-from arbor.train.sft import SFTModule, collate_sft
+from arbor.train.sft import SFTModule, collate_sft, prompt_completion_length
 
 
 def best_paths(trajectories: pa.Table, *, min_reward: float, eos_id: int) -> list[dict[str, Any]]:
@@ -41,6 +41,9 @@ def best_paths(trajectories: pa.Table, *, min_reward: float, eos_id: int) -> lis
 def training_items(pairs: pa.Table, trajectories: pa.Table, cfg: TrainConfig, eos_id: int) -> list[dict[str, Any]]:
     """The best path of each problem (`best_paths` with `train.sft_min_reward`)."""
     return best_paths(trajectories, min_reward=cfg.sft_min_reward, eos_id=eos_id)
+
+
+length = prompt_completion_length  # padded width of an item (length grouping, `train.length_pool`)
 
 
 def reference_sequences(items: Sequence[dict[str, Any]]) -> list[Seq]:
