@@ -38,9 +38,10 @@ def select_step(parent, children_index, num_children, visits, value_sum, virtual
     distinct terminal leaves, the number of distinct leaves). A repeated leaf has its virtual loss reverted; a
     terminal leaf is backed up with its stored score (NaN as 0), which also removes its virtual loss."""
     leaves = np.empty(num_select, np.int32)
+    buf = np.empty((4, children_index.shape[1]), np.float64)
     for b in range(num_select):
         x = _select_one(children_index, num_children, visits, value_sum, virtual, prior, expanded, terminal, c, rule,
-                        vl_value)
+                        vl_value, buf)
         leaves[b] = x
         y = x
         while y != -1:

@@ -21,54 +21,44 @@ UCT = 0
 PUCT = 1
 
 
-@nb.njit(cache=True)
-def _uct(n, w, v, log_n_parent, c, vl_value):  # pragma: no cover - numba
-    """UCT of a child with N' = n visits (virtual included), W = w, v virtual losses; inf while unvisited.
-    A NaN Q (a NaN value was backed up) counts as 0."""
-    if n == 0:
-        return np.inf
-    q = (w - v * vl_value) / n
-    if np.isnan(q):
-        q = 0.0
-    return q + c * np.sqrt(log_n_parent / n)
-
-
-@nb.njit(cache=True)
-def _puct(n, w, v, p, sqrt_n_parent, c, vl_value):  # pragma: no cover - numba
-    """PUCT of a child with prior p; an unvisited child (and a NaN Q) has Q = 0."""
-    q = 0.0 if n == 0 else (w - v * vl_value) / n
-    if np.isnan(q):
-        q = 0.0
-    return q + c * p * sqrt_n_parent / (1.0 + n)
-
-
-@nb.njit(cache=True)
+@nb.njit(cache=True, error_model="numpy")
 def _select_one(children_index, num_children, visits, value_sum, virtual, prior, expanded, terminal, c, rule,
-                vl_value):  # pragma: no cover - numba
+                vl_value, buf):  # pragma: no cover - numba
     """Walk from the root to a leaf by the highest child score (ties and all-NaN scores: the earliest child).
 
-    One loop per rule, with the rule tested once per node: a per-child branch on `rule` made the loop 5x
-    slower (bench/kernels.py). The parent term (ln N(s) or sqrt N(s)) is computed once per node.
+    Per node: the children's statistics are gathered into `buf` (float64 [4, C], allocated once per call),
+    their scores computed in one branch-free loop (the module docstring's formulas; an unvisited child's UCT
+    is inf, a NaN Q counts as 0; the compiler can vectorize its divisions and square roots, and
+    error_model="numpy" lets a 0/0 through to be masked), then the first maximum taken. The parent term
+    (ln N(s) or sqrt N(s)) is computed once per node.
     """
+    nn, ww, vv, sc = buf[0], buf[1], buf[2], buf[3]
     node = 0
     while expanded[node] and not terminal[node] and num_children[node] > 0:
-        n_parent = visits[node] + virtual[node]
+        k = num_children[node]
         row = children_index[node]
-        best, best_score = row[0], -np.inf
+        for i in range(k):  # the scattered loads, once
+            ch = row[i]
+            nn[i] = visits[ch] + virtual[ch]
+            ww[i] = value_sum[ch]
+            vv[i] = virtual[ch]
+        n_parent = visits[node] + virtual[node]
         if rule == UCT:
             log_n = np.log(max(n_parent, 1))
-            for i in range(num_children[node]):
-                ch = row[i]
-                s = _uct(visits[ch] + virtual[ch], value_sum[ch], virtual[ch], log_n, c, vl_value)
-                if s > best_score:
-                    best, best_score = ch, s
+            for i in range(k):
+                q = (ww[i] - vv[i] * vl_value) / nn[i]
+                q = 0.0 if np.isnan(q) else q
+                sc[i] = np.inf if nn[i] == 0 else q + c * np.sqrt(log_n / nn[i])
         else:
             sqrt_n = np.sqrt(n_parent)
-            for i in range(num_children[node]):
-                ch = row[i]
-                s = _puct(visits[ch] + virtual[ch], value_sum[ch], virtual[ch], prior[ch], sqrt_n, c, vl_value)
-                if s > best_score:
-                    best, best_score = ch, s
+            for i in range(k):
+                q = (ww[i] - vv[i] * vl_value) / nn[i]
+                q = 0.0 if (nn[i] == 0 or np.isnan(q)) else q
+                sc[i] = q + c * prior[row[i]] * sqrt_n / (1.0 + nn[i])
+        best, best_score = row[0], -np.inf
+        for i in range(k):
+            if sc[i] > best_score:
+                best, best_score = row[i], sc[i]
         node = best
     return node
 
@@ -100,9 +90,10 @@ def select_leaves(parent, children_index, num_children, visits, value_sum, virtu
     int32[num_select] (a leaf may repeat when the tree is too small to spread the batch; callers de-duplicate).
     """
     out = np.empty(num_select, np.int32)
+    buf = np.empty((4, children_index.shape[1]), np.float64)
     for b in range(num_select):
         out[b] = _select_one(children_index, num_children, visits, value_sum, virtual, prior, expanded, terminal,
-                             c, rule, vl_value)
+                             c, rule, vl_value, buf)
         _add_virtual(parent, virtual, out[b], 1)
     return out
 
@@ -126,9 +117,10 @@ def simulate(parent, children_index, num_children, visits, value_sum, virtual, p
     The bookkeeping of a search without the model: what `bench/kernels.py` times against pure Python.
     """
     out = np.empty(values.shape[0], np.int32)
+    buf = np.empty((4, children_index.shape[1]), np.float64)
     for i in range(values.shape[0]):
         leaf = _select_one(children_index, num_children, visits, value_sum, virtual, prior, expanded, terminal, c,
-                           rule, vl_value)
+                           rule, vl_value, buf)
         _add_virtual(parent, virtual, leaf, 1)
         _backup_one(parent, visits, value_sum, virtual, leaf, values[i], True)
         out[i] = leaf
