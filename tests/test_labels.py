@@ -96,6 +96,30 @@ def test_extra_completions_fill_thin_nodes_and_count_for_ancestors(tree_table):
     assert lab["owner"][row[2]] == 5
 
 
+def test_extra_completions_call_the_policy_with_parents_in_order_of_length(tmp_path, monkeypatch):
+    """Parents are left-padded to the longest of their call: thin nodes are taken shortest path first (not tree by
+    tree), so a call's parents have similar lengths. The labels do not depend on the grouping."""
+    shallow = new_tree(4, 64, enc(PROMPT))
+    add_child(shallow, 0, enc("a\n"))  # p1: the root and node 1 have no terminal below (paths of 2 and 4 tokens)
+    write_trees(tmp_path / "part-0.parquet", [tree_rows("p0", hand_tree(), dec), tree_rows("p1", shallow, dec)])
+    table = read_tree_files([tmp_path / "part-0.parquet"])
+
+    def options(solution: str) -> list[str]:
+        return ["c\n"] if solution.endswith("b\n") else ["Answer: 1\n"]
+
+    world = StepWorld(options, prompt=PROMPT)
+    kw = {"min_completions": 2, "policy": world, "rewards": {"p0": reward, "p1": reward}}
+    whole = build_labels(table, **kw).to_pydict()
+    lengths: list[list[int]] = []
+    expand = world.expand
+    monkeypatch.setattr(world, "expand", lambda parents, *a, **k: lengths.append([len(p) for _, p in parents])
+                        or expand(parents, *a, **k))
+    one_by_one = build_labels(table, rows_per_call=1, **kw).to_pydict()
+    # p1's root (2 tokens), p0's node 2 and p1's node 1 (4), p0's node 5 (6): tree by tree would be 4, 6, 2, 4
+    assert lengths == [[2], [4], [4], [6]]
+    assert one_by_one == whole
+
+
 def test_completion_rows_label_each_extra_completion_step_by_its_outcome(tree_table):
     def options(solution: str) -> list[str]:
         return ["c\n"] if solution.endswith("b\n") else ["Answer: 1\n"]

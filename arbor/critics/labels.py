@@ -189,6 +189,8 @@ def extra_completions(trees: Sequence[TreeArrays], needs: Sequence[np.ndarray], 
     one (tree index, node, continuation, reward) per completion."""
     out = [(np.zeros(len(t), np.int64), np.zeros(len(t), np.int64), np.zeros(len(t), np.float64)) for t in trees]
     jobs = [(t, int(i), int(need[i])) for t, need in enumerate(needs) for i in np.flatnonzero(need > 0)]
+    # by path length: a call's parents are left-padded to its longest, so similar lengths waste little
+    jobs.sort(key=lambda job: int(trees[job[0]].tok_len[trees[job[0]].path(job[1])].sum()))
     stop = StopRule(at_newline=False, max_new_tokens=max_tokens, line_tokens=step_tokens,
                     final_line=is_terminal_step)
     chunk: list[tuple[int, int, int]] = []
