@@ -87,7 +87,8 @@ class CriticsConfig:
                                      "this (its `<kind>_auroc_within_problem`, recorded in the critics' manifest; "
                                      "0.5 = chance); otherwise inner nodes are valued as in search_0. Evaluate's "
                                      "search decoding uses them under the same rule (else the likelihood scorer; "
-                                     "theirs is reported as critic_search_*). 0 = always.",
+                                     "with evaluate.gated_critic_search theirs is reported beside it as "
+                                     "critic_search_*). 0 = always.",
                                 min=0.0, max=1.0)
     refresh: bool = _f(True, "Retrain the critics every iteration on its own trees (false: keep critics_0 for "
                              "every iteration, as AlphaLLM did).")

@@ -10,7 +10,8 @@ null in the summary.
 "search_problems": n (search_pass1 reads the first n eval problems), "policy_forward_tokens": {stage: n},
 "critic_forward_tokens": {stage: n}, <critic AUROCs, pooled and within problem>, "diagnostics": {<the task's
 greedy error rates, Task.diagnostics>}, "wall_seconds": {stage: s}, "search_scorer": critics | likelihood,
-"critic_search_pass1": the critics' decoding when the gate kept them from scoring search_pass1, else null},
+"critic_search_pass1": the critics' decoding when the gate kept them from scoring search_pass1 and
+`evaluate.gated_critic_search` asked for it, else null},
 ...]}`.
 Plots (PNG, registered as `dvc plots` and logged to MLflow): accuracy per iteration; and trajectories and
 solve rate per problem against forward tokens per problem, tree (search_k over train problems, oracle reward)
