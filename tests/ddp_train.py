@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from arbor.train.sft import SFTModule, collate_sft
+from arbor.train.sft import SFTModule, collate_sft, prompt_completion_length
 
 STEPS, SEED = 6, 3
 
@@ -65,8 +65,9 @@ def train(out: Path, *, strategy: str, devices: int | None, batch: int) -> None:
                           weight_decay=0.0)
     data = items(tok)
     assert {len(x["completion"]) for x in data} == {8}
+    # length grouping on (train.length_pool, default 8): the ranks share each grouped global batch
     fit(module, data, lambda xs: collate_sft([(x["prompt"], x["completion"]) for x in xs], tok.pad_token_id), cfg,
-        steps=STEPS, seed=SEED, device="cpu", progress=False)
+        steps=STEPS, seed=SEED, device="cpu", progress=False, length=prompt_completion_length)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
