@@ -73,7 +73,7 @@ def labels_for(args: argparse.Namespace, cfg: Any, n: int) -> Any:
     table = build_labels(trees, min_completions=c.min_completions, policy=policy, rewards=rewards,
                          completion_tokens=c.completion_tokens, step_tokens=cfg.search.eta.step_tokens,
                          seed=derive_seed(cfg.seed, "critics", 0), progress=True, completion_rows=True,
-                         hard_completions=c.min_completions)
+                         hard_completions=c.min_completions, estimate=c.label_estimate)
     if cache is not None:
         write_labels(cache, table)
     return table

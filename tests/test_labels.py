@@ -67,7 +67,7 @@ def test_mc_counts_and_owner_kernels_by_hand(tree_table):
 
 
 def test_labels_from_tree_only(tree_table):
-    lab = build_labels(tree_table).to_pydict()
+    lab = build_labels(tree_table, estimate="mean").to_pydict()
     assert lab["node"] == [0, 1, 2, 3, 4, 6]  # node 5 has no completion: unlabelled
     np.testing.assert_allclose(lab["value"], [2.01 / 3, 1.01 / 2, 1.0, 1.0, 0.01, 1.0], atol=1e-6)
     np.testing.assert_allclose(lab["prm_soft"], [2 / 3, 0.5, 1.0, 1.0, 0.0, 1.0], atol=1e-6)
@@ -85,7 +85,7 @@ def test_extra_completions_fill_thin_nodes_and_count_for_ancestors(tree_table):
         return ["c\n"] if solution.endswith("b\n") else ["Answer: 1\n"]
 
     world = StepWorld(options, prompt=PROMPT)
-    lab = build_labels(tree_table, min_completions=2, policy=world, rewards={"p0": reward}).to_pydict()
+    lab = build_labels(tree_table, min_completions=2, policy=world, rewards={"p0": reward}, estimate="mean").to_pydict()
     row = {n: i for i, n in enumerate(lab["node"])}
     # node 5 gets 2 extra completions (both correct), node 2 one more ("c\nAnswer: 1\n", correct); root none
     assert [lab["n_extra"][row[n]] for n in (0, 1, 2, 5)] == [0, 0, 1, 2]
@@ -158,9 +158,62 @@ def test_hard_label_from_a_fixed_number_of_completions(tree_table):
     freq = np.mean([hard_label(100, 10, 4, rng) for _ in range(4000)])
     assert abs(freq - 0.3484) < 0.03
     # the root (3 completions, 2 correct) and node 1 (2, 1) are drawn at N = 1; the rest have <= 1 completion
-    draws = [build_labels(tree_table, hard_completions=1, seed=s).to_pydict()["prm_hard"] for s in range(12)]
-    assert draws[0] == build_labels(tree_table, hard_completions=1, seed=0).to_pydict()["prm_hard"]  # seeded
+    draws = [build_labels(tree_table, hard_completions=1, seed=s, estimate="mean").to_pydict()["prm_hard"]
+             for s in range(12)]
+    assert draws[0] == build_labels(tree_table, hard_completions=1, seed=0, estimate="mean").to_pydict()["prm_hard"]
     assert all(d[2:] == [1.0, 1.0, 0.0, 1.0] for d in draws) and len({tuple(d[:2]) for d in draws}) > 1
+
+
+def priced_tree_table(tmp_path):
+    """`hand_tree` with the policy's step probabilities: 1 "a" 0.5, 2 "b" 0.3; 3 "Answer: 1" 0.9, 4 "Answer: 2"
+    0.1; 5 "c" 0.6, 6 "Answer: 1" 0.2 (a node's children need not hold all of its mass)."""
+    tree = new_tree(16, 256, enc(PROMPT))
+    for parent, text, p, terminal, r in [(0, "a\n", 0.5, False, np.nan), (0, "b\n", 0.3, False, np.nan),
+                                         (1, "Answer: 1\n", 0.9, True, 1.0), (1, "Answer: 2\n", 0.1, True, 0.01),
+                                         (2, "c\n", 0.6, False, np.nan), (2, "Answer: 1\n", 0.2, True, 1.0)]:
+        add_child(tree, parent, enc(text), log_prior=float(np.log(p)), terminal=terminal, reward=r)
+    write_trees(tmp_path / "priced.parquet", [tree_rows("p0", tree, dec)])
+    return read_tree_files([tmp_path / "priced.parquet"])
+
+
+def test_policy_estimate_weights_children_by_the_policys_step_probability(tmp_path):
+    """The default labels estimate the policy's success from a node: its valued children weighted by their step
+    probability, renormalised over them; extra completions stand for the unexplored mass. By hand."""
+    table = priced_tree_table(tmp_path)
+    lab = build_labels(table).to_pydict()
+    assert lab["node"] == [0, 1, 2, 3, 4, 6]
+    v1, v0 = 0.9 * 1.0 + 0.1 * 0.01, (0.5 * (0.9 + 0.1 * 0.01) + 0.3 * 1.0) / 0.8  # node 2: only 6 is valued
+    np.testing.assert_allclose(lab["value"], [v0, v1, 1.0, 1.0, 0.01, 1.0], atol=1e-6)
+    np.testing.assert_allclose(lab["prm_soft"], [(0.5 * 0.9 + 0.3) / 0.8, 0.9, 1.0, 1.0, 0.0, 1.0], atol=1e-6)
+    assert lab["n_completions"] == [3, 2, 1, 1, 1, 1]  # counts stay counts
+    mean = build_labels(table, estimate="mean").to_pydict()
+    assert mean["value"][0] == pytest.approx(2.01 / 3) and mean["value"][1] == pytest.approx(0.505)
+
+    def options(solution: str) -> list[str]:  # from "b": "c" then a wrong answer
+        return ["c\n"] if solution.endswith("b\n") else ["Answer: 2\n"] if solution.endswith("c\n") else ["?"]
+
+    world = StepWorld(options, prompt=PROMPT)
+    lab = build_labels(table, min_completions=2, policy=world, rewards={"p0": reward}).to_pydict()
+    row = {n: i for i, n in enumerate(lab["node"])}
+    assert [lab["n_extra"][row[n]] for n in (0, 1, 2, 5)] == [0, 0, 1, 2]
+    assert lab["value"][row[5]] == 0.0  # no child: the mean of its two (wrong) extra completions
+    # node 2: children 5 (0.6, V 0) and 6 (0.2, V 1) + (1 - 0.8) x its extra completion's mean (0)
+    assert lab["value"][row[2]] == pytest.approx(0.2)
+    assert lab["value"][row[0]] == pytest.approx((0.5 * v1 + 0.3 * 0.2) / 0.8)
+    with pytest.raises(ValueError, match="estimate='median'"):
+        build_labels(table, estimate="median")
+
+
+def test_policy_estimate_draws_hard_labels_as_n_policy_completions_would(tmp_path):
+    """prm_hard = any of N completions right, drawn with probability 1 - (1 - prm_soft)^N (seeded)."""
+    table = priced_tree_table(tmp_path)
+    draws = np.array([build_labels(table, hard_completions=2, seed=s).to_pydict()["prm_hard"] for s in range(400)])
+    assert (draws == build_labels(table, hard_completions=2, seed=7).to_pydict()["prm_hard"]).all(1)[7]  # seeded
+    np.testing.assert_array_equal(draws[:, 2:], np.tile([1.0, 1.0, 0.0, 1.0], (400, 1)))  # soft 1 or 0: sure
+    assert abs(draws[:, 1].mean() - (1 - 0.1 ** 2)) < 0.03  # node 1: soft 0.9, N = 2 -> 0.99
+    assert abs(draws[:, 0].mean() - (1 - (1 - 0.9375) ** 2)) < 0.03
+    one = np.array([build_labels(table, hard_completions=1, seed=s).to_pydict()["prm_hard"][1] for s in range(400)])
+    assert abs(one.mean() - 0.9) < 0.045  # N = 1: the soft label itself
 
 
 def test_split_is_by_problem_deterministic_and_complete():

@@ -35,6 +35,10 @@ class CriticsConfig:
     # labels (arbor/critics/labels.py)
     min_completions: int = _f(2, "Extra policy completions from a node with fewer terminal descendants than this "
                                  "(0 = labels from the trees only).", min=0)
+    label_estimate: str = _f("policy", "How a node's value and PRM labels are estimated on its tree: policy (its "
+                                       "children weighted by the policy's probability of their step: search "
+                                       "widens with forced unlikely siblings) | mean (plain mean of the "
+                                       "completions below). arbor/critics/labels.py.", choices=("policy", "mean"))
     completion_tokens: int = _f(96, "Longest extra completion, in tokens.", min=1)
     completion_rows: bool = _f(False, "Also train on each extra completion's steps and outcome (one-sample MC "
                                       "labels; several times the outcome labels, no extra policy compute).")

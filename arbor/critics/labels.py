@@ -3,17 +3,27 @@
 A node's *completions* are the terminal nodes below it (itself, if terminal) whose `reward` is known (the
 oracle reward written by `search`), plus extra policy completions sampled from the node where the tree gave it
 fewer than `min_completions` (a completion from a node is also one from each of its ancestors, so extras are
-added like virtual terminal children and summed upward). Per node, with n completions of rewards r_i:
+added like virtual terminal children and summed upward). Per node, the labels estimate what the *policy* gets
+from it (`estimate="policy"`, the default; `policy_values`):
 
-- value (MC return):   V(s) = mean_i r_i                                           -> value model (MSE/BCE)
-- Math-Shepherd soft:  prm_soft = (1/n) sum_i is_solved(r_i)                      -> PRM (BCE on soft labels)
-- Math-Shepherd hard:  prm_hard = 1 if any completion is_solved else 0; with `hard_completions` = N > 0, any of
-                       N of the node's completions drawn without replacement (seeded), as Math-Shepherd labels a
-                       step from a fixed N completions. Over all of them, a shallow node (many terminals below)
-                       would be positive far more often than a deep one of the same success rate: the label
-                       would measure the tree's shape (on the default trees the completion count alone ranks
-                       hard labels at AUROC 0.71).
+- value (MC return):   V(s) = the policy's expected outcome reward from s, estimated on the tree: children
+                       weighted by the policy's probability of their step, extra completions for the mass the
+                       tree has not explored                                    -> value model (MSE/BCE)
+- Math-Shepherd soft:  prm_soft = the same estimate of P(is_solved) from the node  -> PRM (BCE on soft labels)
+- Math-Shepherd hard:  prm_hard = 1 if any of N policy completions from the node would be right: drawn with
+                       probability 1 - (1 - prm_soft)^N, N = `hard_completions` (seeded); with N = 0, 1 if any
+                       completion in the tree is right.
 - outcome (terminals): orm = is_solved(reward)                                     -> ORM (BCE)
+
+Why not the plain mean over the n completions below (`estimate="mean"`: V = mean_i r_i, prm_soft = the
+fraction solved, prm_hard = any of N of them drawn without replacement, N = 0: any): search widens a node with
+steps sampled without replacement, so its children are the likely step plus forced unlikely ones, and the mean
+counts each forced wrong sibling as often as the likely step. On the tiny default's trees the mean labelled a
+node V >= 0.5 for 2.6% of nodes, and an all-correct step whose policy answers right nearly always read 1/8 (one
+right answer line beside 7 forced wrong ones); a perfect arithmetic checker ranked those labels at AUROC 0.63.
+Over all of a node's completions a shallow node (many terminals below) would also be hard-positive far more
+often than a deep one of the same success rate (on the default trees the completion count alone ranked the
+mean's hard labels at AUROC 0.71), hence N.
 
 `arbor.tasks.is_solved` is the one definition of correct. Nodes with no completion are left unlabelled.
 
@@ -59,6 +69,8 @@ LABEL_SCHEMA = pa.schema([
 ])
 
 SPLITS = ("train", "val", "heldout")
+ESTIMATES = ("policy", "mean")
+"""How a node's value and soft label are estimated on its tree (`policy_values` | plain mean of completions)."""
 
 
 @nb.njit(cache=True)
@@ -87,6 +99,63 @@ def mc_counts(parent, terminal, reward, solved, extra_n, extra_correct, extra_su
         correct[p] += correct[i]
         total[p] += total[i]
     return n, correct, total
+
+
+@nb.njit(cache=True)
+def policy_values(parent, log_prior, terminal, reward, extra_n, extra_sum):  # pragma: no cover - numba
+    """V [N] float64, the policy's expected outcome from each node estimated on the tree (NaN = no estimate).
+
+    Search widens a node with steps sampled *without replacement*, so a tree holds a node's likely step once
+    and as many forced unlikely siblings as it was widened; a plain mean over the terminals below counts each
+    forced sibling as often as the step the policy takes (on the tiny default a right last step with 7 forced
+    wrong answer lines below it reads 1/8). Here children count by the policy's probability of their step
+    instead, pi_a = exp(log_prior[a]):
+
+    - a scored terminal: its reward;
+    - an inner node with valued children a and no extra completions: sum_a pi_a V(a) / sum_a pi_a (the policy
+      renormalised over the explored steps; a running log-sum-exp, so a 40-token step at -120 nats does not
+      underflow, and children whose log-priors are all -inf weigh equally);
+    - with valued children and `extra_n[i]` > 0 extra completions sampled from the node (their reward sum
+      `extra_sum[i]`): sum_a pi_a V(a) + (1 - sum_a pi_a) * extra mean (the extras stand for the mass the
+      tree has not explored; clipped at 0);
+    - no valued child: the mean of its extra completions (NaN without any).
+
+    parent [N] int32 (parent[i] < i), log_prior [N] float64, terminal [N] bool, reward [N] float (NaN =
+    unscored), extra_n [N] int, extra_sum [N] float. With every log-prior 0 (each step certain), the second rule
+    is the plain mean over children, not over terminals.
+    """
+    n = parent.shape[0]
+    value = np.full(n, np.nan)
+    m = np.full(n, -np.inf)  # running max of the valued children's log-priors
+    s = np.zeros(n)  # sum of exp(log_prior - m)
+    w = np.zeros(n)  # sum of exp(log_prior - m) * V
+    count = np.zeros(n, np.int64)
+    for i in range(n - 1, -1, -1):  # children (higher index) are done before their parent
+        if terminal[i]:
+            if not np.isnan(reward[i]):
+                value[i] = reward[i]
+        elif count[i] > 0 and s[i] > 0:
+            if extra_n[i] > 0 and np.isfinite(m[i]):
+                mass = min(1.0, np.exp(m[i]) * s[i])
+                value[i] = np.exp(m[i]) * w[i] + (1.0 - mass) * extra_sum[i] / extra_n[i]
+            else:
+                value[i] = w[i] / s[i]
+        elif extra_n[i] > 0:
+            value[i] = extra_sum[i] / extra_n[i]
+        p = parent[i]
+        if p < 0 or np.isnan(value[i]):
+            continue
+        lp = log_prior[i] if np.isfinite(log_prior[i]) else -1e300  # -inf (underflowed): weight ~0
+        if lp > m[p]:
+            scale = np.exp(m[p] - lp) if np.isfinite(m[p]) else 0.0
+            s[p] *= scale
+            w[p] *= scale
+            m[p] = lp
+        e = np.exp(lp - m[p])
+        s[p] += e
+        w[p] += e * value[i]
+        count[p] += 1
+    return value
 
 
 @nb.njit(cache=True)
@@ -132,6 +201,7 @@ class TreeArrays:
         self.step_text = col("step_text").to_pylist()
         self.tok_start = col("tok_start").to_numpy().astype(np.int64)
         self.tok_len = col("tok_len").to_numpy().astype(np.int64)
+        self.log_prior = col("log_prior").to_numpy(zero_copy_only=False).astype(np.float64)
         self.tokens = np.asarray(col("tokens")[0].as_py(), np.int32)
         self.solved = np.array([is_solved(float(r)) for r in self.reward], np.bool_)
 
@@ -233,13 +303,22 @@ def hard_label(n: int, correct: int, hard_completions: int, rng: np.random.Gener
 
 def tree_labels(tree: TreeArrays, extra: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
                 decode: Callable[[Sequence[int]], str] | None = None, hard_completions: int = 0,
-                seed: int = 0) -> dict[str, list]:
+                seed: int = 0, estimate: str = "policy") -> dict[str, list]:
     """Label columns (LABEL_SCHEMA) of one tree's labelled nodes; `extra` = `extra_completions(...)`.
-    `decode` gives the prompt text of the root (default: the root row's step_text); `hard_completions`: see
-    the module docstring (draws seeded by `seed` and the problem id)."""
+    `decode` gives the prompt text of the root (default: the root row's step_text); `hard_completions` and
+    `estimate` (policy | mean): see the module docstring (draws seeded by `seed` and the problem id)."""
+    if estimate not in ESTIMATES:
+        raise ValueError(f"estimate={estimate!r}: expected one of {ESTIMATES}")
     n = len(tree)
     ex = extra or (np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.float64))
     cnt, correct, total = mc_counts(tree.parent, tree.terminal, tree.reward, tree.solved, *ex)
+    if estimate == "policy":
+        value = policy_values(tree.parent, tree.log_prior, tree.terminal, tree.reward, ex[0], ex[2])
+        soft = policy_values(tree.parent, tree.log_prior, tree.terminal, tree.solved.astype(np.float64), ex[0],
+                             ex[1].astype(np.float64))
+    else:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            value, soft = total / cnt, correct / cnt
     owner = path_owner(tree.parent)
     prompt = decode(tree.tokens[: tree.tok_len[0]].tolist()) if decode else tree.step_text[0]
     cols: dict[str, list] = {name: [] for name in LABEL_SCHEMA.names}
@@ -248,12 +327,14 @@ def tree_labels(tree: TreeArrays, extra: tuple[np.ndarray, np.ndarray, np.ndarra
     for i in np.flatnonzero(cnt > 0).tolist():
         path = tree.path(i)
         toks = tree.path_tokens(i)
-        soft = correct[i] / cnt[i]
+        if estimate == "policy" and hard_completions > 0:  # any of N policy completions right: 1 - (1 - p)^N
+            hard = float(rng.random() < 1.0 - (1.0 - float(soft[i])) ** hard_completions)
+        else:
+            hard = hard_label(int(cnt[i]), int(correct[i]), hard_completions, rng)
         row = {
             "problem_id": tree.problem_id, "node": i, "parent": int(tree.parent[i]), "depth": int(tree.depth[i]),
             "terminal": bool(tree.terminal[i]), "n_completions": int(cnt[i]), "n_extra": int(ex[0][i]),
-            "n_correct": int(correct[i]), "value": float(total[i] / cnt[i]), "prm_soft": float(soft),
-            "prm_hard": hard_label(int(cnt[i]), int(correct[i]), hard_completions, rng),
+            "n_correct": int(correct[i]), "value": float(value[i]), "prm_soft": float(soft[i]), "prm_hard": hard,
             "orm": float(tree.solved[i]) if tree.terminal[i] and not np.isnan(tree.reward[i]) else None,
             "prefix": "" if i == 0 else prompt + "".join(tree.step_text[m] for m in path[1:-1]),
             "step": prompt if i == 0 else tree.step_text[i],
@@ -295,13 +376,13 @@ def completion_labels(tree: TreeArrays, node: int, cont: Any, reward: float, fir
 def build_labels(trees: pa.Table, *, min_completions: int = 0, policy: Policy | None = None,
                  rewards: dict[str, Callable[[str], float]] | None = None, completion_tokens: int = 96,
                  step_tokens: int = 32, seed: int = 0, rows_per_call: int = 256, progress: bool = False,
-                 completion_rows: bool = False, hard_completions: int = 0) -> pa.Table:
+                 completion_rows: bool = False, hard_completions: int = 0, estimate: str = "policy") -> pa.Table:
     """The label table of every tree in `trees` (rows of arbor/mcts/treeio.py, any number of problems).
 
     With `min_completions` > 0, nodes with fewer completions in the tree get extra ones from `policy` (batched
     across problems), scored by `rewards[problem_id](solution text)` (the task's oracle reward); with
     `completion_rows` each of them also becomes labelled rows of its own; `hard_completions`: Math-Shepherd's
-    fixed N for the hard labels (module docstring).
+    fixed N for the hard labels; `estimate`: how values are estimated on a tree (module docstring).
     """
     if min_completions > 0 and (policy is None or rewards is None):
         raise ValueError("min_completions > 0 needs a policy and the problems' reward functions")
@@ -320,7 +401,7 @@ def build_labels(trees: pa.Table, *, min_completions: int = 0, policy: Policy | 
                                         max_tokens=completion_tokens, step_tokens=step_tokens, seed=seed,
                                         rows_per_call=rows_per_call, progress=progress, sink=sink))
     decode = policy.decode if policy is not None else None
-    parts = [tree_labels(t, e, decode=decode, hard_completions=hard_completions, seed=seed)
+    parts = [tree_labels(t, e, decode=decode, hard_completions=hard_completions, seed=seed, estimate=estimate)
              for t, e in zip(arrays, extras, strict=True)]
     if min_completions > 0 and completion_rows:
         from functools import lru_cache

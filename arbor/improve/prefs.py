@@ -41,7 +41,7 @@ import numba as nb
 import numpy as np
 import pyarrow as pa
 
-from arbor.critics.labels import TreeArrays, mc_counts
+from arbor.critics.labels import TreeArrays, mc_counts, policy_values
 from arbor.improve.config import PrefsConfig
 from arbor.mcts.tree import gather_path_tokens
 
@@ -71,7 +71,6 @@ class ScoredTree(TreeArrays):
         self.q = col("q").to_numpy(zero_copy_only=False).astype(np.float64)
         self.critic_score = col("critic_score").to_numpy(zero_copy_only=False).astype(np.float64)
         self.group = col("group").to_numpy().astype(np.int32)
-        self.log_prior = col("log_prior").to_numpy(zero_copy_only=False).astype(np.float64)
 
     def step_logp(self, per_token: bool = False) -> np.ndarray:
         """[N] log-probability of each node's step under the policy that grew the tree (`log_prior`), or with
@@ -93,8 +92,8 @@ def node_values(tree: ScoredTree, how: str, min_terminals: int = 1) -> tuple[np.
     z = np.zeros(len(tree), np.int64)
     n, _, total = mc_counts(tree.parent, tree.terminal, tree.reward, tree.solved, z, z, z.astype(np.float64))
     if how == "policy":
-        value = np.where(n >= min_terminals, policy_values(tree.parent, tree.log_prior, tree.terminal, tree.reward),
-                         np.nan)
+        v = policy_values(tree.parent, tree.log_prior, tree.terminal, tree.reward, z, z.astype(np.float64))
+        value = np.where(n >= min_terminals, v, np.nan)
     elif how == "mc":
         with np.errstate(invalid="ignore", divide="ignore"):
             value = np.where(n >= min_terminals, total / np.maximum(n, 1), np.nan)
@@ -105,40 +104,6 @@ def node_values(tree: ScoredTree, how: str, min_terminals: int = 1) -> tuple[np.
     else:
         raise ValueError(f"value={how!r}: expected one of policy, mc, q, critic")
     return value, n
-
-
-@nb.njit(cache=True)
-def policy_values(parent, log_prior, terminal, reward):  # pragma: no cover - numba
-    """V [N] float64: reward at scored terminals; elsewhere sum_a w_a V(a) / sum_a w_a over the children a with
-    a value, w_a = exp(log_prior[a]) (a running log-sum-exp, so a 40-token step at -120 nats does not underflow;
-    children whose log-priors are all -inf weigh equally); NaN where no child has a value. parent [N] int32
-    (parent[i] < i), log_prior [N] float64, terminal [N] bool, reward [N] float (NaN = unscored)."""
-    n = parent.shape[0]
-    value = np.full(n, np.nan)
-    m = np.full(n, -np.inf)  # running max of the valued children's log-priors
-    s = np.zeros(n)  # sum of exp(log_prior - m)
-    w = np.zeros(n)  # sum of exp(log_prior - m) * V
-    count = np.zeros(n, np.int64)
-    for i in range(n - 1, -1, -1):  # children (higher index) are done before their parent
-        if terminal[i]:
-            if not np.isnan(reward[i]):
-                value[i] = reward[i]
-        elif count[i] > 0:
-            value[i] = w[i] / s[i] if s[i] > 0 else np.nan
-        p = parent[i]
-        if p < 0 or np.isnan(value[i]):
-            continue
-        lp = log_prior[i] if np.isfinite(log_prior[i]) else -1e300  # -inf (underflowed): weight ~0
-        if lp > m[p]:
-            scale = np.exp(m[p] - lp) if np.isfinite(m[p]) else 0.0
-            s[p] *= scale
-            w[p] *= scale
-            m[p] = lp
-        e = np.exp(lp - m[p])
-        s[p] += e
-        w[p] += e * value[i]
-        count[p] += 1
-    return value
 
 
 @nb.njit(cache=True)

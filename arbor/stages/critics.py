@@ -159,7 +159,8 @@ def run(cfg: ArborConfig, *, trees_dir: str | Path, policy_dir: str | Path, trai
     seed = derive_seed(cfg.seed, "critics", iteration)
     labels = build_labels(trees, min_completions=c.min_completions, policy=policy, rewards=rewards,
                           completion_tokens=c.completion_tokens, step_tokens=cfg.search.eta.step_tokens, seed=seed,
-                          progress=True, completion_rows=c.completion_rows, hard_completions=c.min_completions)
+                          progress=True, completion_rows=c.completion_rows, hard_completions=c.min_completions,
+                          estimate=c.label_estimate)
     t_labels = time.perf_counter() - t0
     split = assign_splits(pids, heldout_fraction=c.heldout_fraction, val_fraction=c.val_fraction, seed=seed)
     parts, items = split_items(labels, split, c)
