@@ -30,6 +30,8 @@ from typing import Any
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
+    "frozen": {"freeze_backbone": True},
+    "finetune": {"freeze_backbone": False},
     "hard": {"prm_label": "hard"},
     "pairwise": {"prm_pairwise": True},
     "value_bce": {"value_loss": "bce"},
@@ -114,6 +116,21 @@ def ceiling(args: argparse.Namespace, cfg: Any, labels: Any, heldout: list[str],
             "prm_auroc": auroc(score[depth > 0], np.asarray(d["prm_hard"])[depth > 0] >= 0.5)}
 
 
+def seed_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (problems, variant) over its training seeds: the mean of each metric, and its standard
+    deviation in `<metric>_sd` for the AUROCs (ddof 1)."""
+    import numpy as np
+
+    out = []
+    for key in dict.fromkeys((r["problems"], r["variant"]) for r in rows):
+        group = [r for r in rows if (r["problems"], r["variant"]) == key]
+        mean = {k: float(np.nanmean([r[k] for r in group])) for k, v in group[0].items()
+                if isinstance(v, (int, float)) and k not in ("problems", "train_seed")}
+        sd = {f"{k}_sd": float(np.nanstd([r[k] for r in group], ddof=1)) for k in mean if k.endswith("auroc")}
+        out.append({"problems": key[0], "variant": key[1], "train_seed": f"mean of {len(group)}", **mean, **sd})
+    return out
+
+
 def splits(pids: list[str], n_heldout_pool: int, c: Any, seed: int) -> dict[str, str]:
     """Held-out problems chosen among the first `n_heldout_pool` (as the stage would for that many); the
     problems after them only ever train or validate."""
@@ -142,6 +159,8 @@ def main() -> None:
                     help="critics.<KEY> overrides applied to every variant (e.g. problems_per_batch=1).")
     ap.add_argument("--ceiling", type=int, default=0, help="Fresh completions per held-out node for the label-noise "
                                                           "ceiling (0 = skip).")
+    ap.add_argument("--seeds", type=int, default=1, help="Training seeds per variant (same labels and split): the "
+                                                        "spread of a critic's AUROC from training alone.")
     ap.add_argument("--name", default="critics", help="bench/results/<name>.json")
     args = ap.parse_args()
 
@@ -174,25 +193,30 @@ def main() -> None:
         for name in args.variants:
             c = dataclasses.replace(cfg.critics, **VARIANTS[name])
             parts, items = split_items(labels, split, c)
-            models = new_critics(base, shared=c.shared_backbone)
-            t0 = time.perf_counter()
-            summary = train_critics(models, items["train"], items["val"], c, seed=seed, progress=False)
-            metrics, _ = held_out_metrics(models, parts["heldout"], items["heldout"], c)
-            seen, seen_items = split_items(labels, {p: "heldout" for p, x in split.items() if x == "train"}, c)
-            fit, _ = held_out_metrics(models, seen["heldout"], seen_items["heldout"], c)  # tree nodes of train
-            metrics |= {f"train_{k}_auroc": fit[f"{k}_auroc"] for k in ("value", "prm", "orm")}
-            counts = label_counts(parts["train"])
-            rows.append({"problems": n, "variant": " ".join([name, *args.set]), **metrics,
-                         "train_seconds": time.perf_counter() - t0,
-                         "epochs": summary["critic_epochs"], "best_epoch": summary["critic_best_epoch"],
-                         "train_problems": counts["problems"], "heldout_problems": len(items["heldout"]),
-                         "train_value_n": counts["value_n"], "train_prm_n": counts["prm_n"],
-                         "train_orm_n": counts["orm_n"]})
-            print(table(rows[-1:], ["problems", "variant", "value_auroc", "prm_auroc", "orm_auroc", "train_value_auroc",
-                                    "train_prm_auroc", "train_orm_auroc", "train_seconds", "epochs"]), flush=True)
-    cols = ["problems", "variant", "value_auroc", "value_precision", "value_recall", "value_ece", "prm_auroc",
-            "prm_precision", "prm_recall", "prm_ece", "orm_auroc", "orm_precision", "orm_recall", "orm_ece",
-            "epochs", "train_seconds"]
+            for rep in range(args.seeds):  # training seeds: the split and the labels stay
+                models = new_critics(base, shared=c.shared_backbone)
+                t0 = time.perf_counter()
+                train_seed = seed + rep
+                summary = train_critics(models, items["train"], items["val"], c, seed=train_seed, progress=False)
+                metrics, _ = held_out_metrics(models, parts["heldout"], items["heldout"], c)
+                seen, seen_items = split_items(labels, {p: "heldout" for p, x in split.items() if x == "train"}, c)
+                fit, _ = held_out_metrics(models, seen["heldout"], seen_items["heldout"], c)  # tree nodes of train
+                metrics |= {f"train_{k}_auroc": fit[f"{k}_auroc"] for k in ("value", "prm", "orm")}
+                counts = label_counts(parts["train"])
+                rows.append({"problems": n, "variant": " ".join([name, *args.set]), "train_seed": train_seed,
+                             **metrics, "train_seconds": time.perf_counter() - t0,
+                             "epochs": summary["critic_epochs"], "best_epoch": summary["critic_best_epoch"],
+                             "train_problems": counts["problems"], "heldout_problems": len(items["heldout"]),
+                             "train_value_n": counts["value_n"], "train_prm_n": counts["prm_n"],
+                             "train_orm_n": counts["orm_n"]})
+                print(table(rows[-1:], ["problems", "variant", "train_seed", "value_auroc", "prm_auroc", "orm_auroc",
+                                        "train_value_auroc", "train_prm_auroc", "train_orm_auroc", "train_seconds",
+                                        "epochs"]), flush=True)
+    if args.seeds > 1:
+        rows += seed_summary(rows)
+    cols = ["problems", "variant", "train_seed", "value_auroc", "value_precision", "value_recall", "value_ece",
+            "prm_auroc", "prm_precision", "prm_recall", "prm_ece", "orm_auroc", "orm_precision", "orm_recall",
+            "orm_ece", "epochs", "train_seconds"]
     print(table(rows, cols))
     path = save(args.name, {"trees": args.trees, "policy": args.policy, "threads": args.threads,
                             "critics": dataclasses.asdict(cfg.critics), "rows": rows})

@@ -252,6 +252,37 @@ def test_each_critic_learns_a_planted_rule(char_tok, tmp_path, shared, one_threa
     assert cal.auroc(pred["orm"][term], np.asarray([x for x in d["orm"] if x is not None])) >= 0.9
 
 
+@pytest.mark.parametrize("arch,attn", [("llama", "sdpa"), ("llama", "eager"), ("gpt2", "sdpa")])
+def test_trie_packed_training_forward_equals_one_forward_per_path(char_tok, tmp_path, arch, attn, one_thread):
+    """`pack_problems` merges a problem's labelled paths into one token trie (each distinct prefix once) and
+    `collate` masks each token to its own path: the critic's logits at every labelled row equal those of the
+    row's path alone (uncached `score`); the trie holds fewer tokens than the paths; completion rows pack too."""
+    write_trees(tmp_path / "t.parquet", planted_trees(char_tok, 3, seed=4))
+    labels = build_labels(read_tree_files([tmp_path / "t.parquet"]))
+    base = tiny_model(char_tok, arch=arch, seed=2)
+    base.config._attn_implementation = attn
+    model = CriticModel.from_policy(base, ["value", "prm", "orm"]).eval()
+    model.backbone.config._attn_implementation = attn
+    items = pack_problems(labels)
+    tokens = labels.column("tokens").to_pylist()
+    assert sum(len(it["ids"]) for it in items) < sum(len(tokens[r]) for it in items for r in it["rows"]) / 2
+    batch = collate(items)
+    assert batch["attention_mask"].shape == (3, 1, batch["input_ids"].shape[1], batch["input_ids"].shape[1])
+    with torch.no_grad():
+        logits = model(batch["input_ids"], batch["attention_mask"], batch["positions"], batch["position_ids"])
+    for i, it in enumerate(items):
+        path = [tokens[r] for r in it["rows"]]
+        want = model.score(path, batch_size=1)
+        for k in model.kinds:
+            got = torch.sigmoid(logits[k][i, : len(path)]).numpy()
+            np.testing.assert_allclose(got, want[k], atol=2e-5, err_msg=f"{arch}/{attn} {k} problem {i}")
+    # a path that is a prefix of another shares its positions: the step end is a trie node, labelled there
+    it = items[0]
+    for j, r in enumerate(it["rows"]):
+        end = it["positions"][j]
+        assert it["position_ids"][end] == len(tokens[r]) - 1 and it["ids"][end] == tokens[r][-1]
+
+
 def test_frozen_backbone_trains_the_heads_only(char_tok, tmp_path, one_thread):
     write_trees(tmp_path / "t.parquet", planted_trees(char_tok, 6, seed=0))
     items = pack_problems(build_labels(read_tree_files([tmp_path / "t.parquet"])))

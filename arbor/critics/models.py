@@ -72,8 +72,11 @@ class CriticModel(nn.Module):
 
     def hidden(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: object | None = None,
                ) -> tuple[torch.Tensor, object]:
-        """Last hidden states [B, T, H] of `ids` [B, T] (full attention `mask` [B, past+T], `pos` [B, T]) and
-        the updated KV cache."""
+        """Last hidden states [B, T, H] of `ids` [B, T] (`mask`: full attention [B, past+T] of 0/1, or a 4D bool
+        [B, 1, T, T] with True = attend, e.g. a token trie's paths; `pos` [B, T]) and the updated KV cache."""
+        if mask.dim() == 4 and getattr(self.backbone.config, "_attn_implementation", "sdpa") == "eager":
+            mask = torch.zeros(mask.shape, dtype=self.backbone.dtype, device=mask.device).masked_fill(
+                ~mask, torch.finfo(self.backbone.dtype).min)  # eager attention adds its mask to the scores
         out = self.backbone(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
                             use_cache=cache is not None)
         return out.last_hidden_state, out.cache
@@ -82,18 +85,23 @@ class CriticModel(nn.Module):
         """{kind: logits [...]} of hidden states `h` [..., H] (heads in float32)."""
         return {k: self.heads[k](h.float()).squeeze(-1) for k in (kinds or self.kinds)}
 
-    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 positions: torch.Tensor) -> torch.Tensor:
-        """The backbone's last hidden states [B, P, H] of right-padded sequences [B, T] at `positions` [B, P]
-        (indices into T; padding entries may point anywhere and are masked by the caller)."""
-        pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        h, _ = self.hidden(input_ids, attention_mask, pos)
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The backbone's last hidden states [B, P, H] at `positions` [B, P] (indices into T; padding entries may
+        point anywhere and are masked by the caller) of sequences [B, T]: right-padded with a 2D
+        `attention_mask` [B, T] (positions counted from it), or token tries (arbor/train/critic.py
+        `pack_problems`) with a 4D bool mask [B, 1, T, T] and their `position_ids` [B, T]."""
+        if position_ids is None:
+            if attention_mask.dim() != 2:
+                raise ValueError("a 4D attention mask needs position_ids")
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        h, _ = self.hidden(input_ids, attention_mask, position_ids)
         return h.gather(1, positions[..., None].expand(-1, -1, h.shape[-1]))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                positions: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Training forward: {kind: logits [B, P]} of the heads on `features` (same arguments)."""
-        return self.head_logits(self.features(input_ids, attention_mask, positions))
+        return self.head_logits(self.features(input_ids, attention_mask, positions, position_ids))
 
     @torch.inference_mode()
     def score(self, sequences: Sequence[Sequence[int]], kinds: Sequence[str] | None = None,
