@@ -16,7 +16,7 @@ Losses, each a mean over the labelled positions of its kind, summed over kinds (
 - ORM: BCE(logit, is_solved) at terminals.
 Three separate critics train side by side in one module (one optimizer, summed losses), a shared backbone
 with three heads the same way. `freeze_backbone`: only the heads learn (linear probes of the policy's hidden
-states; on the tiny default's 38 training problems fine-tuning the body memorised problems instead). `lora`
+states; the tiny default fine-tunes the body, 0.1 higher held-out AUROC: arbor/critics/config.py). `lora`
 (`freeze_backbone: false`): LoRA adapters on each frozen backbone train at `lr` beside the heads, and are merged
 into the backbone when training ends (arbor/lm/lora.py). The weights of the epoch with the lowest validation
 loss are restored at the end.
