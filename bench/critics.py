@@ -3,21 +3,23 @@
     python -m bench.critics --trees trees/iter_0 --policy models/iter_0/policy --threads 1 \
         [--problems 64 128] [--variants default hard pairwise separate shared_3x]
 
-Labels (MC / Math-Shepherd, with the extra completions of `critics.min_completions`) are built once from the
-first max(--problems) searched problems (cached in `--labels` when given). The held-out problems are those
-`assign_splits` holds out among the first min(--problems) problems, for every row, so rows differ only in the
-training labels (more problems) or the training choice (variant). Each row trains the critics from the policy
-(arbor/stages/critics.py helpers) and reports held-out AUROC / precision / recall / ECE per critic, the epochs,
-the training seconds and the AUROCs on the training problems (over- or under-fitting). `separate` costs 3x the
-backbone compute of `shared` per epoch; `shared_3x` gives the shared backbone that compute (3x the epochs and
-patience). Writes bench/results/<--name>.json and prints a table. `--trees` may be a finished or a
-still-running search output (committed problems only).
+Labels (MC / Math-Shepherd as `critics.label_estimate` estimates them, with the extra completions of
+`critics.min_completions`) are built once from the first max(--problems) searched problems (cached in
+`--labels` when given: one file per estimate, `<stem>.<estimate>.parquet`). `--seeds N` trains each variant
+with N training seeds (same labels and split) and adds a row with their mean and standard deviations. The
+held-out problems are those `assign_splits` holds out among the first min(--problems) problems, for every row,
+so rows differ only in the training labels (more problems) or the training choice (variant). Each row trains
+the critics from the policy (arbor/stages/critics.py helpers) and reports held-out AUROC / precision / recall
+/ ECE per critic, the epochs, the training seconds and the AUROCs on the training problems (over- or under-
+fitting). `separate` costs 3x the backbone compute of `shared` per epoch; `shared_3x` gives the shared
+backbone that compute (3x the epochs and patience). Writes bench/results/<--name>.json and prints a table.
+`--trees` may be a finished or a still-running search output (committed problems only).
 
 `--ceiling N`: what a perfect critic could reach against these labels. The labels are Monte Carlo estimates
-from few completions (a hard label is 1 when any of ~`min_completions` completions is right), so even a critic
-that knew each node's true success rate p(s) ranks them imperfectly. N fresh completions from every held-out
-inner node estimate p(s); the row `ceiling` reports AUROC(p_hat, label) for value and PRM (the ORM's labels are
-exact). The estimate is itself noisy (N samples), so it sits below the true ceiling.
+from few completions (a hard label is 1 when any of `min_completions` policy completions would be right), so
+even a critic that knew each node's true success rate p(s) ranks them imperfectly. N fresh completions from
+every held-out inner node estimate p(s); the row `ceiling` reports AUROC(p_hat, label) for value and PRM (the
+ORM's labels are exact). The estimate is itself noisy (N samples), so it sits below the true ceiling.
 """
 
 from __future__ import annotations
@@ -59,7 +61,10 @@ def labels_for(args: argparse.Namespace, cfg: Any, n: int) -> Any:
     from arbor.pipeline.seeds import derive_seed
     from arbor.tasks import build_task, read_problems
 
-    cache = Path(args.labels) if args.labels else None
+    cache = None
+    if args.labels:  # one cache per estimate: a cached policy-estimate table must not answer for `mean`
+        path = Path(args.labels)
+        cache = path.with_name(f"{path.name.removesuffix('.parquet')}.{cfg.critics.label_estimate}.parquet")
     if cache is not None and cache.exists():
         table = pq.read_table(cache)
         if len(set(table.column("problem_id").to_pylist())) >= n:

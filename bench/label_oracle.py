@@ -5,7 +5,7 @@
 For every labelled node of a `critics` stage output (`labels/<split>.parquet`), the oracle feature is 1 when
 every `a op b = c` step of the node's text so far is arithmetically right (`Task.diagnostics`:
 `step_error_rate == 0`; the synthetic task), else 0. Reported: the AUROC of that feature against each critic's
-binary label (value: MC value >= 0.5; PRM: Math-Shepherd hard label, steps only; ORM: correct, terminals),
+binary label (value: the value label >= 0.5; PRM: Math-Shepherd hard label, steps only; ORM: correct, terminals),
 pooled and within problems (`calibration.grouped_auroc`), and the label rates with and without correct steps.
 A critic that learnt exactly "are the steps so far right" would score these AUROCs, so they bound what step
 checking alone can reach against labels that also carry the policy's future failures (value, PRM) and wrong

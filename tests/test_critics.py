@@ -252,22 +252,48 @@ def test_each_critic_learns_a_planted_rule(char_tok, tmp_path, shared, one_threa
     assert cal.auroc(pred["orm"][term], np.asarray([x for x in d["orm"] if x is not None])) >= 0.9
 
 
-@pytest.mark.parametrize("arch,attn", [("llama", "sdpa"), ("llama", "eager"), ("gpt2", "sdpa")])
-def test_trie_packed_training_forward_equals_one_forward_per_path(char_tok, tmp_path, arch, attn, one_thread):
+def with_completion_rows(labels):
+    """`labels` plus two completion-like rows (node < 0): a terminal row's path extended by two tokens, and that
+    path without its last token (a row whose path is a prefix of another's)."""
+    import pyarrow as pa
+
+    from arbor.critics.labels import LABEL_SCHEMA
+
+    d = labels.to_pydict()
+    r = d["terminal"].index(True)
+    extra = {k: [v[r], v[r]] for k, v in d.items()}
+    long = [*d["tokens"][r], 40, 41]
+    extra.update(node=[-1, -2], parent=[-1, -2], owner=[-1, -1], tokens=[long, long[:-1]], orm=[None, 1.0])
+    return pa.concat_tables([labels, pa.table(extra, schema=LABEL_SCHEMA)])
+
+
+@pytest.mark.parametrize("arch,attn,max_tokens", [("llama", "sdpa", 4096), ("llama", "eager", 4096),
+                                                   ("gpt2", "sdpa", 4096), ("llama", "sdpa", 40)])
+def test_trie_packed_training_forward_equals_one_forward_per_path(char_tok, tmp_path, arch, attn, max_tokens,
+                                                                  one_thread):
     """`pack_problems` merges a problem's labelled paths into one token trie (each distinct prefix once) and
     `collate` masks each token to its own path: the critic's logits at every labelled row equal those of the
-    row's path alone (uncached `score`); the trie holds fewer tokens than the paths; completion rows pack too."""
+    row's path alone (uncached `score`); the trie holds fewer tokens than the paths; completion rows (node < 0)
+    pack too; with a small `max_tokens` a problem becomes several tries of at most that many tokens, every row
+    in exactly one."""
     write_trees(tmp_path / "t.parquet", planted_trees(char_tok, 3, seed=4))
-    labels = build_labels(read_tree_files([tmp_path / "t.parquet"]))
+    labels = with_completion_rows(build_labels(read_tree_files([tmp_path / "t.parquet"])))
     base = tiny_model(char_tok, arch=arch, seed=2)
     base.config._attn_implementation = attn
     model = CriticModel.from_policy(base, ["value", "prm", "orm"]).eval()
     model.backbone.config._attn_implementation = attn
-    items = pack_problems(labels)
+    items = pack_problems(labels, max_tokens=max_tokens)
     tokens = labels.column("tokens").to_pylist()
-    assert sum(len(it["ids"]) for it in items) < sum(len(tokens[r]) for it in items for r in it["rows"]) / 2
+    assert sorted(r for it in items for r in it["rows"]) == list(range(labels.num_rows))
+    if max_tokens < 100:
+        assert len(items) > 6 and max(len(it["ids"]) for it in items) <= max_tokens
+        assert sum(len(it["ids"]) for it in pack_problems(labels)) < sum(len(it["ids"]) for it in items)
+    else:
+        assert len(items) == 3
+        assert sum(len(it["ids"]) for it in items) < sum(len(tokens[r]) for it in items for r in it["rows"]) / 2
     batch = collate(items)
-    assert batch["attention_mask"].shape == (3, 1, batch["input_ids"].shape[1], batch["input_ids"].shape[1])
+    t = batch["input_ids"].shape[1]
+    assert batch["attention_mask"].shape == (len(items), 1, t, t)
     with torch.no_grad():
         logits = model(batch["input_ids"], batch["attention_mask"], batch["positions"], batch["position_ids"])
     for i, it in enumerate(items):
@@ -422,12 +448,14 @@ def test_stage_trains_the_same_critics_whatever_ran_before(char_tok, tmp_path, o
     trees, policy_dir, train = stage_inputs(char_tok, tmp_path)
     cfg = ArborConfig(tracking=TrackingConfig(enabled=False))
     crit = CriticsConfig(max_epochs=1, min_completions=2, completion_tokens=6)
+    assert not crit.freeze_backbone  # the default trains the body too: it must match as well
     heads = []
     for i in range(2):
         torch.manual_seed(1000 + i)  # whatever ran before the stage
         run(cfg, trees_dir=trees, policy_dir=policy_dir, train_file=train, out_dir=tmp_path / f"c{i}", critics=crit)
-        heads.append(load_file(tmp_path / f"c{i}" / "shared" / HEADS_FILE))
-    assert heads[0].keys() == heads[1].keys()
+        heads.append(load_file(tmp_path / f"c{i}" / "shared" / HEADS_FILE)
+                     | load_file(tmp_path / f"c{i}" / "shared" / "model.safetensors"))
+    assert heads[0].keys() == heads[1].keys() and any("layers" in k or "h." in k for k in heads[0])
     assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
 
 

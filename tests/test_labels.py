@@ -204,6 +204,16 @@ def test_policy_estimate_weights_children_by_the_policys_step_probability(tmp_pa
         build_labels(table, estimate="median")
 
 
+def test_policy_estimate_leaves_unscored_terminals_out_of_both_labels(tmp_path):
+    """A terminal without a reward is no completion: it weighs in neither V nor the soft label (not a failure)."""
+    tree = new_tree(8, 64, enc(PROMPT))
+    for text, p, r in [("Answer: 1\n", 0.6, 1.0), ("Answer: 3\n", 0.3, np.nan)]:
+        add_child(tree, 0, enc(text), log_prior=float(np.log(p)), terminal=True, reward=r)
+    write_trees(tmp_path / "u.parquet", [tree_rows("p0", tree, dec)])
+    lab = build_labels(read_tree_files([tmp_path / "u.parquet"])).to_pydict()
+    assert lab["node"] == [0, 1] and lab["value"] == [1.0, 1.0] and lab["prm_soft"] == [1.0, 1.0]
+
+
 def test_policy_estimate_draws_hard_labels_as_n_policy_completions_would(tmp_path):
     """prm_hard = any of N completions right, drawn with probability 1 - (1 - prm_soft)^N (seeded)."""
     table = priced_tree_table(tmp_path)

@@ -46,10 +46,11 @@ class CriticsConfig:
                                        "problem, never by node).", gt=0.0, max=0.9)
     val_fraction: float = _f(0.15, "Fraction of the remaining problems used for early stopping.", gt=0.0, max=0.9)
     # models (arbor/critics/models.py)
-    shared_backbone: bool = _f(True, "One backbone with three heads (true: one forward per path trains and scores "
-                                     "all three) or three separate models (false: 3x the compute).")
+    shared_backbone: bool = _f(True, "One backbone with three heads (true: one forward per token trie trains "
+                                     "and scores all three) or three separate models (false: 3x the compute).")
     # training (arbor/train/critic.py)
-    prm_label: str = _f("soft", "PRM target: soft (fraction of completions correct) | hard (any correct).",
+    prm_label: str = _f("soft", "PRM target: soft (the estimated chance that a completion from the step is "
+                                  "right, label_estimate) | hard (any of N completions right).",
                         choices=("soft", "hard"))
     value_loss: str = _f("mse", "Value loss on the MC value: mse | bce (soft targets).", choices=("mse", "bce"))
     prm_loss: str = _f("bce", "PRM loss on step labels: bce | mse.", choices=("bce", "mse"))
@@ -59,9 +60,14 @@ class CriticsConfig:
                             gt=0.0, max=1.0)
     max_epochs: int = _f(5, "Most training epochs (early stopping on the validation problems ends sooner). Tiny "
                             "default, fine-tuned body: 5 epochs (patience 2) gave held-out AUROC value/PRM/ORM "
-                            "0.698/0.679/0.737 in 31 s against 0.686/0.669/0.707 in 57 s for 10 (patience 3), "
-                            "means of 3 training seeds (bench/results/critics_finetune_5epochs.json).", min=1)
+                            "0.698/0.679/0.737 in 31 s, 10 (patience 3) 0.686/0.669/0.707 in 57 s: means of 3 "
+                            "training seeds, differences within their spread (sd 0.01-0.03; bench/results/"
+                            "critics_finetune_5epochs.json, critics_labels_policy.json).", min=1)
     patience: int = _f(2, "Epochs without a better validation loss before stopping.", min=1)
+    max_trie_tokens: int = _f(4096, "Most tokens in one training sequence: a problem's labelled paths are merged "
+                                     "into one token trie (each distinct prefix once, attention masked to its own "
+                                     "path: a [T, T] mask); a larger trie is cut into tries of whole subtrees.",
+                              min=1)
     problems_per_batch: int = _f(4, "Problems per training batch (a problem's packed paths stay together, so "
                                     "sibling pairs share a batch).", min=1)
     freeze_backbone: bool = _f(False, "Train the scalar heads only (true: linear probes of the policy's hidden "
@@ -70,9 +76,10 @@ class CriticsConfig:
                                       "ORM 0.587/0.581/0.596 frozen (8 s) vs 0.686/0.669/0.707 fine-tuned (57 s, 10 "
                                       "epochs; bench/results/critics_labels_policy.json).")
     gradient_checkpointing: bool = _f(False, "Recompute the backbone's activations in the backward pass instead of "
-                                             "keeping them (body fine-tuning or LoRA): a batch holds every path "
-                                             "of `problems_per_batch` problems, so kept activations grow with all "
-                                             "their tokens (SmolLM2-135M, 4 problems: 18.7 GB peak RSS).")
+                                             "keeping them (body fine-tuning or LoRA): a batch holds the token "
+                                             "tries of `problems_per_batch` problems, so kept activations grow with "
+                                             "all their tokens (SmolLM2-135M, 4 problems as one sequence per path, "
+                                             "before token tries: 18.7 GB peak RSS).")
     lr: float = _f(3e-4, "AdamW learning rate of the backbone (3e-4 beat 1e-3 on held-out AUROC, tiny default).",
                    gt=0.0)
     head_lr: float = _f(1e-2, "AdamW learning rate of the scalar heads.", gt=0.0)

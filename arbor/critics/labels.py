@@ -18,28 +18,36 @@ from it (`estimate="policy"`, the default; `policy_values`):
 Why not the plain mean over the n completions below (`estimate="mean"`: V = mean_i r_i, prm_soft = the
 fraction solved, prm_hard = any of N of them drawn without replacement, N = 0: any): search widens a node with
 steps sampled without replacement, so its children are the likely step plus forced unlikely ones, and the mean
-counts each forced wrong sibling as often as the likely step. On the tiny default's trees the mean labelled a
-node V >= 0.5 for 2.6% of nodes, and an all-correct step whose policy answers right nearly always read 1/8 (one
-right answer line beside 7 forced wrong ones); a perfect arithmetic checker ranked those labels at AUROC 0.63.
-Over all of a node's completions a shallow node (many terminals below) would also be hard-positive far more
-often than a deep one of the same success rate (on the default trees the completion count alone ranked the
-mean's hard labels at AUROC 0.71), hence N.
+counts each forced wrong sibling as often as the likely step. On the tiny default's trees_0 (256 problems,
+14,141 labelled nodes) the mean put 4.3% of nodes at V >= 0.5, the policy estimate 8.7%; an all-right last
+step (`24-1=23`, train-000006 node 19) read 1/8 by the mean (its right answer line beside forced wrong ones)
+and 0.9986 by the policy estimate. Over all of a node's completions a shallow node (many terminals below)
+would also be hard-positive far more often than a deep one of the same success rate (on the default trees
+the completion count alone ranked the mean's hard labels at AUROC 0.71), hence N.
+
+When the policy estimate fits: steps short enough that a node's few likely steps hold most of the policy's
+mass (the tiny default: a step is a line like `12-3=9`). With a real model's longer steps each step's
+probability is tiny (SmolLM2's 12-token steps: median token probability 0.44, about e^-10 a step), the
+renormalised weights pick out one child, and extras would
+outweigh the tree; there sampling without replacement rarely forces anything (two samples of a long step
+seldom coincide), so the plain mean is the estimate to use: the real-model presets set
+`critics.label_estimate: mean`.
 
 `arbor.tasks.is_solved` is the one definition of correct. Nodes with no completion are left unlabelled.
 
 One row per labelled node: problem_id, node, parent, depth, terminal, n_completions, n_extra, n_correct,
 value, prm_soft, prm_hard, orm (null off terminals), prefix (text before the step: prompt + earlier steps),
 step (the node's step text; the prompt for the root), prefix_len (tokens before the step), tokens (every token
-id from the prompt through the step) and owner. `owner` packs the labels into few sequences for training:
-each node is owned by the leaf reached by following first children, so the owner's token path contains the
-node's and every node is labelled in exactly one sequence (`path_owner`). Label sets are parquet, open with
+id from the prompt through the step) and owner (the leaf reached by following first children, whose token
+path contains the node's: `path_owner`; training packs a problem's paths into one token trie instead,
+arbor/train/critic.py). Label sets are parquet, open with
 `datasets.load_dataset("parquet", data_files=...)`, and are split by problem (`assign_splits`), never by node.
 
 Completion rows (`build_labels(completion_rows=True)`): the extra completions are whole solutions with a known
 outcome, so each can also train the critics directly: one row per step of the completion (split as the tree
 splits steps, `step_ends`), node = a negative id (never a tree node), value = prm_soft = prm_hard = its outcome
 (a one-sample Monte Carlo label: unbiased, noisy), orm at its last step; the rows of one completion share one
-owner (one training sequence) and each row is its own parent (no sibling pairs). They multiply the outcome
+owner and each row is its own parent (no sibling pairs). They multiply the outcome
 labels several times at no extra policy compute; metrics are only ever taken on tree nodes (node >= 0).
 """
 
@@ -117,7 +125,7 @@ def policy_values(parent, log_prior, terminal, reward, extra_n, extra_sum):  # p
       underflow, and children whose log-priors are all -inf weigh equally);
     - with valued children and `extra_n[i]` > 0 extra completions sampled from the node (their reward sum
       `extra_sum[i]`): sum_a pi_a V(a) + (1 - sum_a pi_a) * extra mean (the extras stand for the mass the
-      tree has not explored; clipped at 0);
+      tree has not explored);
     - no valued child: the mean of its extra completions (NaN without any).
 
     parent [N] int32 (parent[i] < i), log_prior [N] float64, terminal [N] bool, reward [N] float (NaN =
@@ -135,10 +143,10 @@ def policy_values(parent, log_prior, terminal, reward, extra_n, extra_sum):  # p
             if not np.isnan(reward[i]):
                 value[i] = reward[i]
         elif count[i] > 0 and s[i] > 0:
-            if extra_n[i] > 0 and np.isfinite(m[i]):
-                mass = min(1.0, np.exp(m[i]) * s[i])
+            mass = np.exp(m[i]) * s[i]  # the policy's probability of the valued children's steps
+            if extra_n[i] > 0 and mass < 1.0:
                 value[i] = np.exp(m[i]) * w[i] + (1.0 - mass) * extra_sum[i] / extra_n[i]
-            else:
+            else:  # no extras, or (rounding) the children hold all of the mass
                 value[i] = w[i] / s[i]
         elif extra_n[i] > 0:
             value[i] = extra_sum[i] / extra_n[i]
@@ -314,8 +322,8 @@ def tree_labels(tree: TreeArrays, extra: tuple[np.ndarray, np.ndarray, np.ndarra
     cnt, correct, total = mc_counts(tree.parent, tree.terminal, tree.reward, tree.solved, *ex)
     if estimate == "policy":
         value = policy_values(tree.parent, tree.log_prior, tree.terminal, tree.reward, ex[0], ex[2])
-        soft = policy_values(tree.parent, tree.log_prior, tree.terminal, tree.solved.astype(np.float64), ex[0],
-                             ex[1].astype(np.float64))
+        solved = np.where(np.isnan(tree.reward), np.nan, tree.solved.astype(np.float64))  # unscored: no label
+        soft = policy_values(tree.parent, tree.log_prior, tree.terminal, solved, ex[0], ex[1].astype(np.float64))
     else:
         with np.errstate(invalid="ignore", divide="ignore"):
             value, soft = total / cnt, correct / cnt

@@ -74,7 +74,11 @@ class CriticModel(nn.Module):
                ) -> tuple[torch.Tensor, object]:
         """Last hidden states [B, T, H] of `ids` [B, T] (`mask`: full attention [B, past+T] of 0/1, or a 4D bool
         [B, 1, T, T] with True = attend, e.g. a token trie's paths; `pos` [B, T]) and the updated KV cache."""
-        if mask.dim() == 4 and getattr(self.backbone.config, "_attn_implementation", "sdpa") == "eager":
+        attn = getattr(self.backbone.config, "_attn_implementation", "sdpa")
+        if mask.dim() == 4 and attn not in ("sdpa", "eager"):
+            raise ValueError(f"attention {attn!r}: a token trie's 4D mask needs sdpa or eager attention "
+                             "(attn_implementation)")
+        if mask.dim() == 4 and attn == "eager":
             mask = torch.zeros(mask.shape, dtype=self.backbone.dtype, device=mask.device).masked_fill(
                 ~mask, torch.finfo(self.backbone.dtype).min)  # eager attention adds its mask to the scores
         out = self.backbone(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,

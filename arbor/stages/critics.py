@@ -1,7 +1,8 @@
 """Stage `critics`: value, PRM and ORM critics trained on the search trees of iteration k (AlphaLLM §4.3).
 
 Reads `trees/iter_<k>/*.parquet` (verified against their manifest), labels every node with Monte Carlo /
-Math-Shepherd labels (arbor/critics/labels.py; extra completions from the policy where a node has fewer than
+Math-Shepherd labels: the policy's estimated chance of success from the node (arbor/critics/labels.py,
+`critics.label_estimate`; extra completions from the policy where a node has fewer than
 `critics.min_completions` terminal descendants), splits the problems into train / val (early stopping) /
 held-out, trains the critics from the policy's backbone (arbor/train/critic.py) and reports, per critic on
 held-out problems, `<critic>_auroc`, `_precision`, `_recall`, `_ece` (arbor/critics/calibration.py), the label
@@ -10,8 +11,8 @@ counts and a reliability diagram.
 Outputs: `models/iter_<k>/critics/` = `shared/` (one backbone, three heads) or `value/`, `prm/`, `orm/`, each a
 model directory loadable with `arbor.critics.load`, plus `labels/{train,val,heldout}.parquet` and
 `_manifest.json`, written atomically; `metrics/critics_<k>.json`; `plots/critics_<k>_reliability.png`.
-Binary labels for the metrics: value = MC value >= 0.5, PRM = Math-Shepherd hard label (steps only; any of
-N = `critics.min_completions` completions correct, arbor/critics/labels.py), ORM = correct (terminals).
+Binary labels for the metrics: value = the value label >= 0.5, PRM = Math-Shepherd hard label (steps only; any
+of N = `critics.min_completions` policy completions right, arbor/critics/labels.py), ORM = correct (terminals).
 
 Iteration k (arbor/pipeline/plan.py): trees/iter_<k>; extra completions from the policy that grew them
 (policy_0 for k = 0, policy_{k-1} after), backbones from policy_k -> models/iter_<k>/critics. `CriticsConfig`
@@ -92,7 +93,8 @@ def split_items(labels: Any, split: dict[str, str], c: CriticsConfig) -> tuple[d
              for s in dict.fromkeys(split.values())}
     if "heldout" in parts:
         parts["heldout"] = parts["heldout"].filter(pc.greater_equal(parts["heldout"].column("node"), 0))
-    items = {s: pack_problems(t, prm_label=c.prm_label, pair_margin=c.pair_margin) for s, t in parts.items()}
+    items = {s: pack_problems(t, prm_label=c.prm_label, pair_margin=c.pair_margin, max_tokens=c.max_trie_tokens)
+             for s, t in parts.items()}
     return parts, items
 
 

@@ -4,8 +4,8 @@ Data: a label table (arbor/critics/labels.py) is packed per problem into one tok
 paths (`pack_problems`): each distinct token prefix is one position, attending to its own path only (a 4D
 mask, `collate`), so one forward over the trie gives every labelled node its score at its step end and computes
 each token of the tree once, as prefix-cached scoring does in search (tree attention, as in SpecInfer's token
-tree verification, arXiv 2305.09781 §4). On the tiny default's trees the paths hold 3.8x the trie's tokens
-(4.9x with padding), which a forward per path computed again. A batch holds `problems_per_batch` problems,
+tree verification, arXiv 2305.09781 §4). On the tiny default's trees_0 the labelled paths hold 465k tokens,
+their tries 74k (6.3x), which a forward per path computed again. A batch holds `problems_per_batch` problems,
 so sibling steps share a batch.
 
 Losses, each a mean over the labelled positions of its kind, summed over kinds (s = sigmoid(logit)):
@@ -47,54 +47,92 @@ from arbor.lm.lora import apply_lora, checkpoint_activations, merge
 Item = dict[str, Any]
 
 
-def pack_problems(table: pa.Table, *, prm_label: str = "soft", pair_margin: float = 0.3) -> list[Item]:
-    """One item per problem: its labelled rows' token paths merged into one token trie, so that each distinct
-    token prefix is one position of the training sequence (a tree's paths share their prompt and early steps:
-    on the tiny default the paths' tokens sum to 3.8x the trie's).
+class _Trie:
+    """A token trie grown path by path: `ids`, `parent`, `depth` [T] in insertion order (a token after its
+    parent)."""
 
-    `ids` [T] the trie's tokens, each after its trie parent; `parent` [T] (the index of the token before it on
-    its path, -1 for a path's first token); `position_ids` [T] (its depth: the position it has on its path);
-    `positions` [P] (the index of each labelled row's last token: its step end); `targets[kind]` [P] (float,
-    NaN where a kind has no label: PRM at the root, ORM off terminals); `rows` [P] (label-table row ids) and
-    `pairs` [(j+, j-)] of sibling steps (indices into `positions`). `collate` gives each token attention to
-    its own path only, so a forward over the trie computes exactly what one forward per path would."""
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.parent: list[int] = []
+        self.depth: list[int] = []
+        self.child: dict[tuple[int, int], int] = {}
+
+    def new_tokens(self, path: Sequence[int]) -> int:
+        """How many tokens `add(path)` would append."""
+        at = -1
+        for k, t in enumerate(path):
+            nxt = self.child.get((at, t))
+            if nxt is None:
+                return len(path) - k
+            at = nxt
+        return 0
+
+    def add(self, path: Sequence[int]) -> int:
+        """Insert `path` [L] (its missing tokens); the index of its last token."""
+        at = -1
+        for t in path:
+            nxt = self.child.get((at, t))
+            if nxt is None:
+                nxt = self.child[(at, t)] = len(self.ids)
+                self.ids.append(int(t))
+                self.parent.append(at)
+                self.depth.append(self.depth[at] + 1 if at >= 0 else 0)
+            at = nxt
+        return at
+
+
+def pack_problems(table: pa.Table, *, prm_label: str = "soft", pair_margin: float = 0.3,
+                  max_tokens: int = 4096) -> list[Item]:
+    """Items of one token trie each: a problem's labelled rows' token paths merged so that each distinct token
+    prefix is one position of the training sequence (a tree's paths share their prompt and early steps: on the
+    tiny default the paths' tokens sum to 6.3x the tries'). A problem whose trie would pass `max_tokens` is cut
+    into several tries of whole subtrees (its rows in depth-first order; a path longer than that is a trie of its
+    own): the attention mask is [T, T].
+
+    Item keys: `problem_id`; `ids` [T] the trie's tokens, each after its trie parent; `parent` [T] (the index of
+    the token before it on its path, -1 for a path's first token); `position_ids` [T] (its depth: the position it
+    has on its path); `positions` [P] (the index of each labelled row's last token: its step end);
+    `targets[kind]` [P] (float, NaN where a kind has no label: PRM at the root, ORM off terminals); `rows` [P]
+    (label-table row ids) and `pairs` [(j+, j-)] of sibling steps in the same trie (indices into `positions`).
+    `collate` gives each token attention to its own path only, so a forward over the trie computes exactly what
+    one forward per path would."""
     d = table.to_pydict()
     by_problem: dict[str, list[int]] = {}
     for i, p in enumerate(d["problem_id"]):
         by_problem.setdefault(p, []).append(i)
     prm = d["prm_soft"] if prm_label == "soft" else d["prm_hard"]
+    tokens = d["tokens"]
     items = []
     for pid, rows in by_problem.items():
-        rows = sorted(rows, key=lambda r: len(d["tokens"][r]))  # a path after its prefixes
-        ids: list[int] = []
-        parent: list[int] = []
-        depth: list[int] = []
-        child: dict[tuple[int, int], int] = {}
-        positions, where = [], {}
-        targets: dict[str, list[float]] = {k: [] for k in KINDS}
+        rows = sorted(rows, key=lambda r: len(tokens[r]))  # a path after its prefixes
+        whole = _Trie()
         for r in rows:
-            at = -1
-            for t in d["tokens"][r]:
-                nxt = child.get((at, t))
-                if nxt is None:
-                    nxt = child[(at, t)] = len(ids)
-                    ids.append(int(t))
-                    parent.append(at)
-                    depth.append(depth[at] + 1 if at >= 0 else 0)
-                at = nxt
-            where[r] = len(positions)
-            positions.append(at)
-            targets["value"].append(float(d["value"][r]))
-            targets["prm"].append(float(prm[r]) if d["depth"][r] > 0 else np.nan)
-            targets["orm"].append(np.nan if d["orm"][r] is None else float(d["orm"][r]))
-        sib: dict[int, list[int]] = {}
-        for r in rows:
-            if d["depth"][r] > 0 and d["node"][r] >= 0:
-                sib.setdefault(d["parent"][r], []).append(r)
-        pairs = [(where[a], where[b]) for kids in sib.values() for a in kids for b in kids
-                 if d["prm_soft"][a] - d["prm_soft"][b] >= pair_margin]
-        items.append({"problem_id": pid, "ids": ids, "parent": parent, "position_ids": depth,
-                      "positions": positions, "targets": targets, "rows": rows, "pairs": pairs})
+            whole.add(tokens[r])
+        if len(whole.ids) <= max_tokens:
+            chunks = [rows]
+        else:  # depth-first order keeps subtrees together; a prefix sorts before its extensions
+            chunks, trie = [[]], _Trie()
+            for r in sorted(rows, key=lambda r: tokens[r]):
+                if chunks[-1] and len(trie.ids) + trie.new_tokens(tokens[r]) > max_tokens:
+                    chunks.append([])
+                    trie = _Trie()
+                trie.add(tokens[r])
+                chunks[-1].append(r)
+        for chunk in chunks:
+            trie = _Trie()
+            positions = [trie.add(tokens[r]) for r in chunk]
+            where = {r: j for j, r in enumerate(chunk)}
+            targets = {"value": [float(d["value"][r]) for r in chunk],
+                       "prm": [float(prm[r]) if d["depth"][r] > 0 else np.nan for r in chunk],
+                       "orm": [np.nan if d["orm"][r] is None else float(d["orm"][r]) for r in chunk]}
+            sib: dict[int, list[int]] = {}
+            for r in chunk:
+                if d["depth"][r] > 0 and d["node"][r] >= 0:
+                    sib.setdefault(d["parent"][r], []).append(r)
+            pairs = [(where[a], where[b]) for kids in sib.values() for a in kids for b in kids
+                     if d["prm_soft"][a] - d["prm_soft"][b] >= pair_margin]
+            items.append({"problem_id": pid, "ids": trie.ids, "parent": trie.parent, "position_ids": trie.depth,
+                          "positions": positions, "targets": targets, "rows": chunk, "pairs": pairs})
     return items
 
 
@@ -113,22 +151,25 @@ def path_mask(parent: Sequence[int], width: int) -> np.ndarray:
 
 def collate(items: Sequence[Item], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Right-padded `input_ids`/`position_ids` [B, T], the trie attention `attention_mask` [B, 1, T, T] (bool,
-    True = attend; `path_mask`), `positions`/`pos_mask` [B, P], `target_<kind>` [B, P] (NaN = no label) and
-    `pairs` [K, 4] (item, position index, item, position index)."""
+    True = attend; `path_mask`; [B, 1, 0, 0] when the items carry cached `features`), `positions`/`pos_mask`
+    [B, P], `target_<kind>` [B, P] (NaN = no label) and `pairs` [K, 4] (item, position index, item, position
+    index)."""
     b = len(items)
     t = max(len(it["ids"]) for it in items)
     p = max(len(it["positions"]) for it in items)
     ids = torch.full((b, t), pad_id, dtype=torch.long)
     pos_ids = torch.zeros((b, t), dtype=torch.long)
-    mask = torch.zeros((b, 1, t, t), dtype=torch.bool)
+    mask = torch.zeros((b, 1, t, t) if "features" not in items[0] else (b, 1, 0, 0), dtype=torch.bool)
     positions = torch.zeros((b, p), dtype=torch.long)
     pos_mask = torch.zeros((b, p), dtype=torch.bool)
     out: dict[str, torch.Tensor] = {}
+    cached = "features" in items[0]  # the heads train on cached hidden states: no forward, no mask
     for i, it in enumerate(items):
         n, x = len(it["ids"]), it["positions"]
         ids[i, :n] = torch.as_tensor(it["ids"])
         pos_ids[i, :n] = torch.as_tensor(it["position_ids"])
-        mask[i, 0] = torch.from_numpy(path_mask(it["parent"], t))
+        if not cached:
+            mask[i, 0] = torch.from_numpy(path_mask(it["parent"], t))
         positions[i, : len(x)] = torch.as_tensor(x)
         pos_mask[i, : len(x)] = True
     for k in KINDS:
@@ -303,7 +344,8 @@ def train_critics(models: dict[str, CriticModel], train: list[Item], val: list[I
 
 @torch.inference_mode()
 def predict(models: dict[str, CriticModel], items: list[Item], batch_problems: int = 8) -> dict[str, np.ndarray]:
-    """{kind: [R] scores} in label-table row order of the packed `items` ({"row": [R] row ids} included)."""
+    """{kind: [R] scores} of the packed `items`' labelled rows, in packed order; "row" [R] gives each score's
+    label-table row id."""
     for m in models.values():
         m.eval()
     out: dict[str, list[float]] = {k: [] for k in models}
