@@ -106,21 +106,16 @@ def pack_problems(table: pa.Table, *, prm_label: str = "soft", pair_margin: floa
     for pid, rows in by_problem.items():
         rows = sorted(rows, key=lambda r: len(tokens[r]))  # a path after its prefixes
         whole = _Trie()
-        for r in rows:
-            whole.add(tokens[r])
-        if len(whole.ids) <= max_tokens:
-            chunks = [rows]
-        else:  # depth-first order keeps subtrees together; a prefix sorts before its extensions
-            chunks, trie = [[]], _Trie()
+        chunks = [(rows, whole, [whole.add(tokens[r]) for r in rows])]
+        if len(whole.ids) > max_tokens:  # depth-first order keeps subtrees together; a prefix sorts first
+            chunks = []
             for r in sorted(rows, key=lambda r: tokens[r]):
-                if chunks[-1] and len(trie.ids) + trie.new_tokens(tokens[r]) > max_tokens:
-                    chunks.append([])
-                    trie = _Trie()
-                trie.add(tokens[r])
-                chunks[-1].append(r)
-        for chunk in chunks:
-            trie = _Trie()
-            positions = [trie.add(tokens[r]) for r in chunk]
+                if not chunks or len(chunks[-1][1].ids) + chunks[-1][1].new_tokens(tokens[r]) > max_tokens:
+                    chunks.append(([], _Trie(), []))
+                chunk, trie, positions = chunks[-1]
+                chunk.append(r)
+                positions.append(trie.add(tokens[r]))
+        for chunk, trie, positions in chunks:
             where = {r: j for j, r in enumerate(chunk)}
             targets = {"value": [float(d["value"][r]) for r in chunk],
                        "prm": [float(prm[r]) if d["depth"][r] > 0 else np.nan for r in chunk],
