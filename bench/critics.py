@@ -199,9 +199,10 @@ def main() -> None:
             c = dataclasses.replace(cfg.critics, **VARIANTS[name])
             parts, items = split_items(labels, split, c)
             for rep in range(args.seeds):  # training seeds: the split and the labels stay
+                train_seed = seed + rep
+                torch.manual_seed(train_seed)  # the heads' initialisation, as the stage seeds it
                 models = new_critics(base, shared=c.shared_backbone)
                 t0 = time.perf_counter()
-                train_seed = seed + rep
                 summary = train_critics(models, items["train"], items["val"], c, seed=train_seed, progress=False)
                 metrics, _ = held_out_metrics(models, parts["heldout"], items["heldout"], c)
                 seen, seen_items = split_items(labels, {p: "heldout" for p, x in split.items() if x == "train"}, c)
