@@ -8,15 +8,16 @@ policy draws for each eval problem. This draws k samples per problem as evaluate
 temperature 1, `--seed`), scores them with the critics as evaluate does (`score_samples`: ORM at the answer
 line, PRM per step), keeps the samples that state an answer, and reports the AUROC of the ORM and of the PRM's
 minimum against correctness, pooled and within problems (`calibration.grouped_auroc`), the share of right
-samples, and what the ORM's top pick per problem is: right, wrong and answering before the question's last
-operation ("premature": fewer arithmetic steps than operators; the synthetic task), or wrong otherwise.
+samples, and what the ORM's top pick per problem is: right; wrong and answering before the question's last
+operation ("premature": fewer step lines than the problem's operations); wrong with a step whose arithmetic is
+wrong (`Task.diagnostics` step_error_rate > 0: a slip or the borrow misconception); or wrong otherwise (right
+steps, wrong answer line or operands). The synthetic task only (its problems carry their operations).
 Writes bench/results/<--name>.json and prints a table.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,9 @@ def main() -> None:
                                seed=args.seed)
     critics = load_critics(args.critics, ["prm", "orm"])
     piece = lru_cache(maxsize=None)(lambda t: policy.decode([t]))
-    orm, prm_min, right, group, steps = [], [], [], [], []
+    if not all("ops" in p.meta for p in problems):
+        raise ValueError(f"{args.eval}: problems without meta['ops']; this diagnostic needs the synthetic task")
+    orm, prm_min, right, group, steps, slips = [], [], [], [], [], []
     for j, (p, conts) in enumerate(zip(problems, samples, strict=True)):
         sc = score_samples(critics, policy.encode_prompt(task.prompt(p)), conts, piece=piece,
                            step_tokens=cfg.search.eta.step_tokens, is_terminal=is_terminal_step,
@@ -71,19 +74,23 @@ def main() -> None:
             prm_min.append(float(sc.prm[i].min()))
             right.append(bool(task.is_correct(p, c.text)))
             group.append(j)
-            steps.append(len(sc.prm[i]) - 1)  # arithmetic steps (the answer line excluded)
-    o, m, y, g, n = map(np.asarray, (orm, prm_min, right, group, steps))
-    operators = [len(re.findall(r"[+\-*]\s*\d", task.prompt(p).split("\n")[0])) for p in problems]
-    picks = {"right": 0, "wrong_premature": 0, "wrong_other": 0}
+            steps.append(len(sc.prm[i]) - 1)  # step lines (the answer line excluded)
+            slips.append(task.diagnostics([c.text]).get("step_error_rate", 0.0) > 0)
+    o, m, y, g, n, e = map(np.asarray, (orm, prm_min, right, group, steps, slips))
+    operators = [len(p.meta["ops"]) for p in problems]
+    picks = {"right": 0, "wrong_premature": 0, "wrong_step_error": 0, "wrong_other": 0}
     for j in sorted(set(g.tolist())):
         idx = np.flatnonzero(g == j)
         best = int(idx[np.argmax(o[idx])])
-        picks["right" if y[best] else "wrong_premature" if n[best] < operators[j] else "wrong_other"] += 1
+        kind = ("right" if y[best] else "wrong_premature" if n[best] < operators[j]
+                else "wrong_step_error" if e[best] else "wrong_other")
+        picks[kind] += 1
     row = {"problems": len(problems), "k": args.k, "complete_samples": len(y), "right_share": float(y.mean()),
            "orm_auroc": auroc(o, y), "orm_auroc_within_problem": grouped_auroc(o, y, g)[0],
            "prm_min_auroc": auroc(m, y), "prm_min_auroc_within_problem": grouped_auroc(m, y, g)[0],
            **{f"orm_pick_{k}": v for k, v in picks.items()},
-           "premature_share_of_wrong": float(np.mean([n[i] < operators[g[i]] for i in np.flatnonzero(~y)]))}
+           "premature_share_of_wrong": float(np.mean([n[i] < operators[g[i]] for i in np.flatnonzero(~y)]))
+           if (~y).any() else None}
     print(table([row], list(row)))
     path = save(args.name, {"critics": args.critics, "policy": args.policy, "seed": args.seed, "rows": [row]})
     print(f"wrote {path}")

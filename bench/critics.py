@@ -5,12 +5,13 @@
 
 Labels (MC / Math-Shepherd as `critics.label_estimate` estimates them, with the extra completions of
 `critics.min_completions`) are built once from the first max(--problems) searched problems (cached in
-`--labels` when given: one file per estimate, `<stem>.<estimate>.parquet`). `--seeds N` trains each variant
-with N training seeds (same labels and split) and adds a row with their mean and standard deviations. The
-held-out problems are those `assign_splits` holds out among the first min(--problems) problems, for every row,
-so rows differ only in the training labels (more problems) or the training choice (variant). Each row trains
-the critics from the policy (arbor/stages/critics.py helpers) and reports held-out AUROC / precision / recall
-/ ECE per critic, the epochs, the training seconds and the AUROCs on the training problems (over- or under-
+`--labels` when given: one file per label setting,
+`<stem>.<estimate>.m<min_completions>.t<completion_tokens>.parquet`). `--seeds N` trains each variant with N
+training seeds (same labels and split) and adds a row with their mean and standard deviations. The held-out
+problems are those `assign_splits` holds out among the first min(--problems) problems, for every row, so rows
+differ only in the training labels (more problems) or the training choice (variant). Each row trains the
+critics from the policy (arbor/stages/critics.py helpers) and reports held-out AUROC / precision / recall /
+ECE per critic, the epochs, the training seconds and the AUROCs on the training problems (over- or under-
 fitting). `separate` costs 3x the backbone compute of `shared` per epoch; `shared_3x` gives the shared
 backbone that compute (3x the epochs and patience). Writes bench/results/<--name>.json and prints a table.
 `--trees` may be a finished or a still-running search output (committed problems only).
@@ -62,9 +63,10 @@ def labels_for(args: argparse.Namespace, cfg: Any, n: int) -> Any:
     from arbor.tasks import build_task, read_problems
 
     cache = None
-    if args.labels:  # one cache per estimate: a cached policy-estimate table must not answer for `mean`
-        path = Path(args.labels)
-        cache = path.with_name(f"{path.name.removesuffix('.parquet')}.{cfg.critics.label_estimate}.parquet")
+    if args.labels:  # one cache per label setting: a cached table must not answer for another
+        c, path = cfg.critics, Path(args.labels)
+        tag = f"{c.label_estimate}.m{c.min_completions}.t{c.completion_tokens}"
+        cache = path.with_name(f"{path.name.removesuffix('.parquet')}.{tag}.parquet")
     if cache is not None and cache.exists():
         table = pq.read_table(cache)
         if len(set(table.column("problem_id").to_pylist())) >= n:

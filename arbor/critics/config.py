@@ -60,16 +60,18 @@ class CriticsConfig:
                             gt=0.0, max=1.0)
     max_epochs: int = _f(5, "Most training epochs (early stopping on the validation problems ends sooner). Tiny "
                             "default, fine-tuned body: 5 epochs (patience 2) gave held-out AUROC value/PRM/ORM "
-                            "0.698/0.679/0.737 in 31 s, 10 (patience 3) 0.686/0.669/0.707 in 57 s: means of 3 "
+                            "0.698/0.679/0.737 in 32 s, 10 (patience 3) 0.686/0.669/0.707 in 57 s: means of 3 "
                             "training seeds, differences within their spread (sd 0.01-0.03; bench/results/"
                             "critics_finetune_5epochs.json, critics_labels_policy.json).", min=1)
     patience: int = _f(2, "Epochs without a better validation loss before stopping.", min=1)
     max_trie_tokens: int = _f(4096, "Most tokens in one training sequence: a problem's labelled paths are merged "
                                      "into one token trie (each distinct prefix once, attention masked to its own "
-                                     "path: a [T, T] mask); a larger trie is cut into tries of whole subtrees.",
+                                     "path: a [T, T] mask). A larger problem is cut, its paths in depth-first "
+                                     "order, into tries of at most this many tokens (a single longer path is a "
+                                     "trie of its own); sibling pairs then form within each trie only.",
                               min=1)
-    problems_per_batch: int = _f(4, "Problems per training batch (a problem's packed paths stay together, so "
-                                    "sibling pairs share a batch).", min=1)
+    problems_per_batch: int = _f(4, "Problems per training batch: token tries, one per problem unless "
+                                    "max_trie_tokens cuts one (sibling pairs form within a trie).", min=1)
     freeze_backbone: bool = _f(False, "Train the scalar heads only (true: linear probes of the policy's hidden "
                                       "states, whose features are computed once) or the body too (false). Tiny "
                                       "default, 154 training problems, 3 training seeds: held-out AUROC value/PRM/"
@@ -80,9 +82,10 @@ class CriticsConfig:
                                              "tries of `problems_per_batch` problems, so kept activations grow with "
                                              "all their tokens (SmolLM2-135M, 4 problems as one sequence per path, "
                                              "before token tries: 18.7 GB peak RSS).")
-    lr: float = _f(3e-4, "AdamW learning rate of the backbone. Tiny default, fine-tuned, 3 training seeds: "
-                         "held-out AUROC value/PRM/ORM 0.731/0.700/0.718 at 1e-3, 0.698/0.679/0.737 at 3e-4, "
-                         "0.613/0.613/0.645 at 1e-4 (bench/results/critics_lr_*.json).", gt=0.0)
+    lr: float = _f(1e-3, "AdamW learning rate of the backbone. Tiny default, fine-tuned, 3 training seeds "
+                         "(heads seeded as the stage seeds them): held-out AUROC value/PRM/ORM 0.731/0.700/0.718 "
+                         "at 1e-3, 0.646/0.647/0.677 at 3e-4, 0.613/0.613/0.645 at 1e-4 "
+                         "(bench/results/critics_lr_*.json, critics_default_seeded.json).", gt=0.0)
     head_lr: float = _f(1e-2, "AdamW learning rate of the scalar heads.", gt=0.0)
     weight_decay: float = _f(0.1, "AdamW weight decay (the critics overfit problem identity without it).", min=0.0)
     # metrics (arbor/critics/calibration.py)

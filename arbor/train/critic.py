@@ -4,9 +4,9 @@ Data: a label table (arbor/critics/labels.py) is packed per problem into one tok
 paths (`pack_problems`): each distinct token prefix is one position, attending to its own path only (a 4D
 mask, `collate`), so one forward over the trie gives every labelled node its score at its step end and computes
 each token of the tree once, as prefix-cached scoring does in search (tree attention, as in SpecInfer's token
-tree verification, arXiv 2305.09781 §4). On the tiny default's trees_0 the labelled paths hold 465k tokens,
-their tries 74k (6.3x), which a forward per path computed again. A batch holds `problems_per_batch` problems,
-so sibling steps share a batch.
+tree verification, arXiv 2305.09781 §4). On the tiny default's trees_0 one sequence per leaf path (the earlier
+packing) held 465k tokens, the tries 74k (6.3x). A batch holds `problems_per_batch` tries (one
+per problem unless `max_trie_tokens` cuts it), so sibling steps share a batch.
 
 Losses, each a mean over the labelled positions of its kind, summed over kinds (s = sigmoid(logit)):
 - value: MSE(s, V_MC) or BCE(logit, V_MC) with soft targets;
@@ -85,9 +85,10 @@ def pack_problems(table: pa.Table, *, prm_label: str = "soft", pair_margin: floa
                   max_tokens: int = 4096) -> list[Item]:
     """Items of one token trie each: a problem's labelled rows' token paths merged so that each distinct token
     prefix is one position of the training sequence (a tree's paths share their prompt and early steps: on the
-    tiny default the paths' tokens sum to 6.3x the tries'). A problem whose trie would pass `max_tokens` is cut
-    into several tries of whole subtrees (its rows in depth-first order; a path longer than that is a trie of its
-    own): the attention mask is [T, T].
+    tiny default's trees_0 one sequence per leaf path held 6.3x the tries' tokens, the labelled rows' own paths
+    8.9x). A problem whose trie would pass `max_tokens` is cut, its rows in depth-first order, into tries of at
+    most `max_tokens` (a path longer than that is a trie of its own; a subtree may straddle two tries, each
+    holding the shared prefix): the attention mask is [T, T].
 
     Item keys: `problem_id`; `ids` [T] the trie's tokens, each after its trie parent; `parent` [T] (the index of
     the token before it on its path, -1 for a path's first token); `position_ids` [T] (its depth: the position it
