@@ -59,10 +59,10 @@ class CriticsConfig:
     pair_margin: float = _f(0.3, "Sibling steps form a pair when their soft labels differ by at least this.",
                             gt=0.0, max=1.0)
     max_epochs: int = _f(5, "Most training epochs (early stopping on the validation problems ends sooner). Tiny "
-                            "default, fine-tuned body: 5 epochs (patience 2) gave held-out AUROC value/PRM/ORM "
-                            "0.698/0.679/0.737 in 32 s, 10 (patience 3) 0.686/0.669/0.707 in 57 s: means of 3 "
-                            "training seeds, differences within their spread (sd 0.01-0.03; bench/results/"
-                            "critics_finetune_5epochs.json, critics_labels_policy.json).", min=1)
+                            "default, fine-tuned body at lr 3e-4: 5 epochs (patience 2) gave held-out AUROC "
+                            "value/PRM/ORM 0.698/0.679/0.737 in 32 s, 10 (patience 3) 0.686/0.669/0.707 in 57 s: "
+                            "means of 3 training seeds, differences within their spread (sd 0.01-0.03; "
+                            "bench/results/critics_finetune_5epochs.json, critics_labels_policy.json).", min=1)
     patience: int = _f(2, "Epochs without a better validation loss before stopping.", min=1)
     max_trie_tokens: int = _f(4096, "Most tokens in one training sequence: a problem's labelled paths are merged "
                                      "into one token trie (each distinct prefix once, attention masked to its own "
