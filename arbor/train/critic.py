@@ -155,11 +155,11 @@ def collate(items: Sequence[Item], pad_id: int = 0) -> dict[str, torch.Tensor]:
     p = max(len(it["positions"]) for it in items)
     ids = torch.full((b, t), pad_id, dtype=torch.long)
     pos_ids = torch.zeros((b, t), dtype=torch.long)
-    mask = torch.zeros((b, 1, t, t) if "features" not in items[0] else (b, 1, 0, 0), dtype=torch.bool)
+    cached = "features" in items[0]  # the heads train on cached hidden states: no forward, no mask
+    mask = torch.zeros((b, 1, 0, 0) if cached else (b, 1, t, t), dtype=torch.bool)
     positions = torch.zeros((b, p), dtype=torch.long)
     pos_mask = torch.zeros((b, p), dtype=torch.bool)
     out: dict[str, torch.Tensor] = {}
-    cached = "features" in items[0]  # the heads train on cached hidden states: no forward, no mask
     for i, it in enumerate(items):
         n, x = len(it["ids"]), it["positions"]
         ids[i, :n] = torch.as_tensor(it["ids"])
