@@ -11,7 +11,10 @@ search code is unchanged and never knows (the mctx batch dimension, reached at t
 - One at a time: members run in member order, one after another (a baton; never two at once), each until its
   next `expand` or its end. So nothing they share (the store, critics, counters) is touched concurrently, and
   the same jobs in the same order give the same results: each merged call's seed is derived from its requests'
-  (member, seed) pairs.
+  (member, seed) pairs. Each member is a greenlet on the caller's thread: handing the baton is a stack switch
+  (~1 us), where OS threads woken by semaphores cost ~75 us per request (issue #9: that hand-over was the
+  largest share of a default search's tree work). Thread-local state (torch's grad mode) is therefore shared:
+  a member must not hold such a context across its `expand`.
 - Distribution: a merged call samples each parent's continuations from the same conditional as a call of its
   own (the `Policy` contract: a batch of parents gives what each parent gives alone, in distribution; greedy,
   exactly). The draws differ from a lone call's, as any other seed's would.
@@ -27,10 +30,11 @@ search code is unchanged and never knows (the mctx batch dimension, reached at t
 from __future__ import annotations
 
 import hashlib
-import threading
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
+
+import greenlet
 
 from arbor.lm.base import Continuation, Policy, StopRule, TokenCounters
 
@@ -107,7 +111,7 @@ class Member:
         self._lockstep, self.index = lockstep, index
         self.counters = TokenCounters()
         self._state = _State()
-        self._go = threading.Semaphore(0)  # released by the coordinator when this member may run
+        self._glet: greenlet.greenlet | None = None  # the member's search, switched to by the coordinator
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._lockstep.policy, name)
@@ -149,18 +153,15 @@ class Lockstep(Generic[T]):
     policy: Policy
     calls: int = 0  # merged `expand` calls made
     requests: int = 0  # member `expand` requests they answered
-    # released by the running member when it waits or ends: one semaphore per direction, so a hand-over wakes
-    # exactly one thread (a shared condition woke every thread at every hand-over)
-    _back: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(0), init=False, repr=False)
+    _hub: greenlet.greenlet | None = field(default=None, init=False, repr=False)  # the coordinator
 
     def run(self, jobs: Sequence[Callable[[Policy], T]]) -> list[T]:
         """`[job(member) for job in jobs]`, the jobs in lockstep; the first job's exception (in job order) is
         re-raised once every job has stopped."""
+        self._hub = greenlet.getcurrent()
         members = [Member(self, i) for i in range(len(jobs))]
-        threads = [threading.Thread(target=self._main, args=(m, job), daemon=True, name=f"lockstep-{m.index}")
-                   for m, job in zip(members, jobs, strict=True)]
-        for t in threads:
-            t.start()
+        for m, job in zip(members, jobs, strict=True):
+            m._glet = greenlet.greenlet(lambda m=m, job=job: self._main(m, job), parent=self._hub)
         failed = False
         while True:
             for m in members:  # pass the baton: each runs to its next request or its end
@@ -176,8 +177,6 @@ class Lockstep(Generic[T]):
                     m._state.error = LockstepAborted("another search of this lockstep group failed")
                 continue
             self._answer(waiting)
-        for t in threads:
-            t.join()
         for m in members:
             if m._state.failed is not None and not isinstance(m._state.failed, LockstepAborted):
                 raise m._state.failed
@@ -185,19 +184,16 @@ class Lockstep(Generic[T]):
 
     # -- member side ---------------------------------------------------------------------------------------------
     def _main(self, m: Member, job: Callable[[Policy], T]) -> None:
-        m._go.acquire()
         try:
             m._state.result = job(m)  # type: ignore[arg-type]
         except BaseException as e:  # handed to the coordinator, re-raised there
             m._state.failed = e
-        m._state.done = True
-        self._back.release()
+        m._state.done = True  # returning switches back to the coordinator (the greenlet's parent)
 
     def _wait(self, m: Member, req: _Request) -> list[list[Continuation]]:
         s = m._state
         s.request, s.response, s.error = req, None, None
-        self._back.release()
-        m._go.acquire()
+        self._hub.switch()  # type: ignore[union-attr]  # back when the coordinator hands this member the baton
         if s.error is not None:
             raise s.error
         out, s.response = s.response, None
@@ -205,10 +201,9 @@ class Lockstep(Generic[T]):
 
     # -- coordinator side ----------------------------------------------------------------------------------------
     def _hand(self, m: Member) -> None:
-        """Let member `m` run until it waits again or ends (one thread woken each way)."""
+        """Let member `m` run until it waits again or ends."""
         m._state.started = True
-        m._go.release()
-        self._back.acquire()
+        m._glet.switch()  # type: ignore[union-attr]
 
     def _answer(self, waiting: list[Member]) -> None:
         """One merged `expand` per signature over the waiting members' requests (member order)."""
