@@ -11,7 +11,9 @@ minimum against correctness, pooled and within problems (`calibration.grouped_au
 samples, and what the ORM's top pick per problem is: right; wrong and answering before the question's last
 operation ("premature": fewer step lines than the problem's operations); wrong with a step whose arithmetic is
 wrong (`Task.diagnostics` step_error_rate > 0: a slip or the borrow misconception); or wrong otherwise (right
-steps, wrong answer line or operands). The synthetic task only (its problems carry their operations).
+steps, wrong answer line or operands). Beside them, the policy's own confidence in each sample, needing no
+critic: the mean and the minimum token log-prob of the sample up to its answer line (`lik_mean_*`,
+`lik_min_*`), and their top picks. The synthetic task only (its problems carry their operations).
 Writes bench/results/<--name>.json and prints a table.
 """
 
@@ -41,7 +43,7 @@ def main() -> None:
     import torch
 
     from arbor.critics.calibration import auroc, grouped_auroc
-    from arbor.critics.readouts import score_samples
+    from arbor.critics.readouts import score_samples, step_ends
     from arbor.critics.scorer import load_critics
     from arbor.lm.loading import load_policy
     from arbor.pipeline.config import load_config
@@ -62,7 +64,7 @@ def main() -> None:
     piece = lru_cache(maxsize=None)(lambda t: policy.decode([t]))
     if not all("ops" in p.meta for p in problems):
         raise ValueError(f"{args.eval}: problems without meta['ops']; this diagnostic needs the synthetic task")
-    orm, prm_min, right, group, steps, slips = [], [], [], [], [], []
+    orm, prm_min, right, group, steps, slips, lik_mean, lik_min = [], [], [], [], [], [], [], []
     for j, (p, conts) in enumerate(zip(problems, samples, strict=True)):
         sc = score_samples(critics, policy.encode_prompt(task.prompt(p)), conts, piece=piece,
                            step_tokens=cfg.search.eta.step_tokens, is_terminal=is_terminal_step,
@@ -71,16 +73,25 @@ def main() -> None:
             if task.vote_key(c.text) is None:  # states no answer: not a best-of-N candidate
                 continue
             orm.append(sc.orm[i])
+            cut = step_ends(list(c.token_ids), piece, step_tokens=cfg.search.eta.step_tokens,
+                            is_terminal=is_terminal_step)  # as score_samples cuts it: through the answer line
+            lp = np.asarray(c.logprobs[: cut[-1] if cut else 0], np.float64)
+            lik_mean.append(float(lp.mean()) if lp.size else -np.inf)
+            lik_min.append(float(lp.min()) if lp.size else -np.inf)
             prm_min.append(float(sc.prm[i].min()))
             right.append(bool(task.is_correct(p, c.text)))
             group.append(j)
             steps.append(len(sc.prm[i]) - 1)  # step lines (the answer line excluded)
             slips.append(task.diagnostics([c.text]).get("step_error_rate", 0.0) > 0)
     o, m, y, g, n, e = map(np.asarray, (orm, prm_min, right, group, steps, slips))
+    lm, ln = np.asarray(lik_mean), np.asarray(lik_min)
     operators = [len(p.meta["ops"]) for p in problems]
     picks = {"right": 0, "wrong_premature": 0, "wrong_step_error": 0, "wrong_other": 0}
+    lik_right = {"mean": 0, "min": 0}
     for j in sorted(set(g.tolist())):
         idx = np.flatnonzero(g == j)
+        lik_right["mean"] += int(y[idx[np.argmax(lm[idx])]])
+        lik_right["min"] += int(y[idx[np.argmax(ln[idx])]])
         best = int(idx[np.argmax(o[idx])])
         kind = ("right" if y[best] else "wrong_premature" if n[best] < operators[j]
                 else "wrong_step_error" if e[best] else "wrong_other")
@@ -89,6 +100,9 @@ def main() -> None:
            "orm_auroc": auroc(o, y), "orm_auroc_within_problem": grouped_auroc(o, y, g)[0],
            "prm_min_auroc": auroc(m, y), "prm_min_auroc_within_problem": grouped_auroc(m, y, g)[0],
            **{f"orm_pick_{k}": v for k, v in picks.items()},
+           "lik_mean_auroc_within_problem": grouped_auroc(lm, y, g)[0],
+           "lik_min_auroc_within_problem": grouped_auroc(ln, y, g)[0],
+           "lik_mean_pick_right": lik_right["mean"], "lik_min_pick_right": lik_right["min"],
            "premature_share_of_wrong": float(np.mean([n[i] < operators[g[i]] for i in np.flatnonzero(~y)]))
            if (~y).any() else None}
     print(table([row], list(row)))

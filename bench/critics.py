@@ -69,8 +69,8 @@ def labels_for(args: argparse.Namespace, cfg: Any, n: int) -> Any:
         cache = path.with_name(f"{path.name.removesuffix('.parquet')}.{tag}.parquet")
     if cache is not None and cache.exists():
         table = pq.read_table(cache)
-        if len(set(table.column("problem_id").to_pylist())) >= n:
-            return table
+        if len(set(table.column("problem_id").to_pylist())) >= n and "confidence" in table.column_names:
+            return table  # (a cache written before labels had a confidence column is rebuilt)
     trees = read_tree_files(tree_files(Path(args.trees)))
     pids = list(dict.fromkeys(trees.column("problem_id").to_pylist()))[:n]
     trees = trees.filter(pc.is_in(trees.column("problem_id"), pa.array(pids)))
@@ -177,7 +177,7 @@ def main() -> None:
     from arbor.lm.hf import HFPolicy
     from arbor.pipeline.config import load_config
     from arbor.pipeline.seeds import derive_seed
-    from arbor.stages.critics import held_out_metrics, new_critics, split_items
+    from arbor.stages.critics import evaluate_critics, held_out_metrics, new_critics, split_items
     from arbor.train.critic import train_critics
 
     from .common import save, table
@@ -206,7 +206,7 @@ def main() -> None:
                 models = new_critics(base, shared=c.shared_backbone)
                 t0 = time.perf_counter()
                 summary = train_critics(models, items["train"], items["val"], c, seed=train_seed, progress=False)
-                metrics, _ = held_out_metrics(models, parts["heldout"], items["heldout"], c)
+                metrics, _, _ = evaluate_critics(models, parts, items, c)  # fused, as the stage reports them
                 seen, seen_items = split_items(labels, {p: "heldout" for p, x in split.items() if x == "train"}, c)
                 fit, _ = held_out_metrics(models, seen["heldout"], seen_items["heldout"], c)  # tree nodes of train
                 metrics |= {f"train_{k}_auroc": fit[f"{k}_auroc"] for k in ("value", "prm", "orm")}
@@ -225,6 +225,8 @@ def main() -> None:
     cols = ["problems", "variant", "train_seed", "value_auroc", "value_precision", "value_recall", "value_ece",
             "prm_auroc", "prm_precision", "prm_recall", "prm_ece", "orm_auroc", "orm_precision", "orm_recall",
             "orm_ece", "epochs", "train_seconds"]
+    cols += [f"{k}_{m}" for m in ("auroc_within_problem", "auroc_critic_only", "auroc_within_problem_critic_only")
+             for k in ("value", "prm", "orm") if any(f"{k}_{m}" in r for r in rows)]
     print(table(rows, cols))
     path = save(args.name, {"trees": args.trees, "policy": args.policy, "threads": args.threads,
                             "critics": dataclasses.asdict(cfg.critics), "rows": rows})

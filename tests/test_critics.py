@@ -111,6 +111,32 @@ def test_cached_scoring_equals_uncached_and_reads_each_stored_token_once(policy,
     check_cached_equals_uncached(policy, *grown)
 
 
+def test_search_scoring_goes_through_the_fusion_saved_beside_the_critics(policy, grown, tmp_path):
+    from arbor.critics.confidence import Fusion, path_features
+    from arbor.critics.scorer import load_critics
+    from arbor.pipeline.manifest import write_manifest
+
+    b, batches = grown
+    tree = b.tree
+    model = CriticModel.from_policy(policy.model, ["value", "prm", "orm"])
+    model.save(tmp_path / "shared")
+    Fusion({"value": [0.5, 2.0, -1.0, 0.5, 0.2], "orm": [1.5, 0.0, 1.0, 0.0, -0.1]}).save(tmp_path)
+    write_manifest(tmp_path, {"stage": "critics", "iteration": 0})
+    critics = load_critics(tmp_path, ["value", "orm"])
+    assert critics["value"].fusion is not None
+    scorer = CriticScorer(critics, CriticsConfig(b_value=1.0, b_prm=0.0, b_orm=0.0))
+    nodes = [n for batch in batches for n in batch]
+    got = np.concatenate([scorer(b, batch, seed=0) for batch in batches])
+    ref = model.score([tree.path_tokens(n).tolist() for n in nodes], batch_size=4)
+    z = path_features(tree.parent, tree.log_prior, tree.tok_len, np.asarray(nodes, np.int64))
+    assert np.abs(z).max() > 0  # the policy's log-probs are in the tree
+    fused = {k: Fusion.load(tmp_path).apply(k, ref[k], z) for k in ("value", "orm")}
+    answered = np.array([any(is_terminal_step(x) for x in b.text(n).splitlines()) for n in nodes])
+    want = np.where(tree.terminal[nodes], np.where(answered, fused["orm"], 0.0), fused["value"])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert not np.allclose(fused["value"], ref["value"], atol=1e-3)  # the fusion did change the scores
+
+
 def test_cached_scoring_equals_uncached_gpt2(char_tok):
     policy = HFPolicy(tiny_model(char_tok, arch="gpt2", seed=1), char_tok)
     check_cached_equals_uncached(policy, *grow(policy))
@@ -428,8 +454,14 @@ def test_stage_writes_loadable_critics_metrics_and_plot(char_tok, tmp_path, one_
         assert heldout[k]["auroc"] == pytest.approx(m[f"{k}_auroc"])
         w = m[f"{k}_auroc_within_problem"]
         assert heldout[k]["auroc_within_problem"] == (None if w is None else pytest.approx(w))
+    # the fusion with the policy's confidence, fitted on the validation problems, scores the reported metrics;
+    # the critics' own AUROCs are beside them
+    assert (tmp_path / "critics" / "confidence.json").is_file()
+    assert {f"{k}_auroc_critic_only" for k in ("value", "prm", "orm")} <= set(m)
+    assert {f"value_confidence_{c}" for c in ("critic", "path_mean", "weakest_step", "last_step", "bias")} <= set(m)
     critics = load_critics(tmp_path / "critics", ["value", "orm"])
     assert critics["value"] is critics["orm"]  # one shared backbone
+    assert critics["value"].fusion is not None and set(critics["value"].fusion.coef) == {"value", "prm", "orm"}
     assert critics["orm"].model.score([[1, 40, 50, 5]])["orm"].shape == (1,)
     scorer = critic_scorer(tmp_path / "critics", CriticsConfig(b_value=1.0, b_prm=0.0))  # decoding: + ORM
     assert set(scorer.critics) == {"value", "orm"} and len(scorer.backbones) == 1 and not scorer.uses_oracle

@@ -88,6 +88,19 @@ def test_sample_scores_cached_equal_uncached(char_tok):
     fed = sum(len(policy.encode(t.split("extra")[0])) for t in texts)
     assert critic.critic_forward_tokens == len(prompt) + fed and critic.counters.cache_misses == 1
     assert len(critic.store) == 0  # emptied for the next problem
+    # critics saved with a fusion read each step prefix's confidence from the sample's own token log-probs
+    from arbor.critics.confidence import Fusion, sample_features
+
+    critic.fusion = Fusion({"prm": [1.0, 0.0, 3.0, 0.0, 0.0], "orm": [0.5, 2.0, 0.0, -1.0, 0.3]})
+    rng = np.random.default_rng(0)
+    samples = [Continuation(s.token_ids, -rng.random(len(s.token_ids)), "length", s.text) for s in samples]
+    fused = score_samples({"prm": critic, "orm": critic}, prompt, samples, piece=piece, step_tokens=32,
+                          is_terminal=is_terminal_step)
+    for i, s in enumerate(samples):
+        ends = step_ends(s.token_ids, piece, step_tokens=32, is_terminal=is_terminal_step)
+        z = sample_features(s.logprobs, ends)
+        np.testing.assert_allclose(fused.prm[i], critic.fusion.apply("prm", got.prm[i], z), atol=1e-5)
+        np.testing.assert_allclose(fused.orm[i], critic.fusion.apply("orm", got.orm[i:i + 1], z[-1:])[0], atol=1e-5)
 
 
 # -- stages -----------------------------------------------------------------------------------------------------

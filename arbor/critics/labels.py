@@ -40,7 +40,8 @@ value, prm_soft, prm_hard, orm (null off terminals), prefix (text before the ste
 step (the node's step text; the prompt for the root), prefix_len (tokens before the step), tokens (every token
 id from the prompt through the step) and owner (the leaf reached by following first children, whose token
 path contains the node's: `path_owner`; training packs a problem's paths into one token trie instead,
-arbor/train/critic.py). Label sets are parquet, open with
+arbor/train/critic.py), confidence ([3] features of the policy's token log-probs along the path,
+arbor/critics/confidence.py). Label sets are parquet, open with
 `datasets.load_dataset("parquet", data_files=...)`, and are split by problem (`assign_splits`), never by node.
 
 Completion rows (`build_labels(completion_rows=True)`): the extra completions are whole solutions with a known
@@ -64,6 +65,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from arbor.critics.confidence import path_features, path_steps, sample_features
 from arbor.lm.base import Policy, StopRule
 from arbor.lm.kvcache import KVStore, prefix_key
 from arbor.tasks import is_solved, is_terminal_step
@@ -73,7 +75,7 @@ LABEL_SCHEMA = pa.schema([
     ("terminal", pa.bool_()), ("n_completions", pa.int32()), ("n_extra", pa.int32()), ("n_correct", pa.int32()),
     ("value", pa.float32()), ("prm_soft", pa.float32()), ("prm_hard", pa.float32()), ("orm", pa.float32()),
     ("prefix", pa.string()), ("step", pa.string()), ("prefix_len", pa.int32()), ("tokens", pa.list_(pa.int32())),
-    ("owner", pa.int32()),
+    ("owner", pa.int32()), ("confidence", pa.list_(pa.float64())),
 ])
 
 SPLITS = ("train", "val", "heldout")
@@ -328,6 +330,7 @@ def tree_labels(tree: TreeArrays, extra: tuple[np.ndarray, np.ndarray, np.ndarra
         with np.errstate(invalid="ignore", divide="ignore"):
             value, soft = total / cnt, correct / cnt
     owner = path_owner(tree.parent)
+    conf = path_features(tree.parent, tree.log_prior, tree.tok_len, np.arange(n, dtype=np.int64))
     prompt = decode(tree.tokens[: tree.tok_len[0]].tolist()) if decode else tree.step_text[0]
     cols: dict[str, list] = {name: [] for name in LABEL_SCHEMA.names}
     pid_hash = int.from_bytes(hashlib.blake2b(tree.problem_id.encode(), digest_size=8).digest())
@@ -347,7 +350,7 @@ def tree_labels(tree: TreeArrays, extra: tuple[np.ndarray, np.ndarray, np.ndarra
             "prefix": "" if i == 0 else prompt + "".join(tree.step_text[m] for m in path[1:-1]),
             "step": prompt if i == 0 else tree.step_text[i],
             "prefix_len": int(len(toks) - tree.tok_len[i]) if i else 0, "tokens": toks.tolist(),
-            "owner": int(owner[i]),
+            "owner": int(owner[i]), "confidence": conf[i].tolist(),
         }
         for k, v in row.items():
             cols[k].append(v)
@@ -364,6 +367,8 @@ def completion_labels(tree: TreeArrays, node: int, cont: Any, reward: float, fir
     ends = step_ends(toks, piece, step_tokens=step_tokens, is_terminal=is_terminal_step)
     cols: dict[str, list] = {name: [] for name in LABEL_SCHEMA.names}
     path = tree.path_tokens(node).tolist()
+    conf = sample_features(cont.logprobs, ends, path_steps(tree.parent, tree.log_prior, tree.tok_len, node)) \
+        if ends else np.zeros((0, 3))
     solved = float(is_solved(reward))
     prefix = "".join(tree.step_text[m] for m in tree.path(node))
     for j, e in enumerate(ends):
@@ -374,7 +379,7 @@ def completion_labels(tree: TreeArrays, node: int, cont: Any, reward: float, fir
                "depth": int(tree.depth[node]) + j + 1, "terminal": last, "n_completions": 1, "n_extra": 0,
                "n_correct": int(solved), "value": float(reward), "prm_soft": solved, "prm_hard": solved,
                "orm": solved if last else None, "prefix": prefix, "step": step, "prefix_len": len(path) + start,
-               "tokens": path + toks[:e], "owner": first_id - len(ends) + 1}
+               "tokens": path + toks[:e], "owner": first_id - len(ends) + 1, "confidence": conf[j].tolist()}
         prefix += step
         for k, v in row.items():
             cols[k].append(v)

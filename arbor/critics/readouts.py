@@ -14,7 +14,8 @@ tokens) and cut after its first terminal
 step (the answer line, as a tree path ends); a trailing EOS is not fed. The critics read the samples with
 prefix caching: the prompt once per problem, then each step on top of its parent's cached KV
 (`CachedCritic.score`, fed level by level), so every distinct sample token passes each critic backbone once;
-that work is `critic_forward_tokens`. Ties go to the first sample.
+that work is `critic_forward_tokens`. Critics saved with a fusion (`critics.confidence`) score through it, with
+each step prefix's confidence features from the sample's own token log-probs. Ties go to the first sample.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from arbor.critics.confidence import sample_features
 from arbor.critics.labels import step_ends
 from arbor.critics.scorer import CachedCritic
 from arbor.lm.base import Continuation
@@ -48,7 +50,7 @@ def score_samples(critics: dict[str, CachedCritic], prompt: Sequence[int], sampl
     `critics` maps "prm" and "orm" to their `CachedCritic` (one object when the backbone is shared). A sample
     with no token gets ORM 0 and one PRM step of 0. The critics' stores are emptied afterwards.
     """
-    paths, ends = [], []
+    paths, ends, feats = [], [], []
     for c in samples:
         toks = list(c.token_ids)
         if toks and c.finish == "eos" and eos_token_id is not None and toks[-1] == eos_token_id:
@@ -56,6 +58,7 @@ def score_samples(critics: dict[str, CachedCritic], prompt: Sequence[int], sampl
         e = step_ends(toks, piece, step_tokens=step_tokens, is_terminal=is_terminal) if toks else []
         paths.append([*prompt, *toks[: e[-1]]] if e else list(prompt))
         ends.append(e)
+        feats.append(sample_features(c.logprobs, e) if e else np.zeros((0, 3)))
     orm = np.zeros(len(samples))
     prm = [np.zeros(max(1, len(e))) for e in ends]
     backbones = {id(c): c for c in critics.values()}.values()
@@ -66,7 +69,8 @@ def score_samples(critics: dict[str, CachedCritic], prompt: Sequence[int], sampl
             start = [len(prompt) + (ends[i][level - 1] if level else 0) for i in rows]
             seqs = [paths[i][: len(prompt) + ends[i][level]] for i in rows]
             last = [len(ends[i]) == level + 1 for i in rows]
-            got = critic.score(seqs, start, kinds=kinds, keep=[not x for x in last])
+            got = critic.score(seqs, start, kinds=kinds, keep=[not x for x in last],
+                               confidence=np.asarray([feats[i][level] for i in rows]))
             for j, i in enumerate(rows):
                 if "prm" in got:
                     prm[i][level] = got["prm"][j]

@@ -19,13 +19,16 @@ store; the ORM reads each rollout from the node's cached KV in its own store (ro
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import DynamicCache
 
+from arbor.critics.confidence import Fusion, path_features, path_steps, sample_features
 from arbor.critics.config import KINDS, CriticsConfig
+from arbor.critics.labels import step_ends
 from arbor.critics.models import CriticModel, left_pad, load
 from arbor.lm.base import StopRule, TokenCounters
 from arbor.lm.kvcache import KVStore, PrefixState, prefix_key
@@ -35,11 +38,13 @@ from arbor.mcts.grow import TreeBuilder
 class CachedCritic:
     """A critic backbone with its own content-keyed prefix KV store and token counters."""
 
-    def __init__(self, model: CriticModel, budget_bytes: int | None = None, batch_size: int = 64) -> None:
+    def __init__(self, model: CriticModel, budget_bytes: int | None = None, batch_size: int = 64,
+                 fusion: Fusion | None = None) -> None:
         self.model = model.eval()
         self.store = KVStore(budget_bytes)
         self.counters = TokenCounters()
         self.batch_size = batch_size
+        self.fusion = fusion  # with the policy's confidence (arbor/critics/confidence.py), saved beside the critics
 
     @property
     def critic_forward_tokens(self) -> int:
@@ -72,11 +77,12 @@ class CachedCritic:
 
     @torch.inference_mode()
     def score(self, paths: Sequence[Sequence[int]], parent_lens: Sequence[int], *, kinds: Sequence[str],
-              keep: Sequence[bool] | None = None) -> dict[str, np.ndarray]:
+              keep: Sequence[bool] | None = None, confidence: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """{kind: [n] sigmoid scores at the last token of each path}. Path i extends the cached prefix
         `paths[i][:parent_lens[i]]` (recomputed and stored on a miss); only `paths[i][parent_lens[i]:]` is fed
         (a path that adds no token is scored at the prefix it ends with). `keep[i]`: store path i's own state
-        for later children (default all)."""
+        for later children (default all). `confidence` [n, 3]: the policy's confidence features of each path
+        (arbor/critics/confidence.py); given and with a fusion loaded, the scores are the fused ones."""
         keep = [True] * len(paths) if keep is None else list(keep)
         out: dict[str, list[np.ndarray]] = {k: [] for k in kinds}
         for a in range(0, len(paths), self.batch_size):
@@ -95,7 +101,10 @@ class CachedCritic:
             hs = torch.stack([rows[i] for i in idx])
             for k, v in self.model.head_logits(hs, kinds).items():
                 out[k].append(torch.sigmoid(v).cpu().numpy())
-        return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
+        got = {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
+        if confidence is not None and self.fusion is not None:
+            got = {k: self.fusion.apply(k, v, confidence) for k, v in got.items()}
+        return got
 
     def _extend(self, paths: list[Sequence[int]], parent_lens: list[int], keep: list[bool]) -> torch.Tensor:
         """Feed each path's new tokens on its parent's KV (left-padded parents, right-padded new tokens: a real
@@ -156,7 +165,8 @@ def recorded_heldout(critics_dir: str | Path) -> dict | None:
 def load_critics(critics_dir: str | Path, kinds: Sequence[str], *, device: str = "cpu",
                  budget_bytes: int | None = None, batch_size: int = 64) -> dict[str, CachedCritic]:
     """{kind: CachedCritic} for `kinds` from a stage output (`<dir>/shared` with every head, or
-    `<dir>/{value,prm,orm}`); a shared backbone is one `CachedCritic` serving all its kinds. Only the named
+    `<dir>/{value,prm,orm}`), with the fusion saved beside them (`confidence.json`, if any); a shared backbone
+    is one `CachedCritic` serving all its kinds. Only the named
     kinds are loaded: a critic with weight 0 is never read. A stage-written directory is checked against its
     manifest first (a damaged or half-written one is refused, naming the file)."""
     from arbor.pipeline.manifest import verify
@@ -165,10 +175,11 @@ def load_critics(critics_dir: str | Path, kinds: Sequence[str], *, device: str =
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: critics not found (expected the output of `arbor critics`)")
     verify(root, required=False)
+    fusion = Fusion.load(root)
     if (root / "shared").is_dir():
-        one = CachedCritic(load(root / "shared", device), budget_bytes, batch_size)
+        one = CachedCritic(load(root / "shared", device), budget_bytes, batch_size, fusion)
         return {k: one for k in kinds}
-    return {k: CachedCritic(load(root / k, device), budget_bytes, batch_size) for k in kinds}
+    return {k: CachedCritic(load(root / k, device), budget_bytes, batch_size, fusion) for k in kinds}
 
 
 def critic_scorer(critics_dir: str | Path, cfg: CriticsConfig, *, reward: Callable[[str], float] | None = None,
@@ -227,6 +238,7 @@ class CriticScorer:
                 values[i] = tree.reward[nodes[i]] = self.reward(builder.text(nodes[i]))  # type: ignore[misc]
         paths = [tree.path_tokens(n) for n in nodes]
         parent_lens = [len(p) - int(tree.tok_len[n]) for p, n in zip(paths, nodes, strict=True)]
+        conf = path_features(tree.parent, tree.log_prior, tree.tok_len, np.asarray(nodes, np.int64))
         orm_terms = not gold and self.cfg.orm_at_terminals and "orm" in self.critics
         scores: dict[str, np.ndarray] = {}
         for critic in self.backbones:
@@ -238,7 +250,7 @@ class CriticScorer:
             if not rows:
                 continue
             got = critic.score([paths[i] for i in rows], [parent_lens[i] for i in rows], kinds=kinds,
-                               keep=[not tree.terminal[nodes[i]] for i in rows])
+                               keep=[not tree.terminal[nodes[i]] for i in rows], confidence=conf[rows])
             for k, v in got.items():
                 full = np.full(len(nodes), np.nan)
                 full[rows] = v
@@ -264,6 +276,12 @@ class CriticScorer:
                     values[i] = 0.0
         return np.clip(values, 0.0, 1.0)
 
+    def _piece(self, builder: TreeBuilder) -> Callable[[int], str]:
+        """One token's text (cached): how `step_ends` splits a rollout into steps."""
+        if getattr(self, "_pieces", None) is None:
+            self._pieces = lru_cache(maxsize=None)(lambda t: builder.policy.decode([t]))
+        return self._pieces
+
     def _rollout_orm(self, builder: TreeBuilder, nodes: list[int], paths: list[np.ndarray], seed: int) -> np.ndarray:
         """mean_i ORM(rollout_i) over `cfg.n_rollouts` fast rollouts from each node (policy's cached KV; the
         ORM reads each rollout from the node's cached KV in its own store)."""
@@ -271,17 +289,24 @@ class CriticScorer:
                         final_line=builder.is_terminal)
         outs = builder.policy.expand(builder.parents(nodes), self.cfg.n_rollouts, temperature=builder.temperature,
                                      seed=seed, stop=stop, store=builder.store, final=lambda _i, _text: True)
-        seqs, parent_lens, owner = [], [], []
+        tree = builder.tree
+        seqs, parent_lens, owner, conf = [], [], [], []
         for j, conts in enumerate(outs):
+            steps = path_steps(tree.parent, tree.log_prior, tree.tok_len, nodes[j])
             for c in conts:
                 toks = c.token_ids[:-1] if c.finish == "eos" else c.token_ids
                 if toks:
                     seqs.append([*paths[j].tolist(), *toks])
                     parent_lens.append(len(paths[j]))
                     owner.append(j)
+                    ends = step_ends(toks, self._piece(builder), step_tokens=builder.step_tokens,
+                                     is_terminal=builder.is_terminal) or [len(toks)]
+                    ends[-1] = len(toks)  # its features where the ORM reads it: at its last token
+                    conf.append(sample_features(c.logprobs[: len(toks)], ends, steps)[-1])
         means = np.full(len(nodes), 0.5)
         if seqs:
-            orm = self.critics["orm"].score(seqs, parent_lens, kinds=["orm"], keep=[False] * len(seqs))["orm"]
+            orm = self.critics["orm"].score(seqs, parent_lens, kinds=["orm"], keep=[False] * len(seqs),
+                                            confidence=np.asarray(conf))["orm"]
             own = np.asarray(owner)
             for j in range(len(nodes)):
                 if np.any(own == j):

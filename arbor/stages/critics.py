@@ -9,8 +9,10 @@ held-out problems, `<critic>_auroc`, `_precision`, `_recall`, `_ece` (arbor/crit
 counts and a reliability diagram.
 
 Outputs: `models/iter_<k>/critics/` = `shared/` (one backbone, three heads) or `value/`, `prm/`, `orm/`, each a
-model directory loadable with `arbor.critics.load`, plus `labels/{train,val,heldout}.parquet` and
-`_manifest.json`, written atomically; `metrics/critics_<k>.json`; `plots/critics_<k>_reliability.png`.
+model directory loadable with `arbor.critics.load`, plus `labels/{train,val,heldout}.parquet`,
+`confidence.json` (`critics.confidence`: each critic fused with the policy's confidence in the path, fitted on
+the validation problems; the held-out metrics are the fused scores', `<critic>_auroc_critic_only` beside them)
+and `_manifest.json`, written atomically; `metrics/critics_<k>.json`; `plots/critics_<k>_reliability.png`.
 Binary labels for the metrics: value = the value label >= 0.5, PRM = Math-Shepherd hard label (steps only; any
 of N = `critics.min_completions` policy completions right, arbor/critics/labels.py), ORM = correct (terminals).
 
@@ -31,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from arbor.critics.calibration import critic_metrics, grouped_auroc, reliability_diagram
+from arbor.critics.confidence import FEATURES, Fusion
 from arbor.critics.config import KINDS, CriticsConfig
 from arbor.critics.labels import assign_splits, build_labels, label_counts, read_tree_files, write_labels
 from arbor.critics.models import CriticModel
@@ -42,28 +45,71 @@ from arbor.pipeline.tracking import NullTracker, Tracker
 log = logging.getLogger("arbor.critics")
 
 
-def held_out_metrics(models: dict[str, CriticModel], labels: Any, items: list[dict], cfg: CriticsConfig,
-                     ) -> tuple[dict[str, float], dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """Per-critic metrics on `items` (packed held-out problems) and the (scores, binary labels) behind them."""
+def _predicted(models: dict[str, CriticModel], labels: Any, items: list[dict]) -> tuple[dict[str, np.ndarray], dict]:
+    """The critics' scores of the packed `items` ({kind: [R]}) and their label rows (a pydict, in that order)."""
     from arbor.train.critic import predict
 
     pred = predict(models, items)
-    d = labels.take(pred["row"]).to_pydict()
-    depth, term, problem = np.asarray(d["depth"]), np.asarray(d["terminal"]), np.asarray(d["problem_id"])
+    return pred, labels.take(pred["row"]).to_pydict()
+
+
+def _rows_and_targets(d: dict, prm_label: str = "soft") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{kind: (rows it is measured on [R] bool, its training target [R] in [0, 1])} of label rows `d`: value on
+    every node, the PRM on steps (depth > 0), the ORM on scored terminals."""
+    depth, term = np.asarray(d["depth"]), np.asarray(d["terminal"])
     orm = np.asarray([np.nan if x is None else x for x in d["orm"]], np.float64)
-    truth = {"value": (np.ones(len(depth), bool), np.asarray(d["value"]) >= 0.5),
-             "prm": (depth > 0, np.asarray(d["prm_hard"]) >= 0.5),
-             "orm": (term & ~np.isnan(orm), orm >= 0.5)}
+    prm = np.asarray(d["prm_soft" if prm_label == "soft" else "prm_hard"], np.float64)
+    return {"value": (np.ones(len(depth), bool), np.asarray(d["value"], np.float64)),
+            "prm": (depth > 0, prm), "orm": (term & ~np.isnan(orm), np.nan_to_num(orm))}
+
+
+def fit_confidence(models: dict[str, CriticModel], labels: Any, items: list[dict], cfg: CriticsConfig) -> Fusion:
+    """The fusion of each critic with the policy's confidence (arbor/critics/confidence.py), fitted on `items`
+    (the validation problems) against the targets the heads train on."""
+    pred, d = _predicted(models, labels, items)
+    feats = np.asarray(d["confidence"], np.float64).reshape(-1, 3)
+    rows = _rows_and_targets(d, cfg.prm_label)
+    return Fusion.fit({k: pred[k][rows[k][0]] for k in models}, {k: feats[rows[k][0]] for k in models},
+                      {k: rows[k][1][rows[k][0]] for k in models})
+
+
+def held_out_metrics(models: dict[str, CriticModel], labels: Any, items: list[dict], cfg: CriticsConfig,
+                     fusion: Fusion | None = None,
+                     ) -> tuple[dict[str, float], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Per-critic metrics on `items` (packed held-out problems) and the (scores, binary labels) behind them;
+    with `fusion`, of the scores fused with the policy's confidence (as search and the read-outs use them)."""
+    pred, d = _predicted(models, labels, items)
+    problem = np.asarray(d["problem_id"])
+    feats = np.asarray(d["confidence"], np.float64).reshape(-1, 3) if fusion is not None else None
+    truth = {k: (keep, target >= 0.5) for k, (keep, target) in _rows_and_targets(d, "hard").items()}
     metrics: dict[str, float] = {}
     curves = {}
     for k in models:
         keep, y = truth[k]
-        s = pred[k][keep]
+        s = pred[k] if fusion is None else fusion.apply(k, pred[k], feats)
+        s = s[keep]
         metrics.update(critic_metrics(k, s, y[keep], threshold=cfg.threshold, n_bins=cfg.n_bins))
         within, groups = grouped_auroc(s, y[keep], problem[keep])
         metrics |= {f"{k}_auroc_within_problem": within, f"{k}_within_problem_groups": groups}
         curves[k] = (s, y[keep])
     return metrics, curves
+
+
+def evaluate_critics(models: dict[str, CriticModel], parts: dict[str, Any], items: dict[str, list],
+                     cfg: CriticsConfig) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]],
+                                                  Fusion | None]:
+    """Trained critics -> (held-out metrics, their curves, the fusion): with `cfg.confidence` the fusion is
+    fitted on the validation split and the metrics are the fused scores', the critics' own AUROCs beside them
+    (`<kind>_auroc_critic_only`, `<kind>_auroc_within_problem_critic_only`) and the fitted coefficients
+    (`<kind>_confidence_<column>`)."""
+    fusion = fit_confidence(models, parts["val"], items["val"], cfg) if cfg.confidence else None
+    metrics, curves = held_out_metrics(models, parts["heldout"], items["heldout"], cfg, fusion)
+    if fusion is not None:
+        raw, _ = held_out_metrics(models, parts["heldout"], items["heldout"], cfg)
+        metrics |= {f"{k}_critic_only": raw[k] for k in raw if k.endswith(("_auroc", "_auroc_within_problem"))}
+        metrics |= {f"{k}_confidence_{col}": float(x) for k, coef in fusion.coef.items()
+                    for col, x in zip(("critic", *FEATURES, "bias"), coef, strict=True)}
+    return metrics, curves, fusion
 
 
 def heldout_record(metrics: dict[str, Any]) -> dict[str, dict[str, float | None]]:
@@ -179,12 +225,14 @@ def run(cfg: ArborConfig, *, trees_dir: str | Path, policy_dir: str | Path, trai
     summary = train_critics(models, items["train"], items["val"], c, seed=seed, accelerator=accelerator,
                             devices=devices, logger=_mlflow_logger(tracker, cfg.tracking.experiment))
     t_train = time.perf_counter() - t1
-    metrics, curves = held_out_metrics(models, parts["heldout"], items["heldout"], c)
+    metrics, curves, fusion = evaluate_critics(models, parts, items, c)
     with atomic_path(out_dir, is_dir=True) as tmp:
         for name, model in ({"shared": models["value"]} if c.shared_backbone else models).items():
             model.cpu().save(tmp / name, tokenizer=policy.tokenizer)
         for s, t in parts.items():
             write_labels(tmp / "labels" / f"{s}.parquet", t)
+        if fusion is not None:
+            fusion.save(tmp)
         write_manifest(tmp, {"stage": "critics", "iteration": iteration, "heldout": heldout_record(metrics)})
     if plot is not None:
         reliability_diagram(curves, plot, n_bins=c.n_bins)
