@@ -249,3 +249,25 @@ def test_search_decoding_obeys_the_gate_and_reports_the_critics_decoding_beside(
             assert gated[f"critic_{k}"] == v, k
     assert trusted["search_critics_gate"] is None and trusted["search_scorer"] == "critics"
     assert not any(k.startswith("critic_search") for k in trusted)
+
+
+def test_critic_guided_searches_run_in_lockstep_each_on_critic_views_of_its_own(world):
+    """A lockstep group of critic-guided searches: each problem's critics read each inner node's tokens once
+    (prompt + inner steps; gold terminals take the oracle), count their own tokens and seconds, and the loaded
+    critics' own stores and counters are never touched."""
+    from arbor.lm.kvcache import KVStore
+    from arbor.lm.loading import load_policy
+    from arbor.stages.search import CriticSet, search_group
+    from arbor.tasks import build_task, read_problems
+
+    cfg = load_config(None, {**FAST, "search.lockstep": 2})
+    policy = load_policy(world / "policy", cfg)
+    crit = CriticSet(world / "critics", cfg)
+    problems = read_problems(world / "train.jsonl")[:2]
+    out = search_group(policy, build_task(cfg.task), problems, cfg.search, [5, 6], KVStore(), crit)
+    for rows, st in out:
+        inner = sum(n for n, t in zip(rows["tok_len"], rows["terminal"], strict=True) if not t)
+        assert st["critic_forward_tokens"] == inner > 0
+        assert 0 < st["critic_seconds"] < st["model_seconds"]
+    assert all(len(c.store) == 0 and c.critic_forward_tokens == 0 and c.seconds == 0
+               for c in crit.critics.values())

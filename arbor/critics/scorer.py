@@ -18,6 +18,7 @@ store; the ORM reads each rollout from the node's cached KV in its own store (ro
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -45,6 +46,12 @@ class CachedCritic:
         self.counters = TokenCounters()
         self.batch_size = batch_size
         self.fusion = fusion  # with the policy's confidence (arbor/critics/confidence.py), saved beside the critics
+        self.seconds = 0.0  # wall seconds inside `score` (the critic's model time)
+
+    def view(self) -> CachedCritic:
+        """The same critic (model and fusion shared) with an empty store and counters of its own: one per
+        problem when several searches run together (arbor/lm/lockstep.py), so none evicts or counts another's."""
+        return CachedCritic(self.model, self.store.budget, self.batch_size, self.fusion)
 
     @property
     def critic_forward_tokens(self) -> int:
@@ -83,6 +90,7 @@ class CachedCritic:
         (a path that adds no token is scored at the prefix it ends with). `keep[i]`: store path i's own state
         for later children (default all). `confidence` [n, 3]: the policy's confidence features of each path
         (arbor/critics/confidence.py); given and with a fusion loaded, the scores are the fused ones."""
+        t0 = time.perf_counter()
         keep = [True] * len(paths) if keep is None else list(keep)
         out: dict[str, list[np.ndarray]] = {k: [] for k in kinds}
         for a in range(0, len(paths), self.batch_size):
@@ -104,6 +112,7 @@ class CachedCritic:
         got = {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
         if confidence is not None and self.fusion is not None:
             got = {k: self.fusion.apply(k, v, confidence) for k, v in got.items()}
+        self.seconds += time.perf_counter() - t0
         return got
 
     def _extend(self, paths: list[Sequence[int]], parent_lens: list[int], keep: list[bool]) -> torch.Tensor:
@@ -220,6 +229,11 @@ class CriticScorer:
     def critic_forward_tokens(self) -> int:
         """Token positions computed by every critic backbone together."""
         return sum(c.critic_forward_tokens for c in self.backbones)
+
+    @property
+    def model_seconds(self) -> float:
+        """Wall seconds in the critics' model calls (the search counts them as model time, not tree work)."""
+        return sum(c.seconds for c in self.backbones)
 
     def clear(self) -> None:
         """Drop every cached prefix (call between problems, as the search stage clears the policy's store)."""

@@ -73,13 +73,12 @@ class CriticSet:
                                     budget_bytes=int(c.kv_budget_mb * 2**20), batch_size=c.batch_size)
 
     def scorer(self, reward: Any) -> Any:
-        """A `CriticScorer` over these critics with the oracle `reward` at terminals (token counters reset)."""
+        """A `CriticScorer` over these critics with the oracle `reward` at terminals, on views of its own
+        (`CachedCritic.view`: empty stores, zero counters), so that searches run together never share them."""
         from arbor.critics.scorer import CriticScorer
-        from arbor.lm.base import TokenCounters
 
-        for critic in self.critics.values():
-            critic.counters = TokenCounters()
-        return CriticScorer(self.critics, self.cfg, reward)
+        views = {id(c): c.view() for c in self.critics.values()}
+        return CriticScorer({k: views[id(c)] for k, c in self.critics.items()}, self.cfg, reward)
 
 
 def _value_terminals(b: TreeBuilder, reward: Any) -> None:
@@ -126,8 +125,9 @@ def search_problem(policy: Policy, task: Task, problem: Problem, cfg: SearchConf
             b = chain_tree(policy, prompt, g=cfg.chains, **common)
         _value_terminals(b, reward)
         res = readouts(b, 0, task.vote_key)
+    critic_seconds = 0.0
     if critics is not None and cfg.algorithm == "eta_mcts":
-        critic_tokens = scorer.critic_forward_tokens
+        critic_tokens, critic_seconds = scorer.critic_forward_tokens, scorer.model_seconds
         scorer.clear()  # this problem's prefixes are never needed again
     tree = res.builder.tree
     used = policy.counters.since(before)
@@ -144,7 +144,7 @@ def search_problem(policy: Policy, task: Task, problem: Problem, cfg: SearchConf
         "solved_any": any(is_solved(r) for r in tree.reward[terms]), "solved_greedy": ok(res.greedy_leaf),
         "solved_best": ok(res.best_leaf), "solved_rerank": ok(res.rerank_leaf),
         "solved_vote": bool(res.vote_answer is not None and task.is_correct(problem, f"Answer: {res.vote_answer}\n")),
-        "merged": res.builder.merged, "critic_forward_tokens": critic_tokens,
+        "merged": res.builder.merged, "critic_forward_tokens": critic_tokens, "critic_seconds": critic_seconds,
         "wall_seconds": time.perf_counter() - t0,
     }
     if cfg.algorithm == "tree_grpo":  # Tree-GRPO §3: expected tokens M*B + M*L*N*B/2, B = mean trajectory length
@@ -163,32 +163,32 @@ def search_group(policy: Policy, task: Task, problems: Sequence[Problem], cfg: S
     searches), each with its own seed; returns `search_problem`'s (rows, stats) per problem.
 
     The group's store holds every member's prefixes until the group ends. Per-problem model counters are the
-    members' apportioned shares (their sums are exact); `wall_seconds` and `model_seconds` (inside `Policy`
-    calls) are the group's split evenly and `kv_peak_bytes` the group's peak split by stored tokens, so the
-    stage's sums stay true totals. A group of one (or a search guided by critics, whose models and counters are
-    per problem) runs as before. Critic forwards count as tree work in `model_seconds` (they are not `Policy`
-    calls), which only critic-guided searches make.
+    members' apportioned shares (their sums are exact); `wall_seconds` and the policy's part of `model_seconds`
+    (inside `Policy` calls) are the group's split evenly and `kv_peak_bytes` the group's peak split by stored
+    tokens, so the stage's sums stay true totals. Critics (eta-MCTS guided by them) score each problem on views
+    of their own (`CriticSet.scorer`): a problem's critic forwards, tokens and seconds are its own, and its
+    `model_seconds` adds its critic seconds (model time, not tree work). A group of one runs without lockstep.
     """
     from arbor.lm.lockstep import Lockstep, apportion
 
     clock = TimedPolicy(policy)
-    if len(problems) == 1 or critics is not None:
+    if len(problems) == 1:
         out = []
         for p, s in zip(problems, seeds, strict=True):
             before = clock.seconds
             out.append(search_problem(clock, task, p, cfg, s, store, critics))  # type: ignore[arg-type]
-            out[-1][1]["model_seconds"] = clock.seconds - before
+            out[-1][1]["model_seconds"] = clock.seconds - before + out[-1][1]["critic_seconds"]
         return out
     store.reset_peaks()
     t0 = time.perf_counter()
-    jobs = [partial(lambda member, p, s: search_problem(member, task, p, cfg, s, store, own_store=False), p=p, s=s)
-            for p, s in zip(problems, seeds, strict=True)]
+    jobs = [partial(lambda member, p, s: search_problem(member, task, p, cfg, s, store, critics, own_store=False),
+                    p=p, s=s) for p, s in zip(problems, seeds, strict=True)]
     out = Lockstep(clock).run(jobs)  # type: ignore[arg-type]
     wall = time.perf_counter() - t0
     peaks = apportion(store.peak_nbytes, [st["unique_tokens"] for _, st in out])
     for (_, st), peak in zip(out, peaks, strict=True):
         st["wall_seconds"] = wall / len(out)
-        st["model_seconds"] = clock.seconds / len(out)
+        st["model_seconds"] = clock.seconds / len(out) + st["critic_seconds"]
         st["kv_peak_bytes"] = peak
     store.clear()
     return out
@@ -210,7 +210,8 @@ def _fingerprint(cfg: ArborConfig, policy_dir: str | Path, train_file: str | Pat
 
 
 def summarize(stats: list[dict[str, Any]], algorithm: str) -> dict[str, Any]:
-    """Aggregate per-problem stats into the stage metrics. `model_seconds`: wall seconds inside `Policy` calls;
+    """Aggregate per-problem stats into the stage metrics. `model_seconds`: wall seconds inside `Policy` calls and
+    critic calls (`critic_seconds`, critic-guided searches);
     `bookkeeping_fraction`: the rest's share of the searches' wall time (tree work, scoring glue, accounting;
     issue #9 asks <= 0.3%)."""
     n = len(stats)
@@ -219,6 +220,7 @@ def summarize(stats: list[dict[str, Any]], algorithm: str) -> dict[str, Any]:
     tot = {k: sum(s[k] for s in stats) for k in keys + (["grpo_expected_tokens"] if algorithm == "tree_grpo" else [])}
     model = sum(float(s.get("model_seconds", 0.0)) for s in stats)
     tot["model_seconds"] = model
+    tot["critic_seconds"] = sum(float(s.get("critic_seconds", 0.0)) for s in stats)
     tot["bookkeeping_fraction"] = 1.0 - model / tot["wall_seconds"] if tot["wall_seconds"] > 0 else None
     out: dict[str, Any] = {"algorithm": algorithm, "problems": n, **tot, "trajectories": tot["terminals"],
                            **sum_accounting({**s, "stored_tokens": s["unique_tokens"]} for s in stats),
