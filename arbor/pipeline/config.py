@@ -199,7 +199,7 @@ class SearchConfig:
     shard_size: int = _f(16, "Problems per parquet shard (the unit of resume).", **_COUNT)
     lockstep: int = _f(32, "Problems searched in lockstep: their searches' policy calls merged into one batched "
                            "call per step (arbor/lm/lockstep.py; 1 = one problem at a time). Critic-guided "
-                           "searches run one at a time.", **_COUNT)
+                           "searches too, each problem on critic views of its own.", **_COUNT)
     executor: str = _f("local", "Where problems are searched: local (this process) | ray (sharded across Ray actors, "
                                 "each with its own policy and critics; arbor/pipeline/executors.py).",
                        choices=("local", "ray"))
