@@ -172,7 +172,8 @@ def decoding(cfg: Any, policy: Any, task: Any, problems: Sequence[Any], args: ar
     seed = derive_seed(cfg.seed, "bench.equal_budget.decode")
     c = cfg.critics
     critics = load_critics(args.critics, sorted({"prm", "orm", *c.needed(gold=False)}), device=cfg.device,
-                           budget_bytes=int(c.kv_budget_mb * 2**20), batch_size=c.batch_size)
+                           budget_bytes=int(c.kv_budget_mb * 2**20), batch_size=c.batch_size,
+                           confidence=c.confidence)
     stop = StopRule(at_newline=False, max_new_tokens=e.max_new_tokens)
     before, t0 = policy.counters.snapshot(), time.perf_counter()
     acc = greedy_pass1(policy, task, problems, e, seed)

@@ -109,3 +109,24 @@ def test_label_rows_carry_the_features_of_their_node(tmp_path):
     assert sorted(nodes.tolist()) == [0, 1, 2, 3, 4, 5]
     np.testing.assert_allclose(np.asarray(lab["confidence"]), path_features(t.parent, t.log_prior, t.tok_len, nodes))
     np.testing.assert_allclose(lab["confidence"][nodes.tolist().index(4)], [-8.3 / 9, -3.0, -0.1])
+
+
+def test_unlabelled_rows_are_left_out_and_non_finite_numbers_never_reach_a_score(tmp_path):
+    rng = np.random.default_rng(2)
+    z = rng.normal(size=(500, 3)) - 2.0
+    p = rng.random(500)
+    y = (rng.random(500) < 1 / (1 + np.exp(-z[:, 0]))).astype(float)
+    y_nan = y.copy()
+    y_nan[::7] = np.nan
+    f = Fusion.fit({"value": p}, {"value": z}, {"value": y_nan})
+    ok = ~np.isnan(y_nan)
+    g = Fusion.fit({"value": p[ok]}, {"value": z[ok]}, {"value": y[ok]})
+    np.testing.assert_allclose(f.coef["value"], g.coef["value"])  # as if the unlabelled rows were not there
+    z_bad = z[:3].copy()
+    z_bad[0, 1], z_bad[1, 0] = -np.inf, np.nan
+    assert np.all(np.isfinite(f.apply("value", p[:3], z_bad)))
+    f.save(tmp_path)
+    meta = json.loads((tmp_path / "confidence.json").read_text())
+    (tmp_path / "confidence.json").write_text(json.dumps({**meta, "coef": {"value": [1.0, float("nan"), 0, 0, 0]}}))
+    with pytest.raises(ValueError, match="finite numbers"):
+        Fusion.load(tmp_path)

@@ -432,12 +432,21 @@ def stage_inputs(tok, tmp_path, *, chat_template: str | None = None):
     return trees, policy_dir, train
 
 
-def test_stage_writes_loadable_critics_metrics_and_plot(char_tok, tmp_path, one_thread):
+def test_stage_writes_loadable_critics_metrics_and_plot(char_tok, tmp_path, one_thread, monkeypatch):
     from arbor.critics.scorer import critic_scorer, load_critics
     from arbor.pipeline.config import ArborConfig, TrackingConfig
+    from arbor.stages import critics as stage
     from arbor.stages.critics import run
 
     trees, policy_dir, train = stage_inputs(char_tok, tmp_path)
+    fitted_on = []
+    fit = stage.fit_confidence
+
+    def spy(pred, d, cfg):
+        fitted_on.append(set(d["problem_id"]))
+        return fit(pred, d, cfg)
+
+    monkeypatch.setattr(stage, "fit_confidence", spy)
     cfg = ArborConfig(tracking=TrackingConfig(enabled=False))
     crit = CriticsConfig(max_epochs=2, min_completions=2, completion_tokens=6, shared_backbone=True)
     m = run(cfg, trees_dir=trees, policy_dir=policy_dir, train_file=train, out_dir=tmp_path / "critics",
@@ -457,11 +466,17 @@ def test_stage_writes_loadable_critics_metrics_and_plot(char_tok, tmp_path, one_
     # the fusion with the policy's confidence, fitted on the validation problems, scores the reported metrics;
     # the critics' own AUROCs are beside them
     assert (tmp_path / "critics" / "confidence.json").is_file()
-    assert {f"{k}_auroc_critic_only" for k in ("value", "prm", "orm")} <= set(m)
+    assert {f"{k}_auroc_{b}" for k in ("value", "prm", "orm") for b in ("critic_only", "confidence_only")} <= set(m)
+    import pyarrow.parquet as pq
+
+    val = set(pq.read_table(tmp_path / "critics" / "labels" / "val.parquet").column("problem_id").to_pylist())
+    assert fitted_on[0] == val  # the fusion is fitted on the validation problems only (then the baseline's)
+    assert all(f <= val for f in fitted_on)
     assert {f"value_confidence_{c}" for c in ("critic", "path_mean", "weakest_step", "last_step", "bias")} <= set(m)
     critics = load_critics(tmp_path / "critics", ["value", "orm"])
     assert critics["value"] is critics["orm"]  # one shared backbone
     assert critics["value"].fusion is not None and set(critics["value"].fusion.coef) == {"value", "prm", "orm"}
+    assert load_critics(tmp_path / "critics", ["value"], confidence=False)["value"].fusion is None
     assert critics["orm"].model.score([[1, 40, 50, 5]])["orm"].shape == (1,)
     scorer = critic_scorer(tmp_path / "critics", CriticsConfig(b_value=1.0, b_prm=0.0))  # decoding: + ORM
     assert set(scorer.critics) == {"value", "orm"} and len(scorer.backbones) == 1 and not scorer.uses_oracle

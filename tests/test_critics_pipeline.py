@@ -269,5 +269,9 @@ def test_critic_guided_searches_run_in_lockstep_each_on_critic_views_of_its_own(
         inner = sum(n for n, t in zip(rows["tok_len"], rows["terminal"], strict=True) if not t)
         assert st["critic_forward_tokens"] == inner > 0
         assert 0 < st["critic_seconds"] < st["model_seconds"]
+    # model seconds = the group's policy seconds split evenly + the problem's own critic seconds
+    policy_share = [st["model_seconds"] - st["critic_seconds"] for _, st in out]
+    assert policy_share[0] > 0 and policy_share[0] == pytest.approx(policy_share[1], rel=1e-9)
+    assert out[0][1]["critic_seconds"] != out[1][1]["critic_seconds"]
     assert all(len(c.store) == 0 and c.critic_forward_tokens == 0 and c.seconds == 0
                for c in crit.critics.values())

@@ -163,3 +163,31 @@ def test_groups_are_fixed_by_index():
     assert lockstep_groups(5, 2) == [[0, 1], [2, 3], [4]]
     assert lockstep_groups(64, 32) == [list(range(32)), list(range(32, 64))]
     assert lockstep_groups(3, 1) == [[0], [1], [2]] and lockstep_groups(0, 4) == []
+
+
+def test_an_interrupt_in_the_coordinator_unwinds_every_waiting_member(policy):
+    class Interrupting:
+        counters = policy.counters
+
+        def expand(self, *args, **kw):
+            raise KeyboardInterrupt
+
+    unwound = []
+
+    def job(m, i):
+        try:
+            return m.expand([_parent(policy, PROMPTS[0])], 1, stop=STEP, temperature=1.0, seed=i, store=None)
+        finally:
+            unwound.append(i)
+
+    with pytest.raises(KeyboardInterrupt):
+        Lockstep(Interrupting()).run([lambda m, i=i: job(m, i) for i in range(3)])
+    assert sorted(unwound) == [0, 1, 2] and not _live_members()
+
+
+def test_a_lockstep_over_a_member_is_refused(policy):
+    def nested(m):
+        return Lockstep(m).run([lambda inner: 0])
+
+    with pytest.raises(ValueError, match="lockstep member"):
+        Lockstep(policy).run([nested])

@@ -9,7 +9,8 @@ of step i):
 
     z = [ sum_i lp_i / sum_i n_i,   min_i lp_i / n_i,   lp_d / n_d ]     (path mean, weakest step, last step)
 
-(zeros at the root, which has no step), by logistic regression ("stacking", Wolpert 1992):
+(zeros at the root, which has no step; features clipped to [-50, 0]), by logistic regression ("stacking",
+Wolpert 1992):
 
     p' = sigmoid(a * logit(p) + u . z + c)          (per critic kind; a, u [3], c fitted)
 
@@ -22,6 +23,15 @@ fresh run, held-out problems; /tmp script, 2026-12-06): held-out AUROC value / P
 for the critic alone, 0.751 / 0.735 / 0.725 for the three features alone, 0.764 / 0.750 / 0.741 fused; within
 a problem 0.599 / 0.580 / 0.515 alone, 0.727 / 0.726 / 0.774 fused. AlphaLLM's critics (§4.3) read text only;
 the features need nothing the search does not already have, so they cost no forward pass.
+
+Known limits. (1) The fusion of critics_k is fitted on the log-probs of the policy that grew trees_k
+(policy_{k-1}; policy_0 for k = 0) and applied to the policy that uses critics_k afterwards (policy_k in
+evaluate_k, decode_k and search_{k+1}), whose log-probs step-DPO has moved; with `critics.refresh: false`
+critics_0's fusion serves every later policy. Re-scoring the validation paths under the using policy would
+remove the mismatch; not done. (2) A tree node's `log_prior` includes the log-prob of an EOS that ended its
+step while its `tok_len` does not count it; a sampled continuation's features (`sample_features`) leave a
+trailing EOS out. The two agree except for a path ended by EOS on a step of its own (an empty terminal step,
+whose features in the tree are the EOS's log-prob); such terminals state no answer.
 """
 
 from __future__ import annotations
@@ -99,10 +109,15 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
+FEATURE_FLOOR = -50.0
+"""Features are clipped to [FEATURE_FLOOR, 0] (a step of log-prob -inf, or NaN, reads as the floor)."""
+
+
 def _design(p: np.ndarray, z: np.ndarray) -> np.ndarray:
-    """[n, 5] columns logit(p), z (3), 1."""
-    z = np.asarray(z, np.float64).reshape(len(p), len(FEATURES))
-    return np.column_stack([_logit(p), z, np.ones(len(p))])
+    """[n, 5] columns logit(p), z (3, clipped), 1."""
+    z = np.nan_to_num(np.asarray(z, np.float64).reshape(len(p), len(FEATURES)), nan=FEATURE_FLOOR,
+                      neginf=FEATURE_FLOOR)
+    return np.column_stack([_logit(p), np.clip(z, FEATURE_FLOOR, 0.0), np.ones(len(p))])
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-3, iters: int = 50) -> np.ndarray:
@@ -132,11 +147,16 @@ class Fusion:
         """Fit each kind on its (critic scores [n], features [n, 3], targets [n] in [0, 1])."""
         coef = {}
         for k, p in scores.items():
-            y = np.asarray(targets[k], np.float64)
+            p, y = np.asarray(p, np.float64), np.asarray(targets[k], np.float64)
+            ok = np.isfinite(y) & np.isfinite(p)  # an unlabelled row (NaN target) is left out, as in training
+            p, y, z = p[ok], y[ok], np.asarray(feats[k], np.float64).reshape(-1, len(FEATURES))[ok]
             if len(y) == 0 or np.all(y == y[0]):  # nothing to separate: keep the critic's own score
                 coef[k] = [1.0, 0.0, 0.0, 0.0, 0.0]
                 continue
-            coef[k] = fit_logistic(_design(p, feats[k]), y).tolist()
+            b = fit_logistic(_design(p, z), y)
+            if not np.all(np.isfinite(b)):
+                raise ValueError(f"confidence fusion of the {k} critic: non-finite coefficients {b.tolist()}")
+            coef[k] = b.tolist()
         return cls(coef)
 
     def apply(self, kind: str, p: np.ndarray, z: np.ndarray) -> np.ndarray:
@@ -168,7 +188,7 @@ class Fusion:
         coef = meta.get("coef")
         width = len(FEATURES) + 2
         if not isinstance(coef, dict) or not all(
-                isinstance(v, list) and len(v) == width and all(isinstance(x, (int, float)) for x in v)
-                for v in coef.values()):
-            raise ValueError(f"{path}: key 'coef' = {coef!r}; expected {{kind: [{width} numbers]}}")
+                isinstance(v, list) and len(v) == width
+                and all(isinstance(x, (int, float)) and np.isfinite(x) for x in v) for v in coef.values()):
+            raise ValueError(f"{path}: key 'coef' = {coef!r}; expected {{kind: [{width} finite numbers]}}")
         return cls({str(k): [float(x) for x in v] for k, v in coef.items()})

@@ -92,7 +92,9 @@ class CriticsConfig:
                                 "log-probs: path mean, weakest step, last step), by a logistic regression fitted "
                                 "on the validation problems (arbor/critics/confidence.py). Default trees, "
                                 "critics_0: held-out AUROC value/PRM/ORM 0.720/0.695/0.711 -> 0.764/0.750/0.741, "
-                                "within a problem 0.599/0.580/0.515 -> 0.727/0.726/0.774.")
+                                "within a problem 0.599/0.580/0.515 -> 0.727/0.726/0.774. Read by the critics "
+                                "stage (fit or not) and by whatever loads critics (false: their own scores, a "
+                                "saved fusion ignored).")
     # metrics (arbor/critics/calibration.py)
     threshold: float = _f(0.5, "Decision threshold for precision and recall.", gt=0.0, max=1.0)
     n_bins: int = _f(10, "Equal-width bins of ECE and the reliability diagram.", min=2)
@@ -104,7 +106,8 @@ class CriticsConfig:
     n_rollouts: int = _f(4, "Fast rollouts per new inner node for the ORM term (paper: 4).", min=1)
     rollout_tokens: int = _f(96, "Longest fast rollout, in tokens.", min=1)
     orm_at_terminals: bool = _f(True, "Score terminals with the ORM where no gold answer exists.")
-    kv_budget_mb: float = _f(256.0, "Prefix KV-cache budget of each critic backbone (MB, LRU).", gt=0.0)
+    kv_budget_mb: float = _f(256.0, "Prefix KV-cache budget of each critic backbone (MB, LRU); the problems of a "
+                                    "lockstep search group (search.lockstep) split it evenly.", gt=0.0)
     batch_size: int = _f(64, "Nodes per critic forward when scoring.", min=1)
     guide_min_auroc: float = _f(0.6, "Training search (search_k, k >= 1) is guided by the critics of k-1 only when "
                                      "every critic it weighs ranks held-out nodes within a problem better than "

@@ -48,10 +48,11 @@ class CachedCritic:
         self.fusion = fusion  # with the policy's confidence (arbor/critics/confidence.py), saved beside the critics
         self.seconds = 0.0  # wall seconds inside `score` (the critic's model time)
 
-    def view(self) -> CachedCritic:
-        """The same critic (model and fusion shared) with an empty store and counters of its own: one per
-        problem when several searches run together (arbor/lm/lockstep.py), so none evicts or counts another's."""
-        return CachedCritic(self.model, self.store.budget, self.batch_size, self.fusion)
+    def view(self, budget_bytes: int | None) -> CachedCritic:
+        """The same critic (model and fusion shared) with an empty store of `budget_bytes` and counters of its
+        own: one per problem when several searches run together (arbor/lm/lockstep.py), so none evicts or
+        counts another's."""
+        return CachedCritic(self.model, budget_bytes, self.batch_size, self.fusion)
 
     @property
     def critic_forward_tokens(self) -> int:
@@ -172,10 +173,11 @@ def recorded_heldout(critics_dir: str | Path) -> dict | None:
 
 
 def load_critics(critics_dir: str | Path, kinds: Sequence[str], *, device: str = "cpu",
-                 budget_bytes: int | None = None, batch_size: int = 64) -> dict[str, CachedCritic]:
+                 budget_bytes: int | None = None, batch_size: int = 64,
+                 confidence: bool = True) -> dict[str, CachedCritic]:
     """{kind: CachedCritic} for `kinds` from a stage output (`<dir>/shared` with every head, or
-    `<dir>/{value,prm,orm}`), with the fusion saved beside them (`confidence.json`, if any); a shared backbone
-    is one `CachedCritic` serving all its kinds. Only the named
+    `<dir>/{value,prm,orm}`), with the fusion saved beside them (`confidence.json`, if any, and `confidence`:
+    false = the critics' own scores); a shared backbone is one `CachedCritic` serving all its kinds. Only the named
     kinds are loaded: a critic with weight 0 is never read. A stage-written directory is checked against its
     manifest first (a damaged or half-written one is refused, naming the file)."""
     from arbor.pipeline.manifest import verify
@@ -184,7 +186,7 @@ def load_critics(critics_dir: str | Path, kinds: Sequence[str], *, device: str =
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: critics not found (expected the output of `arbor critics`)")
     verify(root, required=False)
-    fusion = Fusion.load(root)
+    fusion = Fusion.load(root) if confidence else None
     if (root / "shared").is_dir():
         one = CachedCritic(load(root / "shared", device), budget_bytes, batch_size, fusion)
         return {k: one for k in kinds}
@@ -197,7 +199,7 @@ def critic_scorer(critics_dir: str | Path, cfg: CriticsConfig, *, reward: Callab
     gold) from a `critics` stage output. `reward` = the oracle at training time, None when decoding."""
     kinds = cfg.needed(gold=reward is not None)
     critics = load_critics(critics_dir, kinds, device=device, budget_bytes=int(cfg.kv_budget_mb * 2**20),
-                           batch_size=cfg.batch_size)
+                           batch_size=cfg.batch_size, confidence=cfg.confidence)
     return CriticScorer(critics, cfg, reward)
 
 

@@ -158,10 +158,25 @@ class Lockstep(Generic[T]):
     def run(self, jobs: Sequence[Callable[[Policy], T]]) -> list[T]:
         """`[job(member) for job in jobs]`, the jobs in lockstep; the first job's exception (in job order) is
         re-raised once every job has stopped."""
+        if isinstance(self.policy, Member):
+            raise ValueError("Lockstep over a lockstep member: nest searches in one group instead")
         self._hub = greenlet.getcurrent()
         members = [Member(self, i) for i in range(len(jobs))]
         for m, job in zip(members, jobs, strict=True):
             m._glet = greenlet.greenlet(lambda m=m, job=job: self._main(m, job), parent=self._hub)
+        try:
+            self._loop(members)
+        finally:  # an interrupt in the coordinator: let every suspended member unwind (its finally blocks run)
+            for m in members:
+                if m._glet is not None and m._glet:
+                    m._glet.throw(greenlet.GreenletExit)
+        for m in members:
+            if m._state.failed is not None and not isinstance(m._state.failed, (LockstepAborted,
+                                                                                greenlet.GreenletExit)):
+                raise m._state.failed
+        return [m._state.result for m in members]
+
+    def _loop(self, members: list[Member]) -> None:
         failed = False
         while True:
             for m in members:  # pass the baton: each runs to its next request or its end
@@ -171,16 +186,12 @@ class Lockstep(Generic[T]):
                     failed = failed or s.failed is not None
             waiting = [m for m in members if not m._state.done]
             if not waiting:
-                break
+                return
             if failed:
                 for m in waiting:
                     m._state.error = LockstepAborted("another search of this lockstep group failed")
                 continue
             self._answer(waiting)
-        for m in members:
-            if m._state.failed is not None and not isinstance(m._state.failed, LockstepAborted):
-                raise m._state.failed
-        return [m._state.result for m in members]
 
     # -- member side ---------------------------------------------------------------------------------------------
     def _main(self, m: Member, job: Callable[[Policy], T]) -> None:

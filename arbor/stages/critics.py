@@ -63,14 +63,41 @@ def _rows_and_targets(d: dict, prm_label: str = "soft") -> dict[str, tuple[np.nd
             "prm": (depth > 0, prm), "orm": (term & ~np.isnan(orm), np.nan_to_num(orm))}
 
 
-def fit_confidence(models: dict[str, CriticModel], labels: Any, items: list[dict], cfg: CriticsConfig) -> Fusion:
-    """The fusion of each critic with the policy's confidence (arbor/critics/confidence.py), fitted on `items`
-    (the validation problems) against the targets the heads train on."""
-    pred, d = _predicted(models, labels, items)
-    feats = np.asarray(d["confidence"], np.float64).reshape(-1, 3)
+def _features(d: dict) -> np.ndarray:
+    """[R, 3] confidence features of label rows `d` (a clear error for a label table written before them)."""
+    if "confidence" not in d:
+        raise ArborInputError("label table without a 'confidence' column (written before critics.confidence); "
+                              "rebuild the labels (rerun `arbor critics`)")
+    return np.asarray(d["confidence"], np.float64).reshape(-1, 3)
+
+
+def fit_confidence(pred: dict[str, np.ndarray], d: dict, cfg: CriticsConfig) -> Fusion:
+    """The fusion of each critic with the policy's confidence (arbor/critics/confidence.py), fitted on scored rows
+    (`pred`, `d`: `_predicted` of the validation problems) against the targets the heads train on. Root rows
+    (no step: features 0) are left out; search never scores the root."""
+    feats, depth = _features(d), np.asarray(d["depth"])
     rows = _rows_and_targets(d, cfg.prm_label)
-    return Fusion.fit({k: pred[k][rows[k][0]] for k in models}, {k: feats[rows[k][0]] for k in models},
-                      {k: rows[k][1][rows[k][0]] for k in models})
+    keep = {k: rows[k][0] & (depth > 0) for k in pred if k in rows}
+    return Fusion.fit({k: pred[k][m] for k, m in keep.items()}, {k: feats[m] for k, m in keep.items()},
+                      {k: rows[k][1][m] for k, m in keep.items()})
+
+
+def _metrics(scores: dict[str, np.ndarray], d: dict, cfg: CriticsConfig,
+             ) -> tuple[dict[str, float], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Per-critic metrics of `scores` ({kind: [R]}) on label rows `d` and the (scores, binary labels) behind
+    them; binary labels as the module docstring says."""
+    problem = np.asarray(d["problem_id"])
+    metrics: dict[str, float] = {}
+    curves = {}
+    for k, (keep, target) in _rows_and_targets(d, "hard").items():
+        if k not in scores:
+            continue
+        s, y = scores[k][keep], target[keep] >= 0.5
+        metrics.update(critic_metrics(k, s, y, threshold=cfg.threshold, n_bins=cfg.n_bins))
+        within, groups = grouped_auroc(s, y, problem[keep])
+        metrics |= {f"{k}_auroc_within_problem": within, f"{k}_within_problem_groups": groups}
+        curves[k] = (s, y)
+    return metrics, curves
 
 
 def held_out_metrics(models: dict[str, CriticModel], labels: Any, items: list[dict], cfg: CriticsConfig,
@@ -79,36 +106,37 @@ def held_out_metrics(models: dict[str, CriticModel], labels: Any, items: list[di
     """Per-critic metrics on `items` (packed held-out problems) and the (scores, binary labels) behind them;
     with `fusion`, of the scores fused with the policy's confidence (as search and the read-outs use them)."""
     pred, d = _predicted(models, labels, items)
-    problem = np.asarray(d["problem_id"])
-    feats = np.asarray(d["confidence"], np.float64).reshape(-1, 3) if fusion is not None else None
-    truth = {k: (keep, target >= 0.5) for k, (keep, target) in _rows_and_targets(d, "hard").items()}
-    metrics: dict[str, float] = {}
-    curves = {}
-    for k in models:
-        keep, y = truth[k]
-        s = pred[k] if fusion is None else fusion.apply(k, pred[k], feats)
-        s = s[keep]
-        metrics.update(critic_metrics(k, s, y[keep], threshold=cfg.threshold, n_bins=cfg.n_bins))
-        within, groups = grouped_auroc(s, y[keep], problem[keep])
-        metrics |= {f"{k}_auroc_within_problem": within, f"{k}_within_problem_groups": groups}
-        curves[k] = (s, y[keep])
-    return metrics, curves
+    if fusion is not None:
+        feats = _features(d)
+        pred = {k: fusion.apply(k, v, feats) if k in models else v for k, v in pred.items()}
+    return _metrics({k: pred[k] for k in models}, d, cfg)
 
 
 def evaluate_critics(models: dict[str, CriticModel], parts: dict[str, Any], items: dict[str, list],
                      cfg: CriticsConfig) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]],
                                                   Fusion | None]:
-    """Trained critics -> (held-out metrics, their curves, the fusion): with `cfg.confidence` the fusion is
-    fitted on the validation split and the metrics are the fused scores', the critics' own AUROCs beside them
-    (`<kind>_auroc_critic_only`, `<kind>_auroc_within_problem_critic_only`) and the fitted coefficients
-    (`<kind>_confidence_<column>`)."""
-    fusion = fit_confidence(models, parts["val"], items["val"], cfg) if cfg.confidence else None
-    metrics, curves = held_out_metrics(models, parts["heldout"], items["heldout"], cfg, fusion)
-    if fusion is not None:
-        raw, _ = held_out_metrics(models, parts["heldout"], items["heldout"], cfg)
-        metrics |= {f"{k}_critic_only": raw[k] for k in raw if k.endswith(("_auroc", "_auroc_within_problem"))}
-        metrics |= {f"{k}_confidence_{col}": float(x) for k, coef in fusion.coef.items()
-                    for col, x in zip(("critic", *FEATURES, "bias"), coef, strict=True)}
+    """Trained critics -> (held-out metrics, their curves, the fusion). With `cfg.confidence` the fusion is
+    fitted on the validation split and `<kind>_auroc` etc. are the fused scores' (what search and the read-outs
+    use), with two baselines beside them: the critic alone (`<kind>_auroc_critic_only`,
+    `<kind>_auroc_within_problem_critic_only`) and the policy's confidence alone, fitted the same way without
+    the critic (`..._confidence_only`): the critic's own contribution is the gap between fused and
+    confidence-only. The fitted coefficients are `<kind>_confidence_<column>`."""
+    kinds = list(models)
+    held, d = _predicted(models, parts["heldout"], items["heldout"])
+    if not cfg.confidence:
+        metrics, curves = _metrics({k: held[k] for k in kinds}, d, cfg)
+        return metrics, curves, None
+    val, dv = _predicted(models, parts["val"], items["val"])
+    fusion = fit_confidence({k: val[k] for k in kinds}, dv, cfg)
+    feats = _features(d)
+    metrics, curves = _metrics({k: fusion.apply(k, held[k], feats) for k in kinds}, d, cfg)
+    alone = fit_confidence({k: np.full(len(val[k]), 0.5) for k in kinds}, dv, cfg)  # logit 0: features only
+    for name, scores in (("critic_only", {k: held[k] for k in kinds}),
+                         ("confidence_only", {k: alone.apply(k, np.full(len(held[k]), 0.5), feats) for k in kinds})):
+        m, _ = _metrics(scores, d, cfg)
+        metrics |= {f"{k}_{name}": m[k] for k in m if k.endswith(("_auroc", "_auroc_within_problem"))}
+    metrics |= {f"{k}_confidence_{col}": float(x) for k, coef in fusion.coef.items()
+                for col, x in zip(("critic", *FEATURES, "bias"), coef, strict=True)}
     return metrics, curves, fusion
 
 

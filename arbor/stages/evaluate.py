@@ -220,7 +220,7 @@ def run(cfg: ArborConfig, *, policy_dir: str | Path = "models/iter_0/policy",
         c = cfg.critics
         kinds = sorted({"prm", "orm", *c.needed(gold=False)}) if part != "decode" else sorted(c.needed(gold=False))
         critics = load_critics(critics_dir, kinds, device=cfg.device, budget_bytes=int(c.kv_budget_mb * 2**20),
-                               batch_size=c.batch_size)
+                               batch_size=c.batch_size, confidence=c.confidence)
     metrics: dict[str, Any] = {}
     if part in ("sample", "all"):
         metrics, samples = sample_policy(policy, task, problems, k=e.k, temperature=e.temperature,

@@ -72,14 +72,18 @@ class CriticSet:
         c = cfg.critics
         self.cfg = c
         self.critics = load_critics(critics_dir, c.needed(gold=True), device=cfg.device,
-                                    budget_bytes=int(c.kv_budget_mb * 2**20), batch_size=c.batch_size)
+                                    budget_bytes=int(c.kv_budget_mb * 2**20), batch_size=c.batch_size,
+                                    confidence=c.confidence)
+        # a lockstep group's problems hold their critic prefixes at once: they share the budget evenly
+        self.view_budget = int(c.kv_budget_mb * 2**20) // max(1, cfg.search.lockstep)
 
     def scorer(self, reward: Any) -> Any:
         """A `CriticScorer` over these critics with the oracle `reward` at terminals, on views of its own
-        (`CachedCritic.view`: empty stores, zero counters), so that searches run together never share them."""
+        (`CachedCritic.view`: empty stores of 1/`search.lockstep` of `critics.kv_budget_mb`, zero counters), so
+        that searches run together never share them and hold no more than the budget together."""
         from arbor.critics.scorer import CriticScorer
 
-        views = {id(c): c.view() for c in self.critics.values()}
+        views = {id(c): c.view(self.view_budget) for c in self.critics.values()}
         return CriticScorer({k: views[id(c)] for k, c in self.critics.items()}, self.cfg, reward)
 
 
