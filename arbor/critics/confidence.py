@@ -21,9 +21,9 @@ critics stage's held-out metrics, critic-guided search (`CriticScorer`) and the 
 (`score_samples`) all score through them. Measured on the default pipeline's search_0 trees (critics_0 of a
 fresh run, held-out problems; /tmp script, 2026-12-06): held-out AUROC value / PRM / ORM 0.720 / 0.695 / 0.711
 for the critic alone, 0.751 / 0.735 / 0.725 for the three features alone, 0.764 / 0.750 / 0.741 fused; within
-a problem 0.599 / 0.580 / 0.515 alone, 0.727 / 0.726 / 0.774 fused. Most of that is the features: the same fusion
-without the critic (`<kind>_auroc_confidence_only` in the stage's metrics) reads 0.751 / 0.733 / 0.724 at
-critics_0 of a fresh run and equals the fused scores at iterations 1-2 (README, Critics). AlphaLLM's critics (§4.3) read text only;
+a problem 0.599 / 0.580 / 0.515 alone, 0.727 / 0.726 / 0.774 fused. Most of that is the features: the
+same fusion without the critic (`<kind>_auroc_confidence_only` in the stage's metrics) reads 0.751 / 0.733 /
+0.724 at critics_0 of a fresh run and equals the fused scores at iterations 1-2 (README, Critics). AlphaLLM's critics (§4.3) read text only;
 the features need nothing the search does not already have, so they cost no forward pass.
 
 Known limits. (1) The fusion of critics_k is fitted on the log-probs of the policy that grew trees_k
