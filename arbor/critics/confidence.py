@@ -23,8 +23,9 @@ fresh run, held-out problems; /tmp script, 2026-12-06): held-out AUROC value / P
 for the critic alone, 0.751 / 0.735 / 0.725 for the three features alone, 0.764 / 0.750 / 0.741 fused; within
 a problem 0.599 / 0.580 / 0.515 alone, 0.727 / 0.726 / 0.774 fused. Most of that is the features: the
 same fusion without the critic (`<kind>_auroc_confidence_only` in the stage's metrics) reads 0.751 / 0.733 /
-0.724 at critics_0 of a fresh run and equals the fused scores at iterations 1-2 (README, Critics). AlphaLLM's critics (§4.3) read text only;
-the features need nothing the search does not already have, so they cost no forward pass.
+0.724 at critics_0 of a fresh run and equals the fused scores at iterations 1-2 (README, Critics).
+AlphaLLM's critics (§4.3) read text only; the features need nothing the search does not already have, so
+they cost no forward pass.
 
 Known limits. (1) The fusion of critics_k is fitted on the log-probs of the policy that grew trees_k
 (policy_{k-1}; policy_0 for k = 0) and applied to the policy that uses critics_k afterwards (policy_k in
