@@ -38,11 +38,11 @@ def main() -> None:
     ap.add_argument("--name", default="critic_samples")
     args = ap.parse_args()
 
-    from functools import lru_cache
 
     import torch
 
     from arbor.critics.calibration import auroc, grouped_auroc
+    from arbor.critics.labels import token_pieces
     from arbor.critics.readouts import score_samples, step_ends
     from arbor.critics.scorer import load_critics
     from arbor.lm.loading import load_policy
@@ -61,7 +61,7 @@ def main() -> None:
                                max_new_tokens=cfg.evaluate.max_new_tokens, batch_size=cfg.evaluate.batch_size,
                                seed=args.seed)
     critics = load_critics(args.critics, ["prm", "orm"])
-    piece = lru_cache(maxsize=None)(lambda t: policy.decode([t]))
+    piece = token_pieces(policy.decode)
     if not all("ops" in p.meta for p in problems):
         raise ValueError(f"{args.eval}: problems without meta['ops']; this diagnostic needs the synthetic task")
     orm, prm_min, right, group, steps, slips, lik_mean, lik_min = [], [], [], [], [], [], [], []
@@ -73,8 +73,10 @@ def main() -> None:
             if task.vote_key(c.text) is None:  # states no answer: not a best-of-N candidate
                 continue
             orm.append(sc.orm[i])
-            cut = step_ends(list(c.token_ids), piece, step_tokens=cfg.search.eta.step_tokens,
-                            is_terminal=is_terminal_step)  # as score_samples cuts it: through the answer line
+            toks = list(c.token_ids)
+            if toks and c.finish == "eos" and toks[-1] == policy.eos_token_id:
+                toks = toks[:-1]  # as score_samples cuts a sample: no trailing EOS, through the answer line
+            cut = step_ends(toks, piece, step_tokens=cfg.search.eta.step_tokens, is_terminal=is_terminal_step)
             lp = np.asarray(c.logprobs[: cut[-1] if cut else 0], np.float64)
             lik_mean.append(float(lp.mean()) if lp.size else -np.inf)
             lik_min.append(float(lp.min()) if lp.size else -np.inf)

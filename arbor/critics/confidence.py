@@ -18,12 +18,11 @@ fitted by the `critics` stage on the validation split (not the training split: t
 those labels and its logits are overconfident there), against the same targets the heads train on (soft value
 and PRM labels, the ORM's outcome). The coefficients are saved beside the critics (`confidence.json`); the
 critics stage's held-out metrics, critic-guided search (`CriticScorer`) and the read-outs over sampled chains
-(`score_samples`) all score through them. Measured on the default pipeline's search_0 trees (critics_0 of a
-fresh run, held-out problems; /tmp script, 2026-12-06): held-out AUROC value / PRM / ORM 0.720 / 0.695 / 0.711
-for the critic alone, 0.751 / 0.735 / 0.725 for the three features alone, 0.764 / 0.750 / 0.741 fused; within
-a problem 0.599 / 0.580 / 0.515 alone, 0.727 / 0.726 / 0.774 fused. Most of that is the features: the
-same fusion without the critic (`<kind>_auroc_confidence_only` in the stage's metrics) reads 0.751 / 0.733 /
-0.724 at critics_0 of a fresh run and equals the fused scores at iterations 1-2 (README, Critics).
+(`score_samples`) all score through them. Measured by the stage in a fresh run of the tiny default
+(66d131f, metrics/critics_0.json, held-out problems): AUROC value / PRM / ORM 0.720 / 0.695 / 0.711 for the
+critic alone, 0.751 / 0.733 / 0.724 for the same fusion without the critic (`<kind>_auroc_confidence_only`),
+0.771 / 0.750 / 0.736 fused; within a problem 0.599 / 0.580 / 0.515 alone, 0.731 / 0.729 / 0.772 fused. Most
+of it is the features: at iterations 1-2 the features alone equal the fused scores (README, Critics).
 AlphaLLM's critics (§4.3) read text only; the features need nothing the search does not already have, so
 they cost no forward pass.
 

@@ -90,9 +90,10 @@ class CriticsConfig:
     weight_decay: float = _f(0.1, "AdamW weight decay (the critics overfit problem identity without it).", min=0.0)
     confidence: bool = _f(True, "Fuse each critic's score with the policy's confidence in the path (its token "
                                 "log-probs: path mean, weakest step, last step), by a logistic regression fitted "
-                                "on the validation problems (arbor/critics/confidence.py). Default trees, "
-                                "critics_0: held-out AUROC value/PRM/ORM 0.720/0.695/0.711 -> 0.764/0.750/0.741, "
-                                "within a problem 0.599/0.580/0.515 -> 0.727/0.726/0.774. Read by the critics "
+                                "on the validation problems (arbor/critics/confidence.py). Tiny default, "
+                                "critics_0 of a fresh run: held-out AUROC value/PRM/ORM 0.720/0.695/0.711 -> "
+                                "0.771/0.750/0.736 (the features alone: 0.751/0.733/0.724), within a problem "
+                                "0.599/0.580/0.515 -> 0.731/0.729/0.772. Read by the critics "
                                 "stage (fit or not) and by whatever loads critics (false: their own scores, a "
                                 "saved fusion ignored).")
     # metrics (arbor/critics/calibration.py)

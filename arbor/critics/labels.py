@@ -234,6 +234,13 @@ class TreeArrays:
         return "".join(self.step_text[n] for n in self.path(node)[1:])
 
 
+def token_pieces(decode: Callable[[Sequence[int]], str]) -> Callable[[int], str]:
+    """`piece(t)`: one token's text, `decode([t])`, cached (what `step_ends` reads to split a path into steps)."""
+    from functools import lru_cache
+
+    return lru_cache(maxsize=None)(lambda t: decode([t]))
+
+
 def step_ends(token_ids: Sequence[int], piece: Callable[[int], str], *, step_tokens: int,
               is_terminal: Callable[[str], bool]) -> list[int]:
     """Exclusive end index of each step of `token_ids` [T] as the search tree splits a path (a step ends after a
@@ -417,9 +424,7 @@ def build_labels(trees: pa.Table, *, min_completions: int = 0, policy: Policy | 
     parts = [tree_labels(t, e, decode=decode, hard_completions=hard_completions, seed=seed, estimate=estimate)
              for t, e in zip(arrays, extras, strict=True)]
     if min_completions > 0 and completion_rows:
-        from functools import lru_cache
-
-        piece = lru_cache(maxsize=None)(lambda t: policy.decode([t]))  # type: ignore[union-attr]
+        piece = token_pieces(policy.decode)  # type: ignore[union-attr]
         next_id = [-1] * len(arrays)
         for t, node, cont, reward in sink:  # type: ignore[union-attr]
             cols = completion_labels(arrays[t], node, cont, reward, next_id[t], piece=piece, step_tokens=step_tokens,

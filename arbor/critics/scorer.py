@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ from transformers import DynamicCache
 
 from arbor.critics.confidence import Fusion, path_features, path_steps, sample_features
 from arbor.critics.config import KINDS, CriticsConfig
-from arbor.critics.labels import step_ends
+from arbor.critics.labels import step_ends, token_pieces
 from arbor.critics.models import CriticModel, left_pad, load
 from arbor.lm.base import StopRule, TokenCounters
 from arbor.lm.kvcache import KVStore, PrefixState, prefix_key
@@ -295,7 +294,7 @@ class CriticScorer:
     def _piece(self, builder: TreeBuilder) -> Callable[[int], str]:
         """One token's text (cached): how `step_ends` splits a rollout into steps."""
         if getattr(self, "_pieces", None) is None:
-            self._pieces = lru_cache(maxsize=None)(lambda t: builder.policy.decode([t]))
+            self._pieces = token_pieces(builder.policy.decode)
         return self._pieces
 
     def _rollout_orm(self, builder: TreeBuilder, nodes: list[int], paths: list[np.ndarray], seed: int) -> np.ndarray:

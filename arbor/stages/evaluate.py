@@ -96,11 +96,10 @@ def critic_readouts(critics: dict[str, Any], policy: Policy, task: Task, problem
                     samples: Sequence[Sequence[Continuation]], *, step_tokens: int) -> dict[str, Any]:
     """ORM best-of-k, ORM-weighted vote, PRM (min / last step) best-of-k over the drawn samples
     (arbor/critics/readouts.py); accuracy per read-out and the critics' forward tokens."""
-    from functools import lru_cache
-
+    from arbor.critics.labels import token_pieces
     from arbor.critics.readouts import READOUTS, rerank, score_samples
 
-    piece = lru_cache(maxsize=None)(lambda t: policy.decode([t]))
+    piece = token_pieces(policy.decode)
     backbones = list({id(c): c for c in critics.values()}.values())
     before = sum(c.counters.forward_tokens for c in backbones)
     t0 = time.perf_counter()
