@@ -482,6 +482,35 @@ def test_stage_writes_loadable_critics_metrics_and_plot(char_tok, tmp_path, one_
     assert set(scorer.critics) == {"value", "orm"} and len(scorer.backbones) == 1 and not scorer.uses_oracle
 
 
+def test_stage_trains_on_outcome_samples_of_problems_without_trees(char_tok, tmp_path, one_thread):
+    """`critics.outcome_problems`: the first train problems the search did not reach get whole sampled
+    solutions, whose rows go to the training split only (the held-out metrics stay on tree nodes)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from arbor.pipeline.config import ArborConfig, TrackingConfig
+    from arbor.stages.critics import run
+
+    trees, policy_dir, train = stage_inputs(char_tok, tmp_path)
+    with train.open("a") as f:  # six more problems, none searched
+        f.write("".join(json.dumps({"id": f"x{i}", "question": f"{i}", "answer": "1"}) + "\n" for i in range(6)))
+    cfg = ArborConfig(tracking=TrackingConfig(enabled=False))
+    crit = CriticsConfig(max_epochs=1, min_completions=2, completion_tokens=6, outcome_problems=4,
+                         outcome_samples=3)
+    m = run(cfg, trees_dir=trees, policy_dir=policy_dir, train_file=train, out_dir=tmp_path / "critics", critics=crit)
+    assert m["outcome_problems"] == 4 and m["outcome_solutions"] == 12 and m["outcome_rows"] >= 12
+    assert 0.0 <= m["outcome_solved"] <= 1.0
+    labels = {s: pq.read_table(tmp_path / "critics" / "labels" / f"{s}.parquet").to_pydict()
+              for s in ("train", "val", "heldout")}
+    outcome = {p for p, n in zip(labels["train"]["problem_id"], labels["train"]["node"], strict=True) if n < 0}
+    assert outcome == {"x0", "x1", "x2", "x3"}  # the first problems without a tree, in file order
+    assert not {"x0", "x1", "x2", "x3", "x4", "x5"} & (set(labels["val"]["problem_id"])
+                                                       | set(labels["heldout"]["problem_id"]))
+    assert m["train_completion_rows"] == m["outcome_rows"]  # counted beside the tree nodes, never as them
+    assert m["heldout_value_n"] > 0
+
+
 def test_stage_trains_the_same_critics_whatever_ran_before(char_tok, tmp_path, one_thread):
     """Same inputs and seed, same critics, bitwise, even when the process's global torch RNG was left in another
     state (two fresh `make run`s once trained different critics_0 from identical labels: the heads were

@@ -245,3 +245,33 @@ def test_label_set_opens_with_datasets(tree_table, tmp_path):
                                                          "step", "value", "prm_soft", "prm_hard", "orm"}
     assert label_counts(table) == {"value_n": 6, "value_pos": 5, "prm_n": 5, "prm_pos": 4, "orm_n": 3,
                                    "orm_pos": 2, "problems": 1, "completion_rows": 0}
+
+
+def test_outcome_rows_label_each_sampled_solution_step_by_its_outcome():
+    """Whole solutions sampled from the prompts of problems without a tree: one row per step, the solution's
+    reward on each, the ORM label at its answer line, the path's confidence features, negative node ids."""
+    from arbor.critics.labels import outcome_labels
+
+    def options(solution: str) -> list[str]:
+        return ["a\n", "b\n"] if solution == "" else ["Answer: 1\n" if solution == "a\n" else "Answer: 2\n"]
+
+    world = StepWorld(options, prompt=PROMPT)
+    prompts = {"q1": enc(PROMPT), "q2": enc(PROMPT)}
+    rewards = {"q1": reward, "q2": lambda text: float(text.rstrip().endswith("Answer: 2"))}
+    lab = outcome_labels(prompts, rewards, policy=world, samples=3, max_tokens=32, step_tokens=16,
+                         seed=0).to_pydict()
+    assert len(lab["node"]) == 12  # 2 problems x 3 solutions x 2 steps
+    for p, right in (("q1", "a\n"), ("q2", "b\n")):
+        rows = [i for i, q in enumerate(lab["problem_id"]) if q == p]
+        assert [lab["node"][i] for i in rows] == [-1, -2, -3, -4, -5, -6]  # ids run per problem
+        assert [lab["depth"][i] for i in rows] == [1, 2] * 3 and [lab["terminal"][i] for i in rows] == [0, 1] * 3
+        for first, last in zip(rows[::2], rows[1::2], strict=True):
+            solved = float(lab["step"][first] == right)
+            assert lab["value"][first] == lab["value"][last] == lab["prm_soft"][first] == solved
+            assert lab["orm"][first] is None and lab["orm"][last] == solved
+            assert lab["owner"][first] == lab["owner"][last] == lab["node"][last]
+            text = PROMPT + lab["step"][first] + lab["step"][last]
+            assert dec(lab["tokens"][last]) == text and lab["prefix_len"][last] == len(PROMPT) + 2
+            assert lab["prefix"][last] == PROMPT + lab["step"][first]
+            assert lab["confidence"][last] == pytest.approx([-0.1, -0.1, -0.1])  # every token at log-prob -0.1
+    assert {lab["step"][i] for i in range(0, 12, 2)} == {"a\n", "b\n"}  # both first steps were sampled

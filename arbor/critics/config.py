@@ -42,6 +42,14 @@ class CriticsConfig:
     completion_tokens: int = _f(96, "Longest extra completion, in tokens.", min=1)
     completion_rows: bool = _f(False, "Also train on each extra completion's steps and outcome (one-sample MC "
                                       "labels; several times the outcome labels, no extra policy compute).")
+    outcome_problems: int = _f(0, "Train problems without a tree (the first ones after the searched problems in "
+                                  "the train file) from which the policy samples `outcome_samples` whole "
+                                  "solutions each; their steps and outcomes train the critics as one-sample Monte "
+                                  "Carlo labels (Cobbe et al. 2021's verifier data; training split only, never "
+                                  "held out). 0 = off. Tiny default: 2000 problems x 4 samples ranked policy_0's "
+                                  "own samples within a problem no better than trees alone (README, Critics).",
+                               min=0)
+    outcome_samples: int = _f(4, "Solutions sampled per outcome problem (outcome_problems).", min=1)
     heldout_fraction: float = _f(0.25, "Fraction of problems held out for the reported metrics (split by "
                                        "problem, never by node).", gt=0.0, max=0.9)
     val_fraction: float = _f(0.15, "Fraction of the remaining problems used for early stopping.", gt=0.0, max=0.9)

@@ -50,6 +50,8 @@ splits steps, `step_ends`), node = a negative id (never a tree node), value = pr
 (a one-sample Monte Carlo label: unbiased, noisy), orm at its last step; the rows of one completion share one
 owner and each row is its own parent (no sibling pairs). They multiply the outcome
 labels several times at no extra policy compute; metrics are only ever taken on tree nodes (node >= 0).
+Outcome rows (`outcome_labels`, `critics.outcome_problems`) are the same rows for whole solutions sampled from
+the prompt of a train problem that has no tree (Cobbe et al. 2021): more problems than the search can afford.
 """
 
 from __future__ import annotations
@@ -364,26 +366,29 @@ def tree_labels(tree: TreeArrays, extra: tuple[np.ndarray, np.ndarray, np.ndarra
     return cols
 
 
-def completion_labels(tree: TreeArrays, node: int, cont: Any, reward: float, first_id: int, *,
-                      piece: Callable[[int], str], step_tokens: int, eos_token_id: int | None) -> dict[str, list]:
-    """Label columns of one extra completion from `node` (module docstring, "Completion rows"): one row per step,
-    node ids first_id, first_id - 1, ... (negative), owner = the id of its last row."""
+def continuation_rows(problem_id: str, path: list[int], prefix_steps: np.ndarray, prefix_text: str, depth: int,
+                      cont: Any, reward: float, first_id: int, *, piece: Callable[[int], str], step_tokens: int,
+                      eos_token_id: int | None) -> dict[str, list]:
+    """Label columns of one sampled continuation of the token path `path` (module docstring, "Completion
+    rows"): one row per step of `cont` (split by `step_ends`, a trailing EOS left out), node ids first_id,
+    first_id - 1, ... (negative), each its own parent, owner = the id of its last row; value = `reward`,
+    prm_soft = prm_hard = its outcome, orm at the last step; depths from `depth` + 1. `prefix_steps` [d, 2]:
+    (log-prob sum, tokens) of the steps `path` holds after the prompt (`path_steps`; none for a prompt),
+    `prefix_text` the text of `path`."""
     toks = list(cont.token_ids)
     if toks and cont.finish == "eos" and toks[-1] == eos_token_id:
         toks = toks[:-1]
     ends = step_ends(toks, piece, step_tokens=step_tokens, is_terminal=is_terminal_step)
     cols: dict[str, list] = {name: [] for name in LABEL_SCHEMA.names}
-    path = tree.path_tokens(node).tolist()
-    conf = sample_features(cont.logprobs, ends, path_steps(tree.parent, tree.log_prior, tree.tok_len, node)) \
-        if ends else np.zeros((0, 3))
+    conf = sample_features(cont.logprobs, ends, prefix_steps) if ends else np.zeros((0, 3))
     solved = float(is_solved(reward))
-    prefix = "".join(tree.step_text[m] for m in tree.path(node))
+    prefix = prefix_text
     for j, e in enumerate(ends):
         start = ends[j - 1] if j else 0
         step = "".join(piece(t) for t in toks[start:e])
         last = j + 1 == len(ends)
-        row = {"problem_id": tree.problem_id, "node": first_id - j, "parent": first_id - j,
-               "depth": int(tree.depth[node]) + j + 1, "terminal": last, "n_completions": 1, "n_extra": 0,
+        row = {"problem_id": problem_id, "node": first_id - j, "parent": first_id - j,
+               "depth": depth + j + 1, "terminal": last, "n_completions": 1, "n_extra": 0,
                "n_correct": int(solved), "value": float(reward), "prm_soft": solved, "prm_hard": solved,
                "orm": solved if last else None, "prefix": prefix, "step": step, "prefix_len": len(path) + start,
                "tokens": path + toks[:e], "owner": first_id - len(ends) + 1, "confidence": conf[j].tolist()}
@@ -391,6 +396,51 @@ def completion_labels(tree: TreeArrays, node: int, cont: Any, reward: float, fir
         for k, v in row.items():
             cols[k].append(v)
     return cols
+
+
+def completion_labels(tree: TreeArrays, node: int, cont: Any, reward: float, first_id: int, *,
+                      piece: Callable[[int], str], step_tokens: int, eos_token_id: int | None) -> dict[str, list]:
+    """Label columns of one extra completion from `node` of `tree` (`continuation_rows`)."""
+    return continuation_rows(tree.problem_id, tree.path_tokens(node).tolist(),
+                             path_steps(tree.parent, tree.log_prior, tree.tok_len, node),
+                             "".join(tree.step_text[m] for m in tree.path(node)), int(tree.depth[node]), cont,
+                             reward, first_id, piece=piece, step_tokens=step_tokens, eos_token_id=eos_token_id)
+
+
+def outcome_labels(prompts: dict[str, list[int]], rewards: dict[str, Callable[[str], float]], *, policy: Policy,
+                   samples: int, max_tokens: int, step_tokens: int, seed: int, rows_per_call: int = 256,
+                   progress: bool = False) -> pa.Table:
+    """Label rows of `samples` whole solutions the policy samples (temperature 1) for each problem of `prompts`
+    ({problem_id: prompt token ids}; problems that have no tree): each solution's steps and outcome, scored by
+    `rewards[problem_id](solution text)`, as one-sample Monte Carlo labels (`continuation_rows`): the outcome
+    supervision of Cobbe et al.'s verifiers (arXiv 2110.14168 §4: an ORM trained on many sampled solutions per
+    training problem, labelled by the final answer), here for all three critics. A solution ends at its first
+    terminal step line or after `max_tokens`, as an extra completion does; the k samples of a prompt share its
+    prefix state (`Policy.expand`), calls of about `rows_per_call` sequences."""
+    stop = StopRule(at_newline=False, max_new_tokens=max_tokens, line_tokens=step_tokens,
+                    final_line=is_terminal_step)
+    piece = token_pieces(policy.decode)
+    pids = list(prompts)
+    per_call = max(1, rows_per_call // max(1, samples))
+    parts: list[dict[str, list]] = []
+    from tqdm import tqdm
+
+    for c, a in enumerate(tqdm(range(0, len(pids), per_call), desc="outcome samples", unit="call",
+                               disable=not progress)):
+        chunk = pids[a: a + per_call]
+        conts = policy.expand([(prefix_key(prompts[p]), list(prompts[p])) for p in chunk], samples, stop=stop,
+                              temperature=1.0, seed=seed + c, store=KVStore(), final=lambda _i, _text: True)
+        for p, cs in zip(chunk, conts, strict=True):
+            text = policy.decode(prompts[p])
+            next_id = -1
+            for cont in cs:
+                cols = continuation_rows(p, list(prompts[p]), np.zeros((0, 2)), text, 0, cont,
+                                         float(rewards[p](cont.text)), next_id, piece=piece,
+                                         step_tokens=step_tokens, eos_token_id=policy.eos_token_id)
+                next_id -= max(1, len(cols["node"]))
+                parts.append(cols)
+    return pa.table({name: [v for p in parts for v in p[name]] for name in LABEL_SCHEMA.names},
+                    schema=LABEL_SCHEMA)
 
 
 def build_labels(trees: pa.Table, *, min_completions: int = 0, policy: Policy | None = None,

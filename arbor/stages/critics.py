@@ -35,7 +35,14 @@ import numpy as np
 from arbor.critics.calibration import critic_metrics, grouped_auroc, reliability_diagram
 from arbor.critics.confidence import FEATURES, Fusion
 from arbor.critics.config import KINDS, CriticsConfig
-from arbor.critics.labels import assign_splits, build_labels, label_counts, read_tree_files, write_labels
+from arbor.critics.labels import (
+    assign_splits,
+    build_labels,
+    label_counts,
+    outcome_labels,
+    read_tree_files,
+    write_labels,
+)
 from arbor.critics.models import CriticModel
 from arbor.pipeline import plan
 from arbor.pipeline.config import ArborConfig, ArborInputError
@@ -151,10 +158,12 @@ def heldout_record(metrics: dict[str, Any]) -> dict[str, dict[str, float | None]
             for k in KINDS if f"{k}_auroc" in metrics}
 
 
-def split_items(labels: Any, split: dict[str, str], c: CriticsConfig) -> tuple[dict[str, Any], dict[str, list]]:
+def split_items(labels: Any, split: dict[str, str], c: CriticsConfig, outcome: Any = None,
+                ) -> tuple[dict[str, Any], dict[str, list]]:
     """The label rows (pyarrow tables) and packed training items (arbor/train/critic.py) of each split named in
     `split` (problem_id -> train | val | heldout). Completion rows (node < 0) train and validate only with
-    `c.completion_rows`, and never enter the held-out metrics."""
+    `c.completion_rows`, and never enter the held-out metrics. `outcome`: the rows of sampled solutions to
+    problems without a tree (`arbor.critics.labels.outcome_labels`), all added to the training split."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -167,6 +176,11 @@ def split_items(labels: Any, split: dict[str, str], c: CriticsConfig) -> tuple[d
              for s in dict.fromkeys(split.values())}
     if "heldout" in parts:
         parts["heldout"] = parts["heldout"].filter(pc.greater_equal(parts["heldout"].column("node"), 0))
+    if outcome is not None and outcome.num_rows:
+        clash = set(outcome.column("problem_id").to_pylist()) & set(split)
+        if clash:
+            raise ValueError(f"outcome rows of problems that have trees: {sorted(clash)[:3]}")
+        parts["train"] = pa.concat_tables([parts["train"], outcome]) if "train" in parts else outcome
     items = {s: pack_problems(t, prm_label=c.prm_label, pair_margin=c.pair_margin, max_tokens=c.max_trie_tokens)
              for s, t in parts.items()}
     return parts, items
@@ -238,8 +252,22 @@ def run(cfg: ArborConfig, *, trees_dir: str | Path, policy_dir: str | Path, trai
                           progress=True, completion_rows=c.completion_rows, hard_completions=c.min_completions,
                           estimate=c.label_estimate)
     t_labels = time.perf_counter() - t0
+    outcome, n_outcome = None, {}
+    if c.outcome_problems > 0:  # whole solutions to train problems the search did not reach (training only)
+        searched = set(pids)
+        rest = [p for p in problems.values() if p.id not in searched][: c.outcome_problems]
+        t_out = time.perf_counter()
+        outcome = outcome_labels({p.id: policy.encode_prompt(task.prompt(p)) for p in rest},
+                                 {p.id: (lambda text, prob=p: task.reward(prob, text)) for p in rest},
+                                 policy=policy, samples=c.outcome_samples, max_tokens=c.completion_tokens,
+                                 step_tokens=cfg.search.eta.step_tokens,
+                                 seed=derive_seed(cfg.seed, "critics_outcome", iteration), progress=True)
+        term = outcome.filter(outcome.column("terminal")).column("orm").to_numpy(zero_copy_only=False)
+        n_outcome = {"outcome_problems": len(rest), "outcome_solutions": len(term), "outcome_rows": outcome.num_rows,
+                     "outcome_solved": float(np.mean(term)) if len(term) else None,
+                     "outcome_seconds": time.perf_counter() - t_out}
     split = assign_splits(pids, heldout_fraction=c.heldout_fraction, val_fraction=c.val_fraction, seed=seed)
-    parts, items = split_items(labels, split, c)
+    parts, items = split_items(labels, split, c, outcome)
     for s in ("train", "val", "heldout"):
         if not items.get(s):
             raise FileNotFoundError(f"{trees_dir}: {len(pids)} problems leave the {s} split empty; search more "
@@ -268,7 +296,7 @@ def run(cfg: ArborConfig, *, trees_dir: str | Path, policy_dir: str | Path, trai
     counts = {f"{s}_{k}": v for s, t in parts.items() for k, v in label_counts(t).items()}
     # undefined metrics (a held-out split without positives) are null in the JSON, not NaN
     metrics = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in metrics.items()}
-    return {**metrics, **counts, **summary, "shared_backbone": c.shared_backbone, "lora": c.lora.enabled,
+    return {**metrics, **counts, **n_outcome, **summary, "shared_backbone": c.shared_backbone, "lora": c.lora.enabled,
             "extra_completions": int(np.sum(labels.column("n_extra").to_numpy())) if c.min_completions else 0,
             "label_seconds": t_labels, "train_seconds": t_train, "wall_seconds": time.perf_counter() - t0}
 
