@@ -62,12 +62,10 @@ def _predicted(models: dict[str, CriticModel], labels: Any, items: list[dict]) -
 
 def _rows_and_targets(d: dict, prm_label: str = "soft") -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{kind: (rows it is measured on [R] bool, its training target [R] in [0, 1])} of label rows `d`: value on
-    every node, the PRM on steps (depth > 0), the ORM on scored terminals."""
-    depth, term = np.asarray(d["depth"]), np.asarray(d["terminal"])
-    orm = np.asarray([np.nan if x is None else x for x in d["orm"]], np.float64)
-    prm = np.asarray(d["prm_soft" if prm_label == "soft" else "prm_hard"], np.float64)
-    return {"value": (np.ones(len(depth), bool), np.asarray(d["value"], np.float64)),
-            "prm": (depth > 0, prm), "orm": (term & ~np.isnan(orm), np.nan_to_num(orm))}
+    every node, the PRM on steps (depth > 0), the ORM on scored terminals (`label_targets`, what training packs)."""
+    from arbor.train.critic import label_targets
+
+    return {k: (~np.isnan(t), np.nan_to_num(t)) for k, t in label_targets(d, prm_label).items()}
 
 
 def _features(d: dict) -> np.ndarray:

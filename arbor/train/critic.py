@@ -81,6 +81,16 @@ class _Trie:
         return at
 
 
+def label_targets(d: dict[str, list], prm_label: str = "soft") -> dict[str, np.ndarray]:
+    """{kind: [R] float64}: the training target of each row of `d` (a label table as a pydict,
+    arbor/critics/labels.py), NaN where the kind has no label: the value at every row, the PRM at steps
+    (depth > 0; its `prm_label` soft or hard label), the ORM at scored terminals (the outcome)."""
+    depth = np.asarray(d["depth"])
+    prm = np.asarray(d["prm_soft" if prm_label == "soft" else "prm_hard"], np.float64)
+    return {"value": np.asarray(d["value"], np.float64), "prm": np.where(depth > 0, prm, np.nan),
+            "orm": np.asarray([np.nan if x is None else x for x in d["orm"]], np.float64)}
+
+
 def pack_problems(table: pa.Table, *, prm_label: str = "soft", pair_margin: float = 0.3,
                   max_tokens: int = 4096) -> list[Item]:
     """Items of one token trie each: a problem's labelled rows' token paths merged so that each distinct token
@@ -101,7 +111,7 @@ def pack_problems(table: pa.Table, *, prm_label: str = "soft", pair_margin: floa
     by_problem: dict[str, list[int]] = {}
     for i, p in enumerate(d["problem_id"]):
         by_problem.setdefault(p, []).append(i)
-    prm = d["prm_soft"] if prm_label == "soft" else d["prm_hard"]
+    target = label_targets(d, prm_label)
     tokens = d["tokens"]
     items = []
     for pid, rows in by_problem.items():
@@ -118,9 +128,7 @@ def pack_problems(table: pa.Table, *, prm_label: str = "soft", pair_margin: floa
                 positions.append(trie.add(tokens[r]))
         for chunk, trie, positions in chunks:
             where = {r: j for j, r in enumerate(chunk)}
-            targets = {"value": [float(d["value"][r]) for r in chunk],
-                       "prm": [float(prm[r]) if d["depth"][r] > 0 else np.nan for r in chunk],
-                       "orm": [np.nan if d["orm"][r] is None else float(d["orm"][r]) for r in chunk]}
+            targets = {k: [float(t[r]) for r in chunk] for k, t in target.items()}
             sib: dict[int, list[int]] = {}
             for r in chunk:
                 if d["depth"][r] > 0 and d["node"][r] >= 0:
