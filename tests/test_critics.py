@@ -482,13 +482,14 @@ def test_stage_writes_loadable_critics_metrics_and_plot(char_tok, tmp_path, one_
     assert set(scorer.critics) == {"value", "orm"} and len(scorer.backbones) == 1 and not scorer.uses_oracle
 
 
-def test_stage_trains_on_outcome_samples_of_problems_without_trees(char_tok, tmp_path, one_thread):
+def test_stage_trains_on_outcome_samples_of_problems_without_trees(char_tok, tmp_path, one_thread, monkeypatch):
     """`critics.outcome_problems`: the first train problems the search did not reach get whole sampled
     solutions, whose rows go to the training split only (the held-out metrics stay on tree nodes)."""
     import json
 
     import pyarrow.parquet as pq
 
+    import arbor.train.critic as training
     from arbor.pipeline.config import ArborConfig, TrackingConfig
     from arbor.stages.critics import run
 
@@ -498,8 +499,17 @@ def test_stage_trains_on_outcome_samples_of_problems_without_trees(char_tok, tmp
     cfg = ArborConfig(tracking=TrackingConfig(enabled=False))
     crit = CriticsConfig(max_epochs=1, min_completions=2, completion_tokens=6, outcome_problems=4,
                          outcome_samples=3)
+    trained_on = {}
+    fit = training.train_critics
+
+    def spy(models, train_items, val_items, c, **kw):
+        trained_on.update(train={it["problem_id"] for it in train_items}, val={it["problem_id"] for it in val_items})
+        return fit(models, train_items, val_items, c, **kw)
+
+    monkeypatch.setattr(training, "train_critics", spy)
     m = run(cfg, trees_dir=trees, policy_dir=policy_dir, train_file=train, out_dir=tmp_path / "critics", critics=crit)
-    assert m["outcome_problems"] == 4 and m["outcome_solutions"] == 12 and m["outcome_rows"] >= 12
+    assert {"x0", "x1", "x2", "x3"} <= trained_on["train"] and not {"x0", "x1", "x2", "x3"} & trained_on["val"]
+    assert m["outcome_problems"] == 4 and m["outcome_solutions"] == 12 and m["outcome_rows"] >= 1
     assert 0.0 <= m["outcome_solved"] <= 1.0
     labels = {s: pq.read_table(tmp_path / "critics" / "labels" / f"{s}.parquet").to_pydict()
               for s in ("train", "val", "heldout")}
@@ -507,8 +517,39 @@ def test_stage_trains_on_outcome_samples_of_problems_without_trees(char_tok, tmp
     assert outcome == {"x0", "x1", "x2", "x3"}  # the first problems without a tree, in file order
     assert not {"x0", "x1", "x2", "x3", "x4", "x5"} & (set(labels["val"]["problem_id"])
                                                        | set(labels["heldout"]["problem_id"]))
-    assert m["train_completion_rows"] == m["outcome_rows"]  # counted beside the tree nodes, never as them
+    assert m["train_completion_rows"] == 0  # outcome rows are counted apart, never as tree nodes or completions
     assert m["heldout_value_n"] > 0
+
+
+def test_outcome_rows_of_a_problem_with_a_tree_are_refused(char_tok, tmp_path):
+    from arbor.stages.critics import split_items
+
+    write_trees(tmp_path / "t.parquet", planted_trees(char_tok, 2, seed=4))
+    labels = build_labels(read_tree_files([tmp_path / "t.parquet"]))
+    pid = labels.column("problem_id")[0].as_py()
+    with pytest.raises(ValueError, match="problems that have trees"):
+        split_items(labels, {pid: "train"}, CriticsConfig(), outcome=labels)
+
+
+def test_label_targets_by_hand():
+    """The value at every row, the PRM at steps only (soft or hard), the ORM at scored terminals only; the
+    stage's (measured rows, target) pairs are the same numbers."""
+    from arbor.stages.critics import _rows_and_targets
+    from arbor.train.critic import label_targets
+
+    d = {"depth": [0, 1, 2, 2], "terminal": [False, False, True, True], "value": [0.5, 0.25, 1.0, 0.0],
+         "prm_soft": [0.5, 0.25, 1.0, 0.0], "prm_hard": [1.0, 1.0, 1.0, 0.0], "orm": [None, None, 1.0, None]}
+    t = label_targets(d)
+    np.testing.assert_array_equal(t["value"], [0.5, 0.25, 1.0, 0.0])
+    np.testing.assert_array_equal(t["prm"], [np.nan, 0.25, 1.0, 0.0])
+    np.testing.assert_array_equal(t["orm"], [np.nan, np.nan, 1.0, np.nan])  # node 3: a terminal without reward
+    np.testing.assert_array_equal(label_targets(d, "hard")["prm"], [np.nan, 1.0, 1.0, 0.0])
+    rows = _rows_and_targets(d, "hard")
+    assert [m.tolist() for m, _ in rows.values()] == [[True] * 4, [False, True, True, True],
+                                                      [False, False, True, False]]
+    np.testing.assert_array_equal(rows["prm"][1], [0.0, 1.0, 1.0, 0.0])
+
+
 
 
 def test_stage_trains_the_same_critics_whatever_ran_before(char_tok, tmp_path, one_thread):

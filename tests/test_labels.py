@@ -257,10 +257,11 @@ def test_outcome_rows_label_each_sampled_solution_step_by_its_outcome():
 
     world = StepWorld(options, prompt=PROMPT)
     prompts = {"q1": enc(PROMPT), "q2": enc(PROMPT)}
-    rewards = {"q1": reward, "q2": lambda text: float(text.rstrip().endswith("Answer: 2"))}
-    lab = outcome_labels(prompts, rewards, policy=world, samples=3, max_tokens=32, step_tokens=16,
-                         seed=0).to_pydict()
-    assert len(lab["node"]) == 12  # 2 problems x 3 solutions x 2 steps
+    # the reward reads the solution text exactly (not the prompt with it)
+    rewards = {"q1": lambda text: float(text == "a\nAnswer: 1\n"), "q2": lambda text: float(text == "b\nAnswer: 2\n")}
+    table, got = outcome_labels(prompts, rewards, policy=world, samples=3, step_tokens=16, max_depth=4, seed=0)
+    lab = table.to_pydict()
+    assert len(lab["node"]) == 12 and len(got) == 6  # 2 problems x 3 solutions x 2 steps
     for p, right in (("q1", "a\n"), ("q2", "b\n")):
         rows = [i for i, q in enumerate(lab["problem_id"]) if q == p]
         assert [lab["node"][i] for i in rows] == [-1, -2, -3, -4, -5, -6]  # ids run per problem
@@ -275,3 +276,49 @@ def test_outcome_rows_label_each_sampled_solution_step_by_its_outcome():
             assert lab["prefix"][last] == PROMPT + lab["step"][first]
             assert lab["confidence"][last] == pytest.approx([-0.1, -0.1, -0.1])  # every token at log-prob -0.1
     assert {lab["step"][i] for i in range(0, 12, 2)} == {"a\n", "b\n"}  # both first steps were sampled
+    solved = [lab["value"][i] for i in range(1, 12, 2)]
+    assert got.tolist() == solved  # the rewards of all solutions, problem by problem, as the rows carry them
+
+
+def test_outcome_rows_are_seeded_call_by_call():
+    """Same seed, same rows; each call (here one problem each) draws with its own seed, so problems with the
+    same prompt do not all get the same solutions."""
+    from arbor.critics.labels import outcome_labels
+
+    def options(solution: str) -> list[str]:
+        return ["a\n", "b\n", "c\n", "d\n"] if solution == "" else ["Answer: 1\n"]
+
+    prompts = {f"q{i}": enc(PROMPT) for i in range(6)}
+    rewards = dict.fromkeys(prompts, reward)
+
+    def draw(seed: int):
+        table, _ = outcome_labels(prompts, rewards, policy=StepWorld(options, prompt=PROMPT), samples=3,
+                                  step_tokens=16, max_depth=4, seed=seed, rows_per_call=3)
+        d = table.to_pydict()
+        return [tuple(s for s, q, dep in zip(d["step"], d["problem_id"], d["depth"], strict=True)
+                      if q == p and dep == 1) for p in prompts]
+
+    first = draw(5)
+    assert draw(5) == first
+    assert len(set(first)) > 1  # calls are not all seeded alike
+
+
+def test_a_continuation_cut_by_a_limit_has_no_outcome_label():
+    """A continuation that stops at a token or line limit before an answer line states no solution: its last
+    step is not terminal and gets no ORM label (its steps keep the reward as value / PRM labels); one that the
+    policy ends with EOS is a complete (wrong) solution."""
+    from arbor.critics.labels import continuation_rows
+    from arbor.lm.base import Continuation
+
+    def rows(text: str, finish: str):
+        cont = Continuation(enc(text), np.full(len(text), -0.1, np.float32), finish, text)
+        return continuation_rows("p", enc(PROMPT), np.zeros((0, 2)), PROMPT, 0, cont, 0.0, -1, piece=chr,
+                                 step_tokens=16, eos_token_id=0)
+
+    cut = rows("a\nb\n", "length")
+    assert cut["terminal"] == [False, False] and cut["orm"] == [None, None] and cut["value"] == [0.0, 0.0]
+    ended = rows("a\nb\n\x00", "eos")
+    assert ended["terminal"] == [False, True] and ended["orm"] == [None, 0.0]
+    assert dec(ended["tokens"][-1]) == PROMPT + "a\nb\n"  # the EOS is no token of the path
+    answered = rows("a\nAnswer: 1\n", "stop")
+    assert answered["terminal"] == [False, True] and answered["orm"] == [None, 0.0]

@@ -44,7 +44,8 @@ class CriticsConfig:
                                       "labels; several times the outcome labels, no extra policy compute).")
     outcome_problems: int = _f(0, "Train problems without a tree (the first ones after the searched problems in "
                                   "the train file) from which the policy samples `outcome_samples` whole "
-                                  "solutions each; their steps and outcomes train the critics as one-sample Monte "
+                                  "solutions each (decoded as a search path is: search.eta.step_tokens, "
+                                  "max_depth); their steps and outcomes train the critics as one-sample Monte "
                                   "Carlo labels (Cobbe et al. 2021's verifier data; training split only, never "
                                   "held out). 0 = off. Tiny default, critics_0 with 2000 problems x 4 samples (40k "
                                   "more rows; 30 s of sampling, training 134 s instead of 31 s): held-out AUROC "

@@ -47,9 +47,10 @@ arbor/critics/confidence.py). Label sets are parquet, open with
 Completion rows (`build_labels(completion_rows=True)`): the extra completions are whole solutions with a known
 outcome, so each can also train the critics directly: one row per step of the completion (split as the tree
 splits steps, `step_ends`), node = a negative id (never a tree node), value = prm_soft = prm_hard = its outcome
-(a one-sample Monte Carlo label: unbiased, noisy), orm at its last step; the rows of one completion share one
-owner and each row is its own parent (no sibling pairs). They multiply the outcome
-labels several times at no extra policy compute; metrics are only ever taken on tree nodes (node >= 0).
+(a one-sample Monte Carlo label: unbiased, noisy), orm at its last step if the completion is complete (an
+answer line or EOS; one cut by a limit is no solution to judge); the rows of one completion share one owner
+and each row is its own parent (no sibling pairs). They multiply the outcome labels several times at no extra
+policy compute; metrics are only ever taken on tree nodes (node >= 0).
 Outcome rows (`outcome_labels`, `critics.outcome_problems`) are the same rows for whole solutions sampled from
 the prompt of a train problem that has no tree (Cobbe et al. 2021): more problems than the search can afford.
 """
@@ -372,9 +373,11 @@ def continuation_rows(problem_id: str, path: list[int], prefix_steps: np.ndarray
     """Label columns of one sampled continuation of the token path `path` (module docstring, "Completion
     rows"): one row per step of `cont` (split by `step_ends`, a trailing EOS left out), node ids first_id,
     first_id - 1, ... (negative), each its own parent, owner = the id of its last row; value = `reward`,
-    prm_soft = prm_hard = its outcome, orm at the last step; depths from `depth` + 1. `prefix_steps` [d, 2]:
-    (log-prob sum, tokens) of the steps `path` holds after the prompt (`path_steps`; none for a prompt),
-    `prefix_text` the text of `path`."""
+    prm_soft = prm_hard = its outcome; the last step is terminal with the outcome as its ORM label only when the
+    continuation is complete (it states an answer line or the policy ended it with EOS): one cut by a token or
+    line limit is no solution to judge. Depths from `depth` + 1. `prefix_steps` [d, 2]: (log-prob sum, tokens)
+    of the steps `path` holds after the prompt (`path_steps`; none for a prompt), `prefix_text` the text of
+    `path`."""
     toks = list(cont.token_ids)
     if toks and cont.finish == "eos" and toks[-1] == eos_token_id:
         toks = toks[:-1]
@@ -386,7 +389,7 @@ def continuation_rows(problem_id: str, path: list[int], prefix_steps: np.ndarray
     for j, e in enumerate(ends):
         start = ends[j - 1] if j else 0
         step = "".join(piece(t) for t in toks[start:e])
-        last = j + 1 == len(ends)
+        last = j + 1 == len(ends) and (cont.finish == "eos" or is_terminal_step(step))
         row = {"problem_id": problem_id, "node": first_id - j, "parent": first_id - j,
                "depth": depth + j + 1, "terminal": last, "n_completions": 1, "n_extra": 0,
                "n_correct": int(solved), "value": float(reward), "prm_soft": solved, "prm_hard": solved,
@@ -408,21 +411,23 @@ def completion_labels(tree: TreeArrays, node: int, cont: Any, reward: float, fir
 
 
 def outcome_labels(prompts: dict[str, list[int]], rewards: dict[str, Callable[[str], float]], *, policy: Policy,
-                   samples: int, max_tokens: int, step_tokens: int, seed: int, rows_per_call: int = 256,
-                   progress: bool = False) -> pa.Table:
+                   samples: int, step_tokens: int, max_depth: int, seed: int, rows_per_call: int = 256,
+                   progress: bool = False) -> tuple[pa.Table, np.ndarray]:
     """Label rows of `samples` whole solutions the policy samples (temperature 1) for each problem of `prompts`
     ({problem_id: prompt token ids}; problems that have no tree): each solution's steps and outcome, scored by
     `rewards[problem_id](solution text)`, as one-sample Monte Carlo labels (`continuation_rows`): the outcome
     supervision of Cobbe et al.'s verifiers (arXiv 2110.14168 §4: an ORM trained on many sampled solutions per
-    training problem, labelled by the final answer), here for all three critics. A solution ends at its first
-    terminal step line or after `max_tokens`, as an extra completion does; the k samples of a prompt share its
-    prefix state (`Policy.expand`), calls of about `rows_per_call` sequences."""
-    stop = StopRule(at_newline=False, max_new_tokens=max_tokens, line_tokens=step_tokens,
-                    final_line=is_terminal_step)
+    training problem, labelled by the final answer), here for all three critics. A solution is decoded as a
+    root-to-terminal path of the search is (`StopRule.trajectory`: at most `max_depth` steps of `step_tokens`,
+    ended by the first answer line); the k samples of a prompt share its prefix state (`Policy.expand`), calls
+    of about `rows_per_call` sequences, call c seeded `seed + c`. Returns the rows and the rewards [P * k] of
+    all solutions (those without a step included), problem by problem."""
+    stop = StopRule.trajectory(step_tokens=step_tokens, max_depth=max_depth, is_terminal=is_terminal_step)
     piece = token_pieces(policy.decode)
     pids = list(prompts)
     per_call = max(1, rows_per_call // max(1, samples))
     parts: list[dict[str, list]] = []
+    got: list[float] = []
     from tqdm import tqdm
 
     for c, a in enumerate(tqdm(range(0, len(pids), per_call), desc="outcome samples", unit="call",
@@ -434,13 +439,13 @@ def outcome_labels(prompts: dict[str, list[int]], rewards: dict[str, Callable[[s
             text = policy.decode(prompts[p])
             next_id = -1
             for cont in cs:
-                cols = continuation_rows(p, list(prompts[p]), np.zeros((0, 2)), text, 0, cont,
-                                         float(rewards[p](cont.text)), next_id, piece=piece,
-                                         step_tokens=step_tokens, eos_token_id=policy.eos_token_id)
+                got.append(float(rewards[p](cont.text)))
+                cols = continuation_rows(p, list(prompts[p]), np.zeros((0, 2)), text, 0, cont, got[-1], next_id,
+                                         piece=piece, step_tokens=step_tokens, eos_token_id=policy.eos_token_id)
                 next_id -= max(1, len(cols["node"]))
                 parts.append(cols)
-    return pa.table({name: [v for p in parts for v in p[name]] for name in LABEL_SCHEMA.names},
-                    schema=LABEL_SCHEMA)
+    table = pa.table({name: [v for p in parts for v in p[name]] for name in LABEL_SCHEMA.names}, schema=LABEL_SCHEMA)
+    return table, np.asarray(got, np.float64)
 
 
 def build_labels(trees: pa.Table, *, min_completions: int = 0, policy: Policy | None = None,

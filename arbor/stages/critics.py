@@ -228,7 +228,7 @@ def run(cfg: ArborConfig, *, trees_dir: str | Path, policy_dir: str | Path, trai
     from arbor.lm.loading import load_policy
     from arbor.pipeline.io import atomic_path
     from arbor.pipeline.manifest import verified_files, write_manifest
-    from arbor.tasks import build_task, read_problems
+    from arbor.tasks import build_task, is_solved, read_problems
     from arbor.train.critic import train_critics
     from arbor.train.sft import lightning_accelerator
 
@@ -255,14 +255,13 @@ def run(cfg: ArborConfig, *, trees_dir: str | Path, policy_dir: str | Path, trai
         searched = set(pids)
         rest = [p for p in problems.values() if p.id not in searched][: c.outcome_problems]
         t_out = time.perf_counter()
-        outcome = outcome_labels({p.id: policy.encode_prompt(task.prompt(p)) for p in rest},
-                                 {p.id: (lambda text, prob=p: task.reward(prob, text)) for p in rest},
-                                 policy=policy, samples=c.outcome_samples, max_tokens=c.completion_tokens,
-                                 step_tokens=cfg.search.eta.step_tokens,
-                                 seed=derive_seed(cfg.seed, "critics_outcome", iteration), progress=True)
-        term = outcome.filter(outcome.column("terminal")).column("orm").to_numpy(zero_copy_only=False)
-        n_outcome = {"outcome_problems": len(rest), "outcome_solutions": len(term), "outcome_rows": outcome.num_rows,
-                     "outcome_solved": float(np.mean(term)) if len(term) else None,
+        outcome, got = outcome_labels({p.id: policy.encode_prompt(task.prompt(p)) for p in rest},
+                                      {p.id: (lambda text, prob=p: task.reward(prob, text)) for p in rest},
+                                      policy=policy, samples=c.outcome_samples, step_tokens=cfg.search.eta.step_tokens,
+                                      max_depth=cfg.search.eta.max_depth,
+                                      seed=derive_seed(cfg.seed, "critics_outcome", iteration), progress=True)
+        n_outcome = {"outcome_problems": len(rest), "outcome_solutions": len(got), "outcome_rows": outcome.num_rows,
+                     "outcome_solved": float(np.mean([is_solved(r) for r in got])) if len(got) else None,
                      "outcome_seconds": time.perf_counter() - t_out}
     split = assign_splits(pids, heldout_fraction=c.heldout_fraction, val_fraction=c.val_fraction, seed=seed)
     parts, items = split_items(labels, split, c, outcome)
@@ -292,6 +291,8 @@ def run(cfg: ArborConfig, *, trees_dir: str | Path, policy_dir: str | Path, trai
         reliability_diagram(curves, plot, n_bins=c.n_bins)
         tracker.log_artifact(plot)
     counts = {f"{s}_{k}": v for s, t in parts.items() for k, v in label_counts(t).items()}
+    if outcome is not None:  # completion rows are the extra completions' own; outcome rows are counted apart
+        counts["train_completion_rows"] -= outcome.num_rows
     # undefined metrics (a held-out split without positives) are null in the JSON, not NaN
     metrics = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in metrics.items()}
     return {**metrics, **counts, **n_outcome, **summary, "shared_backbone": c.shared_backbone, "lora": c.lora.enabled,
