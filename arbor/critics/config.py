@@ -48,12 +48,12 @@ class CriticsConfig:
                                   "max_depth); their steps and outcomes train the critics as one-sample Monte "
                                   "Carlo labels (Cobbe et al. 2021's verifier data; training split only, never "
                                   "held out). 0 = off. Tiny default, critics_0 with 2000 problems x 4 samples (40k "
-                                  "more rows; 30 s of sampling, training 134 s instead of 31 s): held-out AUROC "
+                                  "more rows; 40 s of sampling, training 125 s instead of 31 s): held-out AUROC "
                                   "of the critic alone value/PRM/ORM 0.720/0.695/0.711 -> 0.703/0.661/0.722 "
                                   "(ORM within a problem 0.515 -> 0.596), fused 0.771/0.750/0.736 -> "
                                   "0.773/0.750/0.755; on policy_0's own samples the fused ORM's top pick of 16 "
                                   "is right for 51 of 100 problems against 50 without (the likelihood alone: "
-                                  "50). README, Critics.",
+                                  "50 by the mean token log-prob, 51 by the weakest step). README, Critics.",
                                min=0)
     outcome_samples: int = _f(4, "Solutions sampled per outcome problem (outcome_problems).", min=1)
     heldout_fraction: float = _f(0.25, "Fraction of problems held out for the reported metrics (split by "
